@@ -1,0 +1,93 @@
+"""Moves tokens to the workers that hold their experts and back, with all-to-all.
+
+The dispatcher knows nothing about routing: it takes an expert id per token and
+returns the tokens each local expert must process, grouped by expert. Experts
+0..E-1 are laid out in blocks, worker w holding experts [w*E/W, (w+1)*E/W). With
+one worker every all-to-all is the identity and no process group is needed.
+"""
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def world_size(group=None) -> int:
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+
+
+def world_rank(group=None) -> int:
+    return dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
+
+
+def invert_permutation(perm: Tensor) -> Tensor:
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+    return inverse
+
+
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single whose backward sends gradients back along the same splits."""
+
+    @staticmethod
+    def forward(ctx, x, output_splits, input_splits, group):
+        ctx.splits, ctx.group = (input_splits, output_splits), group
+        out = x.new_empty((sum(output_splits),) + tuple(x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _AllToAll.apply(grad, *ctx.splits, ctx.group), None, None, None
+
+
+def all_to_all(x: Tensor, output_splits: List[int], input_splits: List[int], group=None) -> Tensor:
+    """Row blocks of ``x`` of sizes ``input_splits`` go to workers 0..W-1; returns what arrives."""
+    if world_size(group) == 1:
+        return x
+    return _AllToAll.apply(x, output_splits, input_splits, group)
+
+
+@dataclass
+class DispatchState:
+    """What ``combine`` needs to undo a ``dispatch``."""
+
+    send_order: Tensor  # sorts local tokens by expert id
+    recv_order: Tensor  # sorts received tokens by local expert
+    send_splits: List[int]
+    recv_splits: List[int]
+
+
+class TokenDispatcher:
+    def __init__(self, num_experts: int, group: Optional[object] = None):
+        self.group = group
+        self.world_size = world_size(group)
+        if num_experts % self.world_size != 0:
+            raise ValueError(f"{num_experts} experts cannot be split evenly over {self.world_size} workers")
+        self.num_experts = num_experts
+        self.num_local_experts = num_experts // self.world_size
+
+    def dispatch(self, tokens: Tensor, expert_ids: Tensor):
+        """Returns (expert_inputs grouped by local expert, tokens per local expert, state)."""
+        workers, local = self.world_size, self.num_local_experts
+        send_order = torch.argsort(expert_ids, stable=True)
+        send_counts = torch.bincount(expert_ids, minlength=self.num_experts)
+        # recv_counts[w, j]: tokens that worker w sends to our local expert j.
+        recv_counts = all_to_all(send_counts, [local] * workers, [local] * workers, self.group)
+        recv_counts = recv_counts.view(workers, local)
+        send_splits = send_counts.view(workers, local).sum(1).tolist()
+        recv_splits = recv_counts.sum(1).tolist()
+        received = all_to_all(tokens[send_order], recv_splits, send_splits, self.group)
+        # Rows arrive grouped by source worker, then expert; regroup them by expert.
+        local_ids = torch.arange(local, device=tokens.device).repeat(workers)
+        recv_order = torch.argsort(torch.repeat_interleave(local_ids, recv_counts.flatten()), stable=True)
+        state = DispatchState(send_order, recv_order, send_splits, recv_splits)
+        return received[recv_order], recv_counts.sum(0).tolist(), state
+
+    def combine(self, expert_outputs: Tensor, state: DispatchState) -> Tensor:
+        """Inverse of ``dispatch``: the outputs in the original token order on the original worker."""
+        by_source = expert_outputs[invert_permutation(state.recv_order)]
+        returned = all_to_all(by_source, state.send_splits, state.recv_splits, self.group)
+        return returned[invert_permutation(state.send_order)]

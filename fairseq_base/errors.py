@@ -1,0 +1,23 @@
+"""User errors: one line that names the option and the fix, instead of a stack trace."""
+
+import sys
+
+
+class BaseLayerConfigError(ValueError):
+    """A bad option or an incompatible checkpoint; the message says which and how to fix it."""
+
+
+def install_excepthook() -> None:
+    """Print uncaught BaseLayerConfigErrors as one line; leave every other exception alone."""
+    previous = sys.excepthook
+    if getattr(previous, "fairseq_base", False):
+        return
+
+    def hook(exc_type, exc, tb):
+        if issubclass(exc_type, BaseLayerConfigError):
+            print(f"fairseq_base: error: {exc}", file=sys.stderr)
+        else:
+            previous(exc_type, exc, tb)
+
+    hook.fairseq_base = True
+    sys.excepthook = hook

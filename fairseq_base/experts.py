@@ -1,0 +1,45 @@
+"""Expert networks: each expert is a stack of residual feed-forward sublayers."""
+
+from typing import List
+
+import torch
+from fairseq import utils
+from fairseq.modules import LayerNorm
+from torch import Tensor, nn
+
+
+class ExpertSublayer(nn.Module):
+    """x + W2 act(W1 LayerNorm(x)); W2 starts at zero so a new expert is the identity."""
+
+    def __init__(self, embed_dim: int, ffn_dim: int, activation_fn: str = "relu"):
+        super().__init__()
+        self.norm = LayerNorm(embed_dim)
+        self.ff1 = nn.Linear(embed_dim, ffn_dim)
+        self.ff2 = nn.Linear(ffn_dim, embed_dim)
+        self.ff2.weight.data.zero_()
+        self.activation_fn = utils.get_activation_fn(activation_fn)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.ff2(self.activation_fn(self.ff1(self.norm(x))))
+
+
+class LocalExperts(nn.ModuleList):
+    """The experts held by this worker; ``self[j]`` is local expert j (a stack of sublayers).
+
+    Every parameter is tagged ``expert = True`` so that fairseq's legacy_ddp does not
+    average it across data-parallel workers.
+    """
+
+    def __init__(self, num_experts: int, embed_dim: int, ffn_dim: int, num_sublayers: int,
+                 activation_fn: str = "relu"):
+        super().__init__(
+            nn.Sequential(*(ExpertSublayer(embed_dim, ffn_dim, activation_fn) for _ in range(num_sublayers)))
+            for _ in range(num_experts)
+        )
+        for param in self.parameters():
+            param.expert = True
+
+    def forward(self, tokens: Tensor, tokens_per_expert: List[int]) -> Tensor:
+        # Empty chunks still run, so every expert parameter gets a (zero) gradient.
+        chunks = tokens.split(tokens_per_expert)
+        return torch.cat([expert(chunk) for expert, chunk in zip(self, chunks)])

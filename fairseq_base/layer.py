@@ -1,0 +1,84 @@
+"""The BASE layer: score tokens against expert centroids, route, dispatch, run experts, combine."""
+
+from typing import Optional
+
+import torch
+from fairseq import metrics
+from torch import Tensor, nn
+
+from fairseq_base.dispatcher import TokenDispatcher, world_rank
+from fairseq_base.errors import BaseLayerConfigError
+from fairseq_base.experts import LocalExperts
+from fairseq_base.router import route, routing_stats
+
+
+class BaseLayer(nn.Module):
+    """A BASE layer (Lewis et al., 2021) over ``num_experts`` experts spread across the workers of ``group``.
+
+    Token t with hidden state h_t goes to expert a(t): the balanced assignment during
+    training, ``eval_routing`` otherwise. Its output is
+
+        sigmoid(h_t . w_a) * expert_a(h_t) + (1 - sigmoid(h_t . w_a)) * h_t
+
+    with w_e the learned centroid of expert e (fairseq's formulation). Called like a
+    fairseq decoder layer: ``forward(x, ...)`` returns ``(x, None, None)``.
+    """
+
+    def __init__(self, embed_dim: int, ffn_dim: int, num_experts: int, num_sublayers: int = 1,
+                 activation_fn: str = "relu", eval_routing: str = "greedy", shuffle: bool = True,
+                 group: Optional[object] = None, name: str = "base"):
+        super().__init__()
+        self.dispatcher = TokenDispatcher(num_experts, group)
+        self.num_experts = num_experts
+        self.eval_routing = eval_routing
+        # Shuffling moves tokens between workers, so it only exists with more than one.
+        self.shuffler = TokenDispatcher(self.dispatcher.world_size, group) if shuffle and self.dispatcher.world_size > 1 else None
+        self.name = name
+        self.centroids = nn.Parameter(nn.init.orthogonal_(torch.empty(num_experts, embed_dim), gain=0.1))
+        local = self.dispatcher.num_local_experts
+        first = world_rank(group) * local
+        self.experts = LocalExperts(local, embed_dim, ffn_dim, num_sublayers, activation_fn)
+        # The global ids of the local experts, saved with them so that a checkpoint knows them.
+        self.register_buffer("expert_ids", torch.arange(first, first + local))
+
+    def forward(self, x: Tensor, *args, **kwargs):
+        tokens = x.reshape(-1, x.size(-1))
+        if self.shuffler is not None and self.training:
+            # Send every token to a random worker first, so that each worker's balanced
+            # assignment sees a sample of the whole batch (as in the paper).
+            workers = torch.randperm(tokens.size(0), device=tokens.device) % self.shuffler.num_experts
+            shuffled, _, shuffle_state = self.shuffler.dispatch(tokens, workers)
+            out = self.shuffler.combine(self._route_and_mix(shuffled), shuffle_state)
+        else:
+            out = self._route_and_mix(tokens)
+        return out.view_as(x), None, None
+
+    def _route_and_mix(self, tokens: Tensor) -> Tensor:
+        scores = tokens.matmul(self.centroids.t())
+        expert_ids = route(scores.detach(), "balanced" if self.training else self.eval_routing)
+        gate = torch.sigmoid(scores.gather(1, expert_ids[:, None]))
+        expert_in, tokens_per_expert, state = self.dispatcher.dispatch(tokens, expert_ids)
+        expert_out = self.dispatcher.combine(self.experts(expert_in, tokens_per_expert), state)
+        self._log_stats(scores.detach(), expert_ids)
+        return tokens + gate * (expert_out - tokens)
+
+    def _log_stats(self, scores: Tensor, expert_ids: Tensor) -> None:
+        for key, value in routing_stats(scores, expert_ids).items():
+            metrics.log_scalar(f"{self.name}_{key}", value, weight=1, priority=250, round=3)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        saved = state_dict.get(prefix + "centroids")
+        if saved is not None and saved.size(0) != self.num_experts:
+            raise BaseLayerConfigError(
+                f"{prefix.rstrip('.')}: the checkpoint has {saved.size(0)} experts but this model was built "
+                f"with {self.num_experts}; pass --base-experts {saved.size(0)} (for fairseq-eval-lm: "
+                f"--model-overrides \"{{'base_experts': {saved.size(0)}}}\")")
+        saved_ids = state_dict.get(prefix + "expert_ids")
+        if saved_ids is not None and not torch.equal(saved_ids.cpu(), self.expert_ids.cpu()):
+            raise BaseLayerConfigError(
+                f"{prefix.rstrip('.')}: this checkpoint file holds experts {saved_ids.tolist()} but this "
+                f"worker holds experts {self.expert_ids.tolist()}; load it with the number of workers it "
+                f"was saved with")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
