@@ -64,7 +64,7 @@ class TokenDispatcher:
     def __init__(self, num_experts: int, group: Optional[object] = None):
         self.group = group
         self.world_size = world_size(group)
-        if num_experts % self.world_size != 0:
+        if num_experts < 1 or num_experts % self.world_size != 0:
             raise ValueError(f"{num_experts} experts cannot be split evenly over {self.world_size} workers")
         self.num_experts = num_experts
         self.num_local_experts = num_experts // self.world_size

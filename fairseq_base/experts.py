@@ -9,14 +9,19 @@ from torch import Tensor, nn
 
 
 class ExpertSublayer(nn.Module):
-    """x + W2 act(W1 LayerNorm(x)); W2 starts at zero so a new expert is the identity."""
+    """x + W2 act(W1 LayerNorm(x)), fairseq's BaseSublayer.
+
+    The last projection starts at zero (fairseq zeroes its weight; we zero its bias
+    too), so a new expert is the identity and a new BASE layer leaves the trunk as is.
+    """
 
     def __init__(self, embed_dim: int, ffn_dim: int, activation_fn: str = "relu"):
         super().__init__()
         self.norm = LayerNorm(embed_dim)
         self.ff1 = nn.Linear(embed_dim, ffn_dim)
         self.ff2 = nn.Linear(ffn_dim, embed_dim)
-        self.ff2.weight.data.zero_()
+        nn.init.zeros_(self.ff2.weight)
+        nn.init.zeros_(self.ff2.bias)
         self.activation_fn = utils.get_activation_fn(activation_fn)
 
     def forward(self, x: Tensor) -> Tensor:

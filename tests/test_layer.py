@@ -1,0 +1,148 @@
+import pytest
+import torch
+from torch import nn
+
+from fairseq_base.dispatcher import TokenDispatcher
+from fairseq_base.layer import BaseLayer
+from fairseq_base.placement import base_layer_positions, paper_positions
+from fairseq_base.errors import BaseLayerConfigError
+
+
+class Scale(nn.Module):
+    def __init__(self, factor):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return self.factor * x
+
+
+def scaled_identity_layer(num_experts, dim=8, **kwargs):
+    layer = BaseLayer(dim, 16, num_experts, **kwargs)
+    for j in range(num_experts):
+        layer.experts[j] = Scale(float(j + 2))
+    return layer
+
+
+def test_dispatch_returns_every_token_from_its_expert():
+    dispatcher = TokenDispatcher(num_experts=4)
+    tokens = torch.randn(10, 3)
+    expert_ids = torch.tensor([3, 0, 3, 1, 3, 0, 1, 3, 3, 0])  # expert 2 gets nothing
+    expert_in, per_expert, state = dispatcher.dispatch(tokens, expert_ids)
+    assert per_expert == [3, 2, 0, 5]
+    factors = torch.repeat_interleave(torch.tensor([2.0, 3.0, 4.0, 5.0]), torch.tensor(per_expert))
+    out = dispatcher.combine(expert_in * factors[:, None], state)
+    assert torch.allclose(out, tokens * (expert_ids + 2).float()[:, None])
+
+
+def test_dispatcher_refuses_uneven_split():
+    with pytest.raises(ValueError):
+        TokenDispatcher(num_experts=0)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_gate_and_expert_formula(training):
+    torch.manual_seed(0)
+    layer = scaled_identity_layer(4).train(training)
+    x = torch.randn(5, 3, 8)
+    out, attn, extra = layer(x)
+    assert out.shape == x.shape and attn is None and extra is None
+    h = x.reshape(-1, 8)
+    scores = h @ layer.centroids.t()
+    if training:
+        from fairseq_base.assignment import balanced_assignment
+        ids = balanced_assignment(scores)
+    else:
+        ids = scores.argmax(1)
+    gate = torch.sigmoid(scores.gather(1, ids[:, None]))
+    expected = gate * (ids + 2).float()[:, None] * h + (1 - gate) * h
+    assert torch.allclose(out.reshape(-1, 8), expected, atol=1e-6)
+
+
+def test_balanced_in_training_greedy_in_eval():
+    torch.manual_seed(1)
+    layer = BaseLayer(8, 16, num_experts=4)
+    with torch.no_grad():
+        layer.centroids.copy_(torch.eye(4, 8))
+    # Every token prefers expert 0: greedy sends all there, balanced spreads them evenly.
+    x = torch.randn(64, 1, 8).abs() * 0.1
+    x[..., 0] += 5.0
+    seen = {}
+    run_experts = layer.experts.forward
+
+    def spy(tokens, per_expert):
+        seen["per_expert"] = per_expert
+        return run_experts(tokens, per_expert)
+
+    layer.experts.forward = spy
+    layer.train()(x)
+    assert seen["per_expert"] == [16, 16, 16, 16]
+    layer.eval()(x)
+    assert seen["per_expert"] == [64, 0, 0, 0]
+    layer.eval_routing = "balanced"
+    layer(x)
+    assert seen["per_expert"] == [16, 16, 16, 16]
+
+
+def test_gradients_reach_input_centroids_and_experts():
+    torch.manual_seed(2)
+    layer = BaseLayer(8, 16, num_experts=3, num_sublayers=2).train()
+    # ff2 starts at zero, so give it weights for the first-layer gradients to flow through.
+    for p in layer.experts.parameters():
+        nn.init.normal_(p, std=0.1)
+    x = torch.randn(7, 2, 8, requires_grad=True)
+    out, _, _ = layer(x)
+    out.pow(2).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert layer.centroids.grad.abs().sum() > 0
+    for name, p in layer.experts.named_parameters():
+        assert p.grad is not None, name
+        assert getattr(p, "expert", False), name
+    assert not getattr(layer.centroids, "expert", False)  # centroids are shared
+    used = [j for j in range(3) if layer.experts[j][0].ff1.weight.grad.abs().sum() > 0]
+    assert used == [0, 1, 2]
+
+
+def test_new_expert_is_identity_and_layer_is_identity_at_init():
+    layer = BaseLayer(8, 16, num_experts=2)
+    x = torch.randn(4, 3, 8)
+    assert torch.allclose(layer(x)[0], x, atol=1e-6)
+
+
+def test_layer_logs_routing_stats():
+    from fairseq import metrics
+    layer = BaseLayer(8, 16, num_experts=4, name="base7").train()
+    with metrics.aggregate(new_root=True) as agg:
+        layer(torch.randn(32, 1, 8))
+    values = agg.get_smoothed_values()
+    assert 0.0 <= values["base7_top1"] <= 1.0
+    assert values["base7_load_max"] == 1.0  # balanced in training
+
+
+def test_empty_batch():
+    layer = BaseLayer(8, 16, num_experts=4).train()
+    out, _, _ = layer(torch.randn(0, 2, 8))
+    assert out.shape == (0, 2, 8)
+
+
+@pytest.mark.parametrize("layers,base,expected", [
+    (24, 3, [6, 12, 18]), (24, 1, [12]), (12, 1, [6]), (24, 2, [8, 16]), (2, 1, [1]), (1, 1, [0]),
+])
+def test_paper_placement(layers, base, expected):
+    assert paper_positions(layers, base) == expected
+    assert base_layer_positions(layers, base) == expected
+
+
+def test_explicit_positions():
+    assert base_layer_positions(24, 1, "L") == [24]
+    assert base_layer_positions(24, 2, "18, 6") == [6, 18]
+    assert base_layer_positions(4, 0, "") == []
+
+
+@pytest.mark.parametrize("spec,count,match", [
+    ("25", 1, "out of range"), ("-1", 1, "out of range"), ("6,6", 2, "repeats"),
+    ("6", 2, "lists 1 positions"), ("six", 1, "not a comma-separated"),
+])
+def test_bad_positions(spec, count, match):
+    with pytest.raises(BaseLayerConfigError, match=match):
+        base_layer_positions(24, count, spec)
