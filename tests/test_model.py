@@ -97,7 +97,9 @@ def test_build_from_hydra_config(data_dir):
             f"task.data={data_dir}", f"common.user_dir={PLUGIN}",
             "model.base_experts=8", "model.base_positions='0,2'", "model.base_layers=2"])
     from fairseq import utils
+    from fairseq.dataclass.initialize import add_defaults
     utils.import_user_module(cfg.common)
+    add_defaults(cfg)  # as fairseq-hydra-train does
     model = tasks.setup_task(cfg.task).build_model(cfg.model)
     assert layer_kinds(model) == list("BTTB")
     assert all(len(b.experts) == 8 for b in model.decoder.layers if isinstance(b, BaseLayer))
