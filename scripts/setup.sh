@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One-command set-up: torch (kept if present), fairseq-fixed built against it, this plugin.
+#   bash scripts/setup.sh
+# fairseq-fixed is built without build isolation so that it compiles against the torch
+# installed here instead of downloading a fresh (multi-GB, CUDA) torch into a build env.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PIP=(python3 -m pip install --disable-pip-version-check --root-user-action=ignore -q)
+if python3 -c "import torch" 2>/dev/null; then
+  echo "| keeping torch $(python3 -c 'import torch; print(torch.__version__)')"
+else
+  # On a GPU machine, install the CUDA build of torch you want before running this script.
+  echo "| installing torch ${TORCH_VERSION:=2.13.0}"
+  "${PIP[@]}" "torch==$TORCH_VERSION"
+fi
+"${PIP[@]}" cython numpy "hydra-core==1.3.2" setuptools wheel
+if ! python3 -c "import fairseq" 2>/dev/null; then
+  echo "| installing fairseq-fixed (compiles for about 2.5 minutes the first time; pip caches the wheel)"
+  "${PIP[@]}" --no-build-isolation "fairseq-fixed==0.12.3.1"
+fi
+"${PIP[@]}" --no-build-isolation -e ".[test]"
+python3 -c "import fairseq_base, fairseq, torch; print(f'| ready: fairseq {fairseq.__version__}, torch {torch.__version__}')"

@@ -1,0 +1,14 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="fairseq-base",
+    version="0.1.0",
+    description="BASE layers (Lewis et al., ICML 2021) as a fairseq --user-dir plugin",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["fairseq_base", "fairseq_base.*"]),
+    python_requires=">=3.9",
+    # Install torch first (scripts/setup.sh does): fairseq-fixed compiles against it.
+    install_requires=["torch>=2.0", "fairseq-fixed>=0.12.3.1", "hydra-core>=1.3,<1.4", "numpy"],
+    extras_require={"test": ["pytest", "hypothesis", "scipy", "tensorboardX"]},
+)
