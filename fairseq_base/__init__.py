@@ -1,5 +1,6 @@
 """fairseq_base: BASE layers (Lewis et al., ICML 2021) as a fairseq --user-dir plugin."""
 
+from fairseq_base import fairseq_patches
 from fairseq_base.errors import install_excepthook
 
 # fairseq imports models/ only when it is the first to import this package (--user-dir);
@@ -10,3 +11,4 @@ from fairseq_base.models import transformer_lm_base  # noqa: F401,E402
 __version__ = "0.1.0"
 
 install_excepthook()
+fairseq_patches.install()

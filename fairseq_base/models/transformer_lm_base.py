@@ -91,4 +91,19 @@ class TransformerLanguageModelBase(TransformerLanguageModel):
                 layers.append(trunk[after])
         decoder.layers = nn.ModuleList(layers)
         decoder.num_layers = len(layers)
+        _divide_expert_grads_like_ddp(model, world_size(group))
         return model
+
+
+def _divide_expert_grads_like_ddp(model, workers: int) -> None:
+    """Divide expert gradients by the number of workers, as DDP divides the shared ones.
+
+    fairseq's trainer multiplies every gradient by W / (global sample size) after the
+    all-reduce, which legacy_ddp performs on shared parameters only. An expert's gradient
+    already sums over every worker's tokens (they reach it by all-to-all), so without this
+    it would end up W times too large.
+    """
+    if workers > 1:
+        for param in model.parameters():
+            if getattr(param, "expert", False):
+                param.register_hook(lambda grad: grad / workers)

@@ -1,0 +1,52 @@
+"""Run a function on W gloo workers inside pytest, with a timeout that fails instead of hanging."""
+
+import os
+import socket
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world_size, port, fn, args, results):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world_size)
+        results.put((rank, fn(rank, world_size, *args)))
+        dist.barrier()
+        dist.destroy_process_group()
+    except Exception:  # report it to the test instead of dying silently
+        results.put((rank, RuntimeError(traceback.format_exc())))
+
+
+def run_workers(fn, world_size, *args, timeout=120):
+    """fn(rank, world_size, *args) on each worker; returns the results by rank."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results))
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    collected = {}
+    try:
+        for _ in range(world_size):
+            rank, value = results.get(timeout=timeout)
+            if isinstance(value, Exception):
+                raise value
+            collected[rank] = value
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.terminate()
+    return [collected[r] for r in range(world_size)]

@@ -1,0 +1,134 @@
+"""Expert parallelism with real gloo process groups (one process per worker)."""
+
+import queue
+
+import pytest
+import torch
+from torch import nn
+
+from distributed_utils import run_workers
+from fairseq_base.dispatcher import TokenDispatcher
+from fairseq_base.layer import BaseLayer
+
+
+def _dispatch_worker(rank, world_size, tokens_per_worker, experts_per_worker):
+    num_experts = world_size * experts_per_worker
+    dispatcher = TokenDispatcher(num_experts)
+    gen = torch.Generator().manual_seed(rank)
+    n = tokens_per_worker[rank]
+    tokens = torch.randn(n, 3, generator=gen, requires_grad=True)
+    # Routing-independent assignment that never uses the experts of the last worker.
+    expert_ids = torch.randint(0, num_experts - experts_per_worker, (n,), generator=gen)
+    expert_in, per_expert, state = dispatcher.dispatch(tokens, expert_ids)
+    first = rank * experts_per_worker
+    factors = torch.repeat_interleave(torch.arange(first, first + experts_per_worker).float() + 2,
+                                      torch.tensor(per_expert, dtype=torch.long))
+    out = dispatcher.combine(expert_in * factors[:, None], state)
+    out.sum().backward()
+    expected = (expert_ids + 2).float()[:, None]
+    return (torch.allclose(out, tokens.detach() * expected), torch.allclose(tokens.grad, expected.expand(-1, 3)),
+            sum(per_expert))
+
+
+@pytest.mark.parametrize("world_size,tokens,local", [(2, [5, 0], 1), (4, [7, 0, 3, 9], 2)])
+def test_dispatch_returns_each_token_from_the_right_expert(world_size, tokens, local):
+    results = run_workers(_dispatch_worker, world_size, tokens, local)
+    assert all(ok_out and ok_grad for ok_out, ok_grad, _ in results)
+    assert results[-1][2] == 0  # the last worker's experts received no tokens
+    assert sum(r[2] for r in results) == sum(tokens)
+
+
+def _reference_layer(num_experts, dim, ffn, seed):
+    torch.manual_seed(seed)
+    layer = BaseLayer(dim, ffn, num_experts, num_sublayers=2, eval_routing="greedy")
+    for p in layer.experts.parameters():  # start away from the identity
+        nn.init.normal_(p, std=0.2)
+    return layer
+
+
+def _global_batch(total, dim):
+    gen = torch.Generator().manual_seed(123)
+    return torch.randn(total, 1, dim, generator=gen), torch.randn(total, 1, dim, generator=gen)
+
+
+def _run_layer(layer, x, weights):
+    x = x.clone().requires_grad_(True)
+    out, _, _ = layer(x)
+    (out * weights).sum().backward()
+    return out.detach(), x.grad
+
+
+def _equivalence_worker(rank, world_size, centroids, expert_states, dim, ffn, total):
+    num_experts = len(expert_states)
+    layer = BaseLayer(dim, ffn, num_experts, num_sublayers=2, eval_routing="greedy")
+    local = num_experts // world_size
+    with torch.no_grad():
+        layer.centroids.copy_(centroids)
+        for j in range(local):
+            layer.experts[j].load_state_dict(expert_states[rank * local + j])
+    layer.eval()  # greedy routing
+    x, weights = _global_batch(total, dim)
+    mine = slice(rank * total // world_size, (rank + 1) * total // world_size)
+    out, x_grad = _run_layer(layer, x[mine], weights[mine])
+    centroid_grad = layer.centroids.grad.clone()
+    torch.distributed.all_reduce(centroid_grad)  # shared parameter: DDP would sum it
+    expert_grads = {rank * local + j: [p.grad for p in layer.experts[j].parameters()] for j in range(local)}
+    return out, x_grad, centroid_grad, expert_grads, layer.expert_ids.tolist()
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_same_outputs_and_gradients_as_one_worker(world_size):
+    num_experts, dim, ffn, total = 4, 8, 16, 30
+    reference = _reference_layer(num_experts, dim, ffn, seed=7).eval()
+    x, weights = _global_batch(total, dim)
+    ref_out, ref_x_grad = _run_layer(reference, x, weights)
+
+    expert_states = [expert.state_dict() for expert in reference.experts]
+    results = run_workers(_equivalence_worker, world_size, reference.centroids.detach(), expert_states,
+                          dim, ffn, total)
+    out = torch.cat([r[0] for r in results])
+    x_grad = torch.cat([r[1] for r in results])
+    assert torch.allclose(out, ref_out, atol=1e-5)
+    assert torch.allclose(x_grad, ref_x_grad, atol=1e-5)
+    for r in results:
+        assert torch.allclose(r[2], reference.centroids.grad, atol=1e-5)
+    expert_grads = {e: g for r in results for e, g in r[3].items()}
+    assert sorted(expert_grads) == list(range(num_experts))
+    for e, grads in expert_grads.items():
+        for got, want in zip(grads, [p.grad for p in reference.experts[e].parameters()]):
+            assert torch.allclose(got, want, atol=1e-5)
+    assert [r[4] for r in results] == [list(range(w * num_experts // world_size, (w + 1) * num_experts // world_size))
+                                       for w in range(world_size)]
+
+
+def _uneven_batches_worker(rank, world_size, sizes):
+    torch.manual_seed(0)
+    layer = BaseLayer(8, 16, num_experts=2 * world_size, shuffle=True).train()
+    x = torch.randn(sizes[rank], 2, 8, requires_grad=True)
+    out, _, _ = layer(x)
+    out.sum().backward()
+    return tuple(out.shape)
+
+
+@pytest.mark.parametrize("sizes", [[0, 5], [3, 0, 0, 1]])
+def test_empty_batches_do_not_hang(sizes):
+    # Balanced routing and shuffling in training: every collective still matches up.
+    try:
+        results = run_workers(_uneven_batches_worker, len(sizes), sizes, timeout=60)
+    except queue.Empty:
+        pytest.fail("a worker hung in all-to-all")
+    assert results == [(n, 2, 8) for n in sizes]
+
+
+def test_shuffle_keeps_every_token_in_place():
+    results = run_workers(_shuffle_worker, 2)
+    assert all(results)
+
+
+def _shuffle_worker(rank, world_size):
+    torch.manual_seed(rank)
+    layer = BaseLayer(8, 16, num_experts=4, shuffle=True).train()
+    for j in range(len(layer.experts)):
+        layer.experts[j] = nn.Identity()
+    x = torch.randn(9 + rank, 1, 8)
+    return torch.allclose(layer(x)[0], x, atol=1e-6)  # identity experts: output == input
