@@ -103,3 +103,33 @@ def test_build_from_hydra_config(data_dir):
     model = tasks.setup_task(cfg.task).build_model(cfg.model)
     assert layer_kinds(model) == list("BTTB")
     assert all(len(b.experts) == 8 for b in model.decoder.layers if isinstance(b, BaseLayer))
+
+
+def test_gradient_clipping_takes_the_norm_over_shared_parameters_and_rescales_all():
+    # The paper clips by the norm of the shared parameters; fairseq's clip_grad_norm_ leaves
+    # params tagged `expert` out of the norm and rescales them with the same coefficient.
+    from fairseq import utils
+    layer = BaseLayer(4, 8, num_experts=2)
+    params = list(layer.parameters())
+    for p in params:
+        p.grad = torch.ones_like(p)
+    shared_norm = torch.cat([p.grad.flatten() for p in params if not getattr(p, "expert", False)]).norm()
+    total_norm = utils.clip_grad_norm_(params, max_norm=0.1)
+    assert torch.allclose(total_norm, shared_norm)
+    coef = 0.1 / (shared_norm + 1e-6)
+    for p in params:
+        assert torch.allclose(p.grad, torch.full_like(p, coef.item())), p.shape
+
+
+def test_expert_gradients_are_divided_by_the_worker_count():
+    from fairseq_base.models.transformer_lm_base import _divide_expert_grads_like_ddp
+    x = torch.randn(6, 1, 4)
+    layers = [BaseLayer(4, 8, num_experts=2).train() for _ in range(2)]
+    layers[1].load_state_dict(layers[0].state_dict())
+    _divide_expert_grads_like_ddp(layers[1], workers=4)
+    for layer in layers:
+        layer(x)[0].pow(2).sum().backward()
+    plain, divided = (dict(layer.named_parameters()) for layer in layers)
+    for name, p in plain.items():
+        scale = 4.0 if getattr(p, "expert", False) else 1.0
+        assert torch.allclose(p.grad, divided[name].grad * scale), name
