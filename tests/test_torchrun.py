@@ -68,3 +68,10 @@ def test_averaging_ddp_backend_is_refused(data_bin, tmp_path):  # noqa: F811
     assert "fairseq_base: error: --ddp-backend pytorch_ddp would average the experts" in result.stderr
     assert "use --ddp-backend legacy_ddp" in result.stderr
     assert not list(tmp_path.glob("checkpoint*"))
+
+
+def test_expert_count_not_divisible_by_workers_is_refused(data_bin, tmp_path):  # noqa: F811
+    result = torchrun_train(2, data_bin, tmp_path, "--base-experts", "3", "--ddp-backend", "legacy_ddp",
+                            "--max-update", "2", check=False)
+    assert result.returncode != 0
+    assert "fairseq_base: error: --base-experts 3 cannot be split over 2 workers" in result.stderr
