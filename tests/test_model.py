@@ -42,6 +42,9 @@ def test_cli_defaults_follow_the_paper(data_dir):
     assert base.shuffler is None and base.eval_routing == "greedy"
     assert model.decoder.num_layers == 5
     assert model.decoder.layers[0].normalize_before  # pre-LayerNorm, as transformer_lm and the paper
+    # input and output dimensions follow --decoder-embed-dim, as with --arch transformer_lm
+    assert model.decoder.project_in_dim is None and model.decoder.project_out_dim is None
+    assert model.decoder.embed_tokens.embedding_dim == 16
 
 
 def test_cli_options(data_dir):
@@ -102,6 +105,7 @@ def test_build_from_hydra_config(data_dir):
     add_defaults(cfg)  # as fairseq-hydra-train does
     model = tasks.setup_task(cfg.task).build_model(cfg.model)
     assert layer_kinds(model) == list("BTTB")
+    assert model.decoder.project_in_dim is None and model.decoder.embed_tokens.embedding_dim == 128
     assert all(len(b.experts) == 8 for b in model.decoder.layers if isinstance(b, BaseLayer))
 
 

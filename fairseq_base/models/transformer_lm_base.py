@@ -8,6 +8,7 @@ from fairseq.dataclass import ChoiceEnum
 from fairseq.distributed import utils as distributed_utils
 from fairseq.models import register_model
 from fairseq.models.transformer_lm import TransformerLanguageModel, TransformerLanguageModelConfig
+from omegaconf import II
 from torch import nn
 
 from fairseq_base.dispatcher import world_size
@@ -33,7 +34,10 @@ class TransformerLanguageModelBaseConfig(TransformerLanguageModelConfig):
                           "default: after layers floor(i*L/(N+1)), i = 1..N"})
     base_eval_routing: EVAL_ROUTING_CHOICES = field(
         default="greedy", metadata={"help": "routing outside training: greedy top-1 (the paper) or balanced"})
-    # fairseq's transformer_lm architecture forces pre-LayerNorm; so does the paper.
+    # As fairseq's transformer_lm architecture sets them: input and output dimensions follow
+    # the model dimension, and pre-LayerNorm (also the paper's).
+    decoder_input_dim: int = field(default=II("model.decoder_embed_dim"), metadata={"help": "decoder input dimension"})
+    decoder_output_dim: int = field(default=II("model.decoder_embed_dim"), metadata={"help": "decoder output dimension"})
     decoder_normalize_before: bool = field(default=True, metadata={"help": "apply layernorm before each decoder block"})
 
 
