@@ -14,17 +14,28 @@ the auction's epsilon-complementary-slackness bound holds:
 
     objective >= optimum - (number of slot holders) * epsilon.
 
-Bids are made by all unassigned tokens at once (Jacobi auction) and each slot
-column keeps its highest bidders, so there is no Python loop over tokens.
+On CPU the auction runs in a small C++ kernel (``csrc/auction.cpp``, compiled on first
+use, one bid at a time); elsewhere, or if the kernel cannot be built, in PyTorch, where all
+unassigned tokens bid at once (Jacobi auction) and each slot column keeps its highest
+bidders, so that there is no Python loop over tokens.
 """
+
+import hashlib
+import logging
+import os
+import platform
 
 import torch
 from torch import Tensor
 
-# Epsilon-scaling schedule: start coarse, divide by EPS_FACTOR per phase, and stop at
-# a final epsilon small enough that the bound above is a negligible share of the
-# score span (FINAL_GAP * span in total over all tokens).
-EPS_FACTOR = 8.0
+logger = logging.getLogger(__name__)
+
+# Epsilon-scaling schedule: start at INITIAL_EPS * span (most tokens keep their top-1
+# expert, so a fine start wastes little), divide by EPS_FACTOR per phase, and stop at a
+# final epsilon small enough that the bound above is a negligible share of the score
+# span (FINAL_GAP * span in total over all tokens). Tuned with scripts/bench_assignment.py.
+INITIAL_EPS = 1e-3
+EPS_FACTOR = 16.0
 FINAL_GAP = 1e-6
 
 
@@ -37,10 +48,12 @@ def _check_scores(scores: Tensor) -> None:
         raise TypeError(f"scores must be a floating-point tensor, got {scores.dtype}")
 
 
-def sanitize_scores(scores: Tensor) -> Tensor:
-    """Float64 copy in which NaN and -inf rank below every finite score and +inf above."""
-    s = scores.detach().to(torch.float64)
+def sanitize_scores(scores: Tensor, dtype=torch.float64) -> Tensor:
+    """Copy in ``dtype`` in which NaN and -inf rank below every finite score and +inf above."""
+    s = scores.detach().to(dtype)
     finite = torch.isfinite(s)
+    if bool(finite.all()):
+        return s
     if not bool(finite.any()):
         return torch.zeros_like(s)
     lo, hi = s[finite].min(), s[finite].max()
@@ -69,9 +82,51 @@ def balanced_assignment(scores: Tensor) -> Tensor:
     if num_tokens == 0 or num_experts == 1:
         return torch.zeros(num_tokens, dtype=torch.long, device=scores.device)
 
+    kernel = _cpu_kernel() if scores.device.type == "cpu" else None
+    if kernel is not None:
+        # The kernel reads float32 or float64 scores; its prices are float64.
+        scores = sanitize_scores(scores, torch.float64 if scores.dtype == torch.float64 else torch.float32)
+        rows = num_tokens + (num_experts - num_tokens % num_experts) % num_experts
+        lo, hi = torch.aminmax(scores)
+        initial_eps, final_eps = _eps_range(float(hi - lo), rows)
+        return kernel.auction_assignment(scores, initial_eps, final_eps, EPS_FACTOR)
     benefit, capacity = _slot_problem(sanitize_scores(scores))
     slot = _auction(benefit, capacity)
     return slot[:num_tokens] % num_experts
+
+
+def _eps_range(span: float, rows: int):
+    """First and last epsilon of the scaling schedule for scores spanning ``span``."""
+    span = span or 1.0
+    return INITIAL_EPS * span, FINAL_GAP * span / rows
+
+
+_KERNEL = {}
+
+
+def _cpu_kernel():
+    """The compiled CPU auction, or None (with one warning) if it cannot be built here."""
+    if "auction" not in _KERNEL:
+        try:
+            from torch.utils.cpp_extension import load
+            source = os.path.join(os.path.dirname(__file__), "csrc", "auction.cpp")
+            # Built with -march=native: name the build after the CPU so that a shared cache
+            # never hands one machine's binary to another kind of CPU.
+            cpu = hashlib.md5(_cpu_model().encode()).hexdigest()[:8]
+            _KERNEL["auction"] = load(name=f"fairseq_base_auction_{cpu}", sources=[source],
+                                      extra_cflags=["-O3", "-march=native"], verbose=False)
+        except Exception as err:  # no compiler or no ninja: the PyTorch auction still works
+            logger.warning(f"fairseq_base: CPU auction kernel unavailable ({err}); using the PyTorch auction")
+            _KERNEL["auction"] = None
+    return _KERNEL["auction"]
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("model name")), platform.processor())
+    except OSError:
+        return platform.machine() + platform.processor()
 
 
 def _slot_problem(scores: Tensor):
@@ -104,15 +159,13 @@ def _auction(benefit: Tensor, capacity: Tensor) -> Tensor:
     num_rows, num_cols = benefit.shape
     device = benefit.device
     allowed = torch.isfinite(benefit)
-    span = float(benefit[allowed].max() - benefit[allowed].min()) or 1.0
-    final_eps = FINAL_GAP * span / num_rows
+    eps, final_eps = _eps_range(float(benefit[allowed].max() - benefit[allowed].min()), num_rows)
 
     price = torch.zeros(num_cols, dtype=benefit.dtype, device=device)
     column = torch.full((num_rows,), -1, dtype=torch.long, device=device)
     held_bid = torch.zeros(num_rows, dtype=benefit.dtype, device=device)
     rows = torch.arange(num_rows, device=device)
 
-    eps = span / 4
     while True:
         assigned = column >= 0
         if bool(assigned.any()):

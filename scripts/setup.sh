@@ -13,7 +13,7 @@ else
   echo "| installing torch ${TORCH_VERSION:=2.13.0}"
   "${PIP[@]}" "torch==$TORCH_VERSION"
 fi
-"${PIP[@]}" cython numpy "hydra-core==1.3.2" setuptools wheel
+"${PIP[@]}" cython numpy "hydra-core==1.3.2" setuptools wheel ninja
 if ! python3 -c "import fairseq" 2>/dev/null; then
   echo "| installing fairseq-fixed (compiles for about 2.5 minutes the first time; pip caches the wheel)"
   "${PIP[@]}" --no-build-isolation "fairseq-fixed==0.12.3.1"

@@ -4,7 +4,16 @@ import torch
 from hypothesis import given, settings, strategies as st
 from scipy.optimize import linear_sum_assignment
 
+import fairseq_base.assignment as assignment
 from fairseq_base.assignment import balanced_assignment, greedy_assignment
+
+
+@pytest.fixture(params=["cpu_kernel", "torch"], autouse=True)
+def backend(request, monkeypatch):
+    """Run every test on both solvers: the compiled CPU auction and the PyTorch one (CUDA's)."""
+    if request.param == "torch":
+        monkeypatch.setattr(assignment, "_cpu_kernel", lambda: None)
+    return request.param
 
 
 def assert_balanced(ids, num_tokens, num_experts):
@@ -31,7 +40,7 @@ def objective(scores, ids):
     return scores.double()[torch.arange(len(ids)), ids].sum().item()
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.integers(0, 300), st.integers(1, 17), st.integers(0, 2**31 - 1))
 def test_balanced_for_any_shape(num_tokens, num_experts, seed):
     scores = torch.randn(num_tokens, num_experts, generator=torch.Generator().manual_seed(seed))

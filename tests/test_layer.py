@@ -24,6 +24,11 @@ def scaled_identity_layer(num_experts, dim=8, **kwargs):
     return layer
 
 
+def test_cpu_auction_kernel_builds():
+    from fairseq_base.assignment import _cpu_kernel
+    assert _cpu_kernel() is not None  # else training on CPU falls back to the slower PyTorch auction
+
+
 def test_dispatch_returns_every_token_from_its_expert():
     dispatcher = TokenDispatcher(num_experts=4)
     tokens = torch.randn(10, 3)

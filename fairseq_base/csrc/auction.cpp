@@ -1,0 +1,180 @@
+// Balanced assignment by a Gauss-Seidel forward auction with epsilon scaling (CPU).
+//
+// The same slot problem as fairseq_base/assignment.py: floor(T/E) main slots per expert,
+// one extra slot per expert when E does not divide T, and E - (T mod E) phantom rows that
+// may only take extra slots (benefit 0), so that every slot is filled. One row bids at a
+// time; each slot column keeps its holders in a min-heap of bids, so that a bid costs
+// O(columns + log capacity). A phase keeps every holder that still satisfies
+// eps-complementary slackness; that check first uses a stale upper bound of the row's best
+// other value (prices only rise, so it only overestimates) and rescans only rows it flags.
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <utility>
+#include <vector>
+
+namespace {
+
+using Bid = std::pair<double, int64_t>;  // (bid, row); min-heap on bid
+const double kForbidden = -std::numeric_limits<double>::infinity();
+
+template <typename scalar_t>
+struct SlotProblem {
+  const scalar_t* scores;  // [T, E] row-major
+  int64_t tokens, experts, main_cols, cols, rows;
+  std::vector<int64_t> capacity;
+
+  double benefit(int64_t row, int64_t col) const {
+    if (row < tokens) return scores[row * experts + (col < main_cols ? col : col - main_cols)];
+    return col < main_cols ? kForbidden : 0.0;  // phantom row
+  }
+};
+
+template <typename scalar_t>
+struct Auction {
+  const SlotProblem<scalar_t>& p;
+  std::vector<double> price;
+  std::vector<int64_t> column;       // slot column of each row, -1 if none
+  std::vector<double> other;         // upper bound of the row's best value elsewhere
+  std::vector<std::vector<Bid>> heap;
+  std::vector<int64_t> unassigned;
+
+  explicit Auction(const SlotProblem<scalar_t>& problem)
+      : p(problem), price(problem.cols, 0.0), column(problem.rows, -1),
+        other(problem.rows, std::numeric_limits<double>::infinity()), heap(problem.cols) {}
+
+  static void consider(double v, int64_t c, int64_t* best, double* v1, double* v2) {
+    if (v > *v1) {
+      *v2 = *v1;
+      *v1 = v;
+      *best = c;
+    } else if (v > *v2) {
+      *v2 = v;
+    }
+  }
+
+  // Best and second-best column of a row at current prices (the hot loop: one pass over
+  // the row's scores, no per-column branching on the slot kind).
+  void best_two(int64_t row, int64_t* best, double* v1, double* v2) const {
+    *best = -1;
+    *v1 = *v2 = kForbidden;
+    const int64_t extra = p.main_cols;
+    const bool has_extra = p.cols > p.main_cols;
+    if (row >= p.tokens) {  // phantom: extra slots only, benefit 0
+      for (int64_t e = 0; e < p.experts; ++e) consider(-price[extra + e], extra + e, best, v1, v2);
+      return;
+    }
+    const scalar_t* s = p.scores + row * p.experts;
+    for (int64_t e = 0; e < p.experts; ++e) {
+      const double score = s[e];
+      if (p.main_cols) consider(score - price[e], e, best, v1, v2);
+      if (has_extra) consider(score - price[extra + e], extra + e, best, v1, v2);
+    }
+  }
+
+  void bid(int64_t row, double eps) {
+    int64_t best;
+    double v1, v2;
+    best_two(row, &best, &v1, &v2);
+    double amount = p.benefit(row, best) - v2 + eps;
+    auto& h = heap[best];
+    h.emplace_back(amount, row);
+    std::push_heap(h.begin(), h.end(), std::greater<Bid>());
+    column[row] = best;
+    other[row] = v2;
+    if (static_cast<int64_t>(h.size()) > p.capacity[best]) {
+      std::pop_heap(h.begin(), h.end(), std::greater<Bid>());
+      int64_t evicted = h.back().second;
+      h.pop_back();
+      column[evicted] = -1;
+      unassigned.push_back(evicted);
+    }
+    if (static_cast<int64_t>(h.size()) == p.capacity[best]) price[best] = h.front().first;
+  }
+
+  // Keep the holders that satisfy eps-CS (each at the bid it would make now); rebuild heaps.
+  void start_phase(double eps) {
+    for (auto& h : heap) h.clear();
+    for (int64_t row = 0; row < p.rows; ++row) {
+      int64_t col = column[row];
+      if (col < 0) {
+        unassigned.push_back(row);
+        continue;
+      }
+      double own = p.benefit(row, col) - price[col];
+      if (own < other[row] - eps) {  // the bound is stale: look again
+        double best_other = kForbidden;
+        for (int64_t c = 0; c < p.cols; ++c)
+          if (c != col) best_other = std::max(best_other, p.benefit(row, c) - price[c]);
+        other[row] = best_other;
+        if (own < best_other - eps) {
+          column[row] = -1;
+          unassigned.push_back(row);
+          continue;
+        }
+      }
+      double amount = std::max(p.benefit(row, col) - other[row] + eps, price[col]);
+      heap[col].emplace_back(amount, row);
+    }
+    for (int64_t c = 0; c < p.cols; ++c) {
+      auto& h = heap[c];
+      std::make_heap(h.begin(), h.end(), std::greater<Bid>());
+      if (static_cast<int64_t>(h.size()) == p.capacity[c]) price[c] = h.front().first;
+    }
+  }
+
+  void run_phase(double eps) {
+    start_phase(eps);
+    while (!unassigned.empty()) {
+      int64_t row = unassigned.back();
+      unassigned.pop_back();
+      bid(row, eps);
+    }
+  }
+};
+
+template <typename scalar_t>
+torch::Tensor run_auction(const torch::Tensor& s, double initial_eps, double final_eps, double eps_factor) {
+  SlotProblem<scalar_t> p;
+  p.scores = s.data_ptr<scalar_t>();
+  p.tokens = s.size(0);
+  p.experts = s.size(1);
+  int64_t per_expert = p.tokens / p.experts, remainder = p.tokens % p.experts;
+  p.main_cols = per_expert > 0 ? p.experts : 0;
+  p.cols = p.main_cols + (remainder > 0 ? p.experts : 0);
+  p.rows = p.tokens + (remainder > 0 ? p.experts - remainder : 0);
+  p.capacity.assign(p.main_cols, per_expert);
+  p.capacity.resize(p.cols, 1);
+
+  Auction<scalar_t> auction(p);
+  for (double eps = initial_eps;; eps = std::max(eps / eps_factor, final_eps)) {
+    auction.run_phase(eps);
+    if (eps <= final_eps) break;
+  }
+  torch::Tensor out = torch::empty({p.tokens}, torch::kLong);
+  auto* ids = out.data_ptr<int64_t>();
+  for (int64_t t = 0; t < p.tokens; ++t) {
+    int64_t col = auction.column[t];
+    ids[t] = col < p.main_cols ? col : col - p.main_cols;
+  }
+  return out;
+}
+
+}  // namespace
+
+// scores: finite float32 or float64 [T, E] on CPU with T >= 1, E >= 2. Returns the expert of every token.
+torch::Tensor auction_assignment(torch::Tensor scores, double initial_eps, double final_eps, double eps_factor) {
+  TORCH_CHECK(scores.dim() == 2 && scores.size(0) >= 1 && scores.size(1) >= 2 && !scores.is_cuda());
+  auto s = scores.contiguous();
+  torch::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "auction_assignment", [&] {
+    out = run_auction<scalar_t>(s, initial_eps, final_eps, eps_factor);
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("auction_assignment", &auction_assignment, "balanced assignment by auction (CPU)");
+}
