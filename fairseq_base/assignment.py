@@ -51,9 +51,10 @@ def _check_scores(scores: Tensor) -> None:
 def sanitize_scores(scores: Tensor, dtype=torch.float64) -> Tensor:
     """Copy in ``dtype`` in which NaN and -inf rank below every finite score and +inf above."""
     s = scores.detach().to(dtype)
-    finite = torch.isfinite(s)
-    if bool(finite.all()):
+    lo, hi = torch.aminmax(s)
+    if bool(torch.isfinite(lo) & torch.isfinite(hi)):  # aminmax propagates NaN: all finite
         return s
+    finite = torch.isfinite(s)
     if not bool(finite.any()):
         return torch.zeros_like(s)
     lo, hi = s[finite].min(), s[finite].max()
@@ -114,7 +115,8 @@ def _cpu_kernel():
             # never hands one machine's binary to another kind of CPU.
             cpu = hashlib.md5(_cpu_model().encode()).hexdigest()[:8]
             _KERNEL["auction"] = load(name=f"fairseq_base_auction_{cpu}", sources=[source],
-                                      extra_cflags=["-O3", "-march=native"], verbose=False)
+                                      extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                                      extra_ldflags=["-fopenmp"], verbose=False)
         except Exception as err:  # no compiler or no ninja: the PyTorch auction still works
             logger.warning(f"fairseq_base: CPU auction kernel unavailable ({err}); using the PyTorch auction")
             _KERNEL["auction"] = None

@@ -7,6 +7,7 @@
 // O(columns + log capacity). A phase keeps every holder that still satisfies
 // eps-complementary slackness; that check first uses a stale upper bound of the row's best
 // other value (prices only rise, so it only overestimates) and rescans only rows it flags.
+#include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -74,24 +75,23 @@ struct Auction {
     }
   }
 
-  void bid(int64_t row, double eps) {
-    int64_t best;
-    double v1, v2;
-    best_two(row, &best, &v1, &v2);
-    double amount = p.benefit(row, best) - v2 + eps;
-    auto& h = heap[best];
+  // Row bids for column col, where v2 is its best value elsewhere (at current or earlier
+  // prices: prices only rise, so an earlier v2 still gives a valid bid).
+  void place(int64_t row, int64_t col, double v2, double eps) {
+    double amount = p.benefit(row, col) - v2 + eps;
+    auto& h = heap[col];
     h.emplace_back(amount, row);
     std::push_heap(h.begin(), h.end(), std::greater<Bid>());
-    column[row] = best;
+    column[row] = col;
     other[row] = v2;
-    if (static_cast<int64_t>(h.size()) > p.capacity[best]) {
+    if (static_cast<int64_t>(h.size()) > p.capacity[col]) {
       std::pop_heap(h.begin(), h.end(), std::greater<Bid>());
       int64_t evicted = h.back().second;
       h.pop_back();
       column[evicted] = -1;
       unassigned.push_back(evicted);
     }
-    if (static_cast<int64_t>(h.size()) == p.capacity[best]) price[best] = h.front().first;
+    if (static_cast<int64_t>(h.size()) == p.capacity[col]) price[col] = h.front().first;
   }
 
   // Keep the holders that satisfy eps-CS (each at the bid it would make now); rebuild heaps.
@@ -127,10 +127,27 @@ struct Auction {
 
   void run_phase(double eps) {
     start_phase(eps);
+    // The phase's first bids only read prices, so compute them in parallel (in the first
+    // phase that is every row: the greedy pass), then place them one by one.
+    std::vector<int64_t> first;
+    first.swap(unassigned);
+    const int64_t n = first.size();
+    std::vector<int64_t> target(n);
+    std::vector<double> second(n);
+    at::parallel_for(0, n, 512, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        double v1;
+        best_two(first[i], &target[i], &v1, &second[i]);
+      }
+    });
+    for (int64_t i = 0; i < n; ++i) place(first[i], target[i], second[i], eps);
     while (!unassigned.empty()) {
       int64_t row = unassigned.back();
       unassigned.pop_back();
-      bid(row, eps);
+      int64_t best;
+      double v1, v2;
+      best_two(row, &best, &v1, &v2);
+      place(row, best, v2, eps);
     }
   }
 };

@@ -1,0 +1,103 @@
+#!/usr/bin/env python3
+"""Balanced assignment: fairseq_base's auction against fairseq's libbase and greedy top-1.
+
+    python scripts/bench_assignment.py [--repeats 7] [--json runs/bench/assignment.json]
+
+Scores are random hidden states times orthogonal expert centroids. Methods run in
+alternation, each timed `--repeats` times; the table shows medians, the speed-up over
+libbase, and each solver's objective (sum of chosen scores) against libbase's and, where
+small enough, against the exact optimum (scipy on the expanded problem).
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from fairseq_base.assignment import balanced_assignment
+
+SIZES = [(512, 8), (2048, 16), (8192, 64), (16384, 128)]
+
+
+def libbase_assignment(scores):
+    """fairseq's libbase returns tokens sorted by expert, T/E per expert."""
+    from fairseq import libbase
+    order = libbase.balanced_assignment(scores)
+    ids = torch.empty_like(order)
+    ids[order] = torch.arange(scores.size(0)) // (scores.size(0) // scores.size(1))
+    return ids
+
+
+def exact_objective(scores):
+    from scipy.optimize import linear_sum_assignment
+    s = scores.double().numpy()
+    per_expert = s.shape[0] // s.shape[1]
+    rows, cols = linear_sum_assignment(np.concatenate([s] * per_expert, axis=1), maximize=True)
+    return float(s[rows, cols % s.shape[1]].sum())
+
+
+def problem(tokens, experts, dim=256, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    centroids = torch.nn.init.orthogonal_(torch.empty(experts, dim), generator=gen)
+    return torch.randn(tokens, dim, generator=gen) @ centroids.t()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--json", default="runs/bench/assignment.json")
+    args = parser.parse_args()
+
+    methods = {"fairseq_base": balanced_assignment, "libbase": libbase_assignment,
+               "greedy": lambda s: s.argmax(dim=1)}
+    rows = []
+    for tokens, experts in SIZES:
+        scores = problem(tokens, experts)
+        times = {name: [] for name in methods}
+        ids = {name: fn(scores) for name, fn in methods.items()}  # warm-up (and kernel build)
+        for _ in range(args.repeats):
+            for name, fn in methods.items():
+                start = time.perf_counter()
+                fn(scores)
+                times[name].append(time.perf_counter() - start)
+        objective = {name: float(scores.double()[torch.arange(tokens), i].sum()) for name, i in ids.items()}
+        load = torch.bincount(ids["fairseq_base"], minlength=experts)
+        row = {
+            "tokens": tokens, "experts": experts,
+            "ms": {name: 1e3 * statistics.median(t) for name, t in times.items()},
+            "objective": objective,
+            "balanced": int(load.max() - load.min()) == 0,
+            "top1_share": float((ids["fairseq_base"] == ids["greedy"]).float().mean()),
+        }
+        row["speedup_vs_libbase"] = row["ms"]["libbase"] / row["ms"]["fairseq_base"]
+        if tokens <= 2048:
+            optimum = exact_objective(scores)
+            row["gap_to_optimum"] = {n: (optimum - objective[n]) / abs(optimum) for n in ("fairseq_base", "libbase")}
+        rows.append(row)
+        print(f"| {tokens}x{experts} done", flush=True)
+
+    print(f"\nbalanced assignment on {platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}, median of {args.repeats}")
+    print("| T x E | fairseq_base ms | libbase ms | greedy ms | speed-up vs libbase | objective - libbase's "
+          "| gap to optimum (ours / libbase) | top-1 share |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        gap = r.get("gap_to_optimum")
+        gap_text = f"{100 * gap['fairseq_base']:.4f}% / {100 * gap['libbase']:.4f}%" if gap else "n/a"
+        print(f"| {r['tokens']} x {r['experts']} | {r['ms']['fairseq_base']:.2f} | {r['ms']['libbase']:.2f} | "
+              f"{r['ms']['greedy']:.2f} | {r['speedup_vs_libbase']:.1f}x | "
+              f"{r['objective']['fairseq_base'] - r['objective']['libbase']:+.3f} | {gap_text} | "
+              f"{100 * r['top1_share']:.1f}% |")
+    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump({"machine": platform.platform(), "threads": torch.get_num_threads(), "rows": rows}, f, indent=2)
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
