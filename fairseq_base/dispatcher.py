@@ -55,7 +55,7 @@ class DispatchState:
     """What ``combine`` needs to undo a ``dispatch``."""
 
     send_order: Tensor  # sorts local tokens by expert id
-    recv_order: Tensor  # sorts received tokens by local expert
+    recv_order: Optional[Tensor]  # sorts received tokens by local expert (None: already sorted)
     send_splits: List[int]
     recv_splits: List[int]
 
@@ -80,6 +80,9 @@ class TokenDispatcher:
         send_splits = send_counts.view(workers, local).sum(1).tolist()
         recv_splits = recv_counts.sum(1).tolist()
         received = all_to_all(tokens[send_order], recv_splits, send_splits, self.group)
+        if workers == 1:  # one source: rows already arrive grouped by expert
+            state = DispatchState(send_order, None, send_splits, recv_splits)
+            return received, recv_counts.sum(0).tolist(), state
         # Rows arrive grouped by source worker, then expert; regroup them by expert.
         local_ids = torch.arange(local, device=tokens.device).repeat(workers)
         recv_order = torch.argsort(torch.repeat_interleave(local_ids, recv_counts.flatten()), stable=True)
@@ -88,6 +91,6 @@ class TokenDispatcher:
 
     def combine(self, expert_outputs: Tensor, state: DispatchState) -> Tensor:
         """Inverse of ``dispatch``: the outputs in the original token order on the original worker."""
-        by_source = expert_outputs[invert_permutation(state.recv_order)]
+        by_source = expert_outputs if state.recv_order is None else expert_outputs[invert_permutation(state.recv_order)]
         returned = all_to_all(by_source, state.send_splits, state.recv_splits, self.group)
         return returned[invert_permutation(state.send_order)]

@@ -60,7 +60,7 @@ class BaseLayer(nn.Module):
         expert_in, tokens_per_expert, state = self.dispatcher.dispatch(tokens, expert_ids)
         expert_out = self.dispatcher.combine(self.experts(expert_in, tokens_per_expert), state)
         self._log_stats(scores.detach(), expert_ids)
-        return tokens + gate * (expert_out - tokens)
+        return torch.lerp(tokens, expert_out, gate.to(tokens.dtype))  # gate * expert_out + (1 - gate) * tokens
 
     def _log_stats(self, scores: Tensor, expert_ids: Tensor) -> None:
         for key, value in routing_stats(scores, expert_ids).items():

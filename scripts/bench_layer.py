@@ -1,0 +1,77 @@
+#!/usr/bin/env python3
+"""BASE layer against a dense FFN sublayer of the same per-token FLOPs (forward + backward).
+
+    python scripts/bench_layer.py [--tokens 8192 --dim 512 --ffn 2048 --experts 8] [--json ...]
+
+Each token of the BASE layer passes through one expert sublayer (LayerNorm, d->ffn->d), as
+each token of the dense sublayer does, so the FLOPs match up to the routing scores (T x E x d).
+The difference is routing (the balanced assignment in training), dispatch and combine.
+Runs alternate; the table shows medians and the ratio.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+from fairseq_base.experts import ExpertSublayer
+from fairseq_base.layer import BaseLayer
+
+
+def step(module, x):
+    out = module(x)
+    out = out[0] if isinstance(out, tuple) else out
+    out.float().pow(2).mean().backward()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--ffn", type=int, default=2048)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", default="runs/bench/layer.json")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    base = BaseLayer(args.dim, args.ffn, args.experts).to(args.device).train()
+    dense = ExpertSublayer(args.dim, args.ffn).to(args.device).train()
+    for module in (base, dense):  # away from the zero-initialised last projection
+        for p in module.parameters():
+            torch.nn.init.normal_(p, std=0.02)
+    x = torch.randn(args.tokens, 1, args.dim, device=args.device, requires_grad=True)
+    modules = {"base_layer": base, "dense_ffn": dense}
+    times = {name: [] for name in modules}
+    for name, module in modules.items():
+        step(module, x)  # warm-up (and kernel build)
+    for _ in range(args.repeats):
+        for name, module in modules.items():
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            step(module, x)
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+    ratio = ms["base_layer"] / ms["dense_ffn"]
+    print(f"\nforward+backward, T={args.tokens}, d={args.dim}, ffn={args.ffn}, E={args.experts}, "
+          f"{args.device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
+          f"median of {args.repeats}")
+    print("| module | ms | ratio to dense |\n|---|---|---|")
+    print(f"| BASE layer ({args.experts} experts, balanced routing) | {ms['base_layer']:.1f} | {ratio:.3f}x |")
+    print(f"| dense FFN sublayer | {ms['dense_ffn']:.1f} | 1.000x |")
+    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump({"args": vars(args), "machine": platform.platform(), "ms": ms, "ratio": ratio}, f, indent=2)
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
