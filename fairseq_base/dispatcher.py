@@ -22,6 +22,20 @@ def world_rank(group=None) -> int:
     return dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
 
 
+def all_gather_sizes(size: int, device, group=None) -> Tensor:
+    """Every worker's ``size``, as a LongTensor [W]."""
+    sizes = torch.zeros(world_size(group), dtype=torch.long, device=device)
+    mine = torch.tensor([size], dtype=torch.long, device=device)
+    dist.all_gather_into_tensor(sizes, mine, group=group)
+    return sizes
+
+
+def even_split(sizes: Tensor, parts: int) -> Tensor:
+    """[W, parts]: how many of each worker's tokens go to each part when token i goes to part i % parts."""
+    base = (sizes // parts)[:, None].expand(-1, parts)
+    return base + (torch.arange(parts, device=sizes.device)[None, :] < (sizes % parts)[:, None]).long()
+
+
 def invert_permutation(perm: Tensor) -> Tensor:
     inverse = torch.empty_like(perm)
     inverse[perm] = torch.arange(perm.numel(), device=perm.device)
@@ -69,13 +83,17 @@ class TokenDispatcher:
         self.num_experts = num_experts
         self.num_local_experts = num_experts // self.world_size
 
-    def dispatch(self, tokens: Tensor, expert_ids: Tensor):
-        """Returns (expert_inputs grouped by local expert, tokens per local expert, state)."""
+    def dispatch(self, tokens: Tensor, expert_ids: Tensor, recv_counts: Optional[Tensor] = None):
+        """Returns (expert_inputs grouped by local expert, tokens per local expert, state).
+
+        ``recv_counts[w, j]``, the number of tokens worker w sends to our local expert j, is
+        exchanged with the other workers unless the caller already knows it.
+        """
         workers, local = self.world_size, self.num_local_experts
         send_order = torch.argsort(expert_ids, stable=True)
         send_counts = torch.bincount(expert_ids, minlength=self.num_experts)
-        # recv_counts[w, j]: tokens that worker w sends to our local expert j.
-        recv_counts = all_to_all(send_counts, [local] * workers, [local] * workers, self.group)
+        if recv_counts is None:
+            recv_counts = all_to_all(send_counts, [local] * workers, [local] * workers, self.group)
         recv_counts = recv_counts.view(workers, local)
         send_splits = send_counts.view(workers, local).sum(1).tolist()
         recv_splits = recv_counts.sum(1).tolist()

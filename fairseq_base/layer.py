@@ -6,7 +6,7 @@ import torch
 from fairseq import metrics
 from torch import Tensor, nn
 
-from fairseq_base.dispatcher import TokenDispatcher, world_rank
+from fairseq_base.dispatcher import TokenDispatcher, all_gather_sizes, even_split, world_rank
 from fairseq_base.errors import BaseLayerConfigError
 from fairseq_base.experts import LocalExperts
 from fairseq_base.router import route, routing_stats
@@ -46,18 +46,26 @@ class BaseLayer(nn.Module):
         if self.shuffler is not None and self.training:
             # Send every token to a random worker first, so that each worker's balanced
             # assignment sees a sample of the whole batch (as in the paper).
+            sizes = all_gather_sizes(tokens.size(0), tokens.device, self.shuffler.group)
+            split = even_split(sizes, self.shuffler.num_experts)  # [source, destination]
             workers = torch.randperm(tokens.size(0), device=tokens.device) % self.shuffler.num_experts
-            shuffled, _, shuffle_state = self.shuffler.dispatch(tokens, workers)
-            out = self.shuffler.combine(self._route_and_mix(shuffled), shuffle_state)
+            shuffled, _, shuffle_state = self.shuffler.dispatch(tokens, workers, split[:, world_rank(self.shuffler.group)])
+            # Balanced routing of each worker's shuffled tokens: if every worker's count divides
+            # by E, every expert gets count / E from each worker and nobody needs to ask.
+            after = split.sum(0)
+            known = None
+            if bool((after % self.num_experts == 0).all()):
+                known = (after // self.num_experts)[:, None].expand(-1, self.dispatcher.num_local_experts)
+            out = self.shuffler.combine(self._route_and_mix(shuffled, known), shuffle_state)
         else:
             out = self._route_and_mix(tokens)
         return out.view_as(x), None, None
 
-    def _route_and_mix(self, tokens: Tensor) -> Tensor:
+    def _route_and_mix(self, tokens: Tensor, recv_counts: Optional[Tensor] = None) -> Tensor:
         scores = tokens.matmul(self.centroids.t())
         expert_ids = route(scores.detach(), "balanced" if self.training else self.eval_routing)
         gate = torch.sigmoid(scores.gather(1, expert_ids[:, None]))
-        expert_in, tokens_per_expert, state = self.dispatcher.dispatch(tokens, expert_ids)
+        expert_in, tokens_per_expert, state = self.dispatcher.dispatch(tokens, expert_ids, recv_counts)
         expert_out = self.dispatcher.combine(self.experts(expert_in, tokens_per_expert), state)
         self._log_stats(scores.detach(), expert_ids)
         return torch.lerp(tokens, expert_out, gate.to(tokens.dtype))  # gate * expert_out + (1 - gate) * tokens

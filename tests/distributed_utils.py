@@ -1,7 +1,9 @@
 """Run a function on W gloo workers inside pytest, with a timeout that fails instead of hanging."""
 
 import os
+import queue
 import socket
+import time
 import traceback
 
 import torch
@@ -38,9 +40,18 @@ def run_workers(fn, world_size, *args, timeout=120):
     for p in procs:
         p.start()
     collected = {}
+    deadline = time.monotonic() + timeout
     try:
-        for _ in range(world_size):
-            rank, value = results.get(timeout=timeout)
+        while len(collected) < world_size:
+            try:
+                rank, value = results.get(timeout=1)
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in collected]
+                if dead:
+                    raise RuntimeError(f"worker(s) {dead} died without a result")
+                if time.monotonic() > deadline:
+                    raise  # a worker hung: the test fails instead of waiting forever
+                continue
             if isinstance(value, Exception):
                 raise value
             collected[rank] = value

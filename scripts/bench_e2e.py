@@ -1,0 +1,80 @@
+#!/usr/bin/env python3
+"""End to end: words/s of fairseq-train on 2 gloo workers (CPU) for three identical trunks.
+
+    python scripts/bench_e2e.py [--workers 2 --updates 60 --rounds 3] [--json runs/bench/e2e.json]
+
+- fairseq_base: --arch transformer_lm_base --base-layers 1 (one expert per worker, E = W)
+- fairseq built-in: --arch transformer_lm --base-layers 1 (fairseq's BaseLayer and libbase)
+- dense: the same trunk without the BASE layer
+All three share the trunk (pre-LayerNorm, d = 256, 4 layers, FFN 1024) and the data (the
+Brown corpus, prepared by scripts/prepare_brown.py). Runs alternate over --rounds; words/s
+is the median of fairseq's train_inner wps after the first logging interval.
+"""
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+
+TRUNK = ["--task", "language_modeling", "--tokens-per-sample", "128", "--sample-break-mode", "none",
+         "--batch-size", "8", "--decoder-layers", "4", "--decoder-embed-dim", "256",
+         "--decoder-ffn-embed-dim", "1024", "--decoder-attention-heads", "4", "--decoder-input-dim", "256",
+         "--decoder-output-dim", "256", "--decoder-normalize-before", "--share-decoder-input-output-embed",
+         "--optimizer", "adam", "--lr", "0.001", "--no-save", "--disable-validation", "--cpu",
+         "--distributed-backend", "gloo", "--ddp-backend", "legacy_ddp", "--num-workers", "0",
+         "--log-format", "simple", "--seed", "1"]
+MODELS = {
+    "fairseq_base": ["--arch", "transformer_lm_base", "--base-layers", "1"],
+    "fairseq_builtin": ["--arch", "transformer_lm", "--base-layers", "1"],
+    "dense": ["--arch", "transformer_lm_base", "--base-layers", "0"],
+}
+
+
+def words_per_second(data, workers, updates, model_flags):
+    train = os.path.join(os.path.dirname(sys.executable), "fairseq-train")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(workers),
+           train, data, "--user-dir", "fairseq_base", *TRUNK, *model_flags,
+           "--max-update", str(updates), "--log-interval", str(updates // 6)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, os.cpu_count() // workers)))
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        sys.exit(f"bench_e2e: {' '.join(model_flags)} failed:\n{result.stderr[-3000:]}")
+    wps = [float(w) for w in re.findall(r"\| train_inner \|.*?wps=([0-9.]+)", result.stdout + result.stderr)]
+    return statistics.median(wps[1:])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="data-bin/brown")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--updates", type=int, default=60)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", default="runs/bench/e2e.json")
+    args = parser.parse_args()
+    if not os.path.exists(os.path.join(args.data, "train.bin")):
+        subprocess.run([sys.executable, "scripts/prepare_brown.py", "--out", args.data], check=True)
+
+    wps = {name: [] for name in MODELS}
+    for round_ in range(args.rounds):
+        for name, flags in MODELS.items():
+            wps[name].append(words_per_second(args.data, args.workers, args.updates, flags))
+            print(f"| round {round_ + 1}/{args.rounds}: {name} {wps[name][-1]:,.0f} words/s", flush=True)
+    median = {name: statistics.median(v) for name, v in wps.items()}
+    print(f"\nfairseq-train words/s, {args.workers} gloo workers on {platform.processor() or platform.machine()} "
+          f"({os.cpu_count()} cores), median of {args.rounds} alternating rounds")
+    print("| model | words/s | fairseq_base / this |\n|---|---|---|")
+    for name, value in median.items():
+        print(f"| {name} | {value:,.0f} | {median['fairseq_base'] / value:.3f}x |")
+    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump({"args": vars(args), "machine": platform.platform(), "words_per_second": wps,
+                   "median": median}, f, indent=2)
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Every Hydra config composes and builds; each small_* config trains a few updates."""
+
+import os
+import re
+
+import pytest
+from fairseq import tasks, utils
+from fairseq.dataclass.initialize import add_defaults
+from hydra import compose, initialize_config_dir
+
+from fairseq_base.layer import BaseLayer
+from test_end_to_end import data_bin, run  # noqa: F401  (fixture)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(REPO, "configs")
+PAPER = {"paper_base": (24, [12], 10), "paper_base_x3": (24, [6, 12, 18], 3),
+         "paper_base_top": (24, [24], 10), "paper_dense": (24, [], None)}
+SMALL = {"small_base": (4, [2], 3), "small_base_x3": (4, [1, 2, 3], 1), "small_base_top": (4, [4], 3),
+         "small_dense": (4, [], None)}
+
+
+def compose_config(name, data_dir, *overrides):
+    with initialize_config_dir(config_dir=CONFIGS, version_base=None):
+        cfg = compose(name, overrides=[f"task.data={data_dir}", f"common.user_dir={REPO}/fairseq_base",
+                                       f"checkpoint.save_dir={data_dir}/ckpt", *overrides])
+    utils.import_user_module(cfg.common)
+    add_defaults(cfg)
+    return cfg
+
+
+def base_positions(model):
+    positions, trunk = [], 0
+    for layer in model.decoder.layers:
+        if isinstance(layer, BaseLayer):
+            positions.append(trunk)
+        else:
+            trunk += 1
+    return trunk, positions
+
+
+@pytest.mark.parametrize("name", sorted({**PAPER, **SMALL}))
+def test_config_composes_and_builds(data_bin, name):  # noqa: F811
+    layers, positions, sublayers = {**PAPER, **SMALL}[name]
+    tiny = ["model.decoder_embed_dim=16", "model.decoder_ffn_embed_dim=32", "model.decoder_attention_heads=2"]
+    cfg = compose_config(name, data_bin / "bin", *(tiny if name in PAPER else []))
+    assert cfg.model.decoder_layers == layers
+    model = tasks.setup_task(cfg.task).build_model(cfg.model)
+    assert base_positions(model) == (layers, positions)
+    if sublayers:
+        assert all(len(layer.experts[0]) == sublayers for layer in model.decoder.layers
+                   if isinstance(layer, BaseLayer))
+
+
+def test_one_override_changes_experts_and_placement(data_bin):  # noqa: F811
+    cfg = compose_config("small_base", data_bin / "bin", "model.base_experts=8", "model.base_positions=L")
+    model = tasks.setup_task(cfg.task).build_model(cfg.model)
+    assert base_positions(model) == (4, [4])
+    assert [len(layer.experts) for layer in model.decoder.layers if isinstance(layer, BaseLayer)] == [8]
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_small_config_trains(data_bin, tmp_path, name):  # noqa: F811
+    result = run("fairseq-hydra-train", "--config-dir", CONFIGS, "--config-name", name,
+                 f"task.data={data_bin / 'bin'}", "optimization.max_update=4", "common.log_interval=2",
+                 f"checkpoint.save_dir={tmp_path}", f"hydra.run.dir={tmp_path}/hydra")
+    log = result.stdout + result.stderr
+    assert re.search(r"num_updates 4\b", log), log[-2000:]
+    assert (tmp_path / "checkpoint_last.pt").exists()
