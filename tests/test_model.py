@@ -104,7 +104,7 @@ def test_build_from_hydra_config(data_dir):
     utils.import_user_module(cfg.common)
     add_defaults(cfg)  # as fairseq-hydra-train does
     model = tasks.setup_task(cfg.task).build_model(cfg.model)
-    assert layer_kinds(model) == list("BTTB")
+    assert layer_kinds(model) == list("BTTBTT")
     assert model.decoder.project_in_dim is None and model.decoder.embed_tokens.embedding_dim == 128
     assert all(len(b.experts) == 8 for b in model.decoder.layers if isinstance(b, BaseLayer))
 
