@@ -11,5 +11,6 @@ setup(
     # Install torch first (scripts/setup.sh does): fairseq-fixed compiles against it.
     install_requires=["torch>=2.0", "fairseq-fixed>=0.12.3.1", "hydra-core>=1.3,<1.4", "numpy", "ninja"],
     entry_points={"console_scripts": ["fairseq-base-reshard = fairseq_base.reshard:cli_main"]},
-    extras_require={"test": ["pytest", "hypothesis", "scipy", "tensorboardX"]},
+    extras_require={"test": ["pytest", "hypothesis", "scipy", "tensorboardX"],
+                    "repro": ["matplotlib", "regex"]},
 )

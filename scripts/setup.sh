@@ -18,5 +18,5 @@ if ! python3 -c "import fairseq" 2>/dev/null; then
   echo "| installing fairseq-fixed (compiles for about 2.5 minutes the first time; pip caches the wheel)"
   "${PIP[@]}" --no-build-isolation "fairseq-fixed==0.12.3.1"
 fi
-"${PIP[@]}" --no-build-isolation -e ".[test]"
+"${PIP[@]}" --no-build-isolation -e ".[test,repro]"
 python3 -c "import fairseq_base, fairseq, torch; print(f'| ready: fairseq {fairseq.__version__}, torch {torch.__version__}')"

@@ -20,7 +20,7 @@ SMALL = {"small_base": (4, [2], 3), "small_base_x3": (4, [1, 2, 3], 1), "small_b
 
 
 def compose_config(name, data_dir, *overrides):
-    with initialize_config_dir(config_dir=CONFIGS, version_base=None):
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.1"):
         cfg = compose(name, overrides=[f"task.data={data_dir}", f"common.user_dir={REPO}/fairseq_base",
                                        f"checkpoint.save_dir={data_dir}/ckpt", *overrides])
     utils.import_user_module(cfg.common)

@@ -95,7 +95,7 @@ def test_checkpoint_with_other_expert_count_is_refused(data_dir):
 
 
 def test_build_from_hydra_config(data_dir):
-    with initialize_config_dir(config_dir=os.path.join(REPO, "configs"), version_base=None):
+    with initialize_config_dir(config_dir=os.path.join(REPO, "configs"), version_base="1.1"):
         cfg = compose("small_base", overrides=[
             f"task.data={data_dir}", f"common.user_dir={PLUGIN}",
             "model.base_experts=8", "model.base_positions='0,2'", "model.base_layers=2"])

@@ -1,0 +1,173 @@
+#!/usr/bin/env python3
+"""The paper's language-model comparison at laptop scale: dense, BASE, BASE x 3 and BASE Top.
+
+    python scripts/reproduce_small.py [--minutes 3] [--out runs/reproduce_small]
+
+Each model trains from its configs/small_*.yaml on the Brown corpus for the same wall-clock
+budget on this machine (the paper compares at equal GPUs and time), validating every 50
+updates; then fairseq-eval-lm scores it on the test split. Written to --out:
+results.md and results.json (the table), valid_ppl.png (validation perplexity against
+wall-clock time and against updates, as the paper's figures) and expert_load.png (the share
+of validation tokens each expert receives under greedy routing, the paper's Figure 8).
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODELS = {"dense": "small_dense", "BASE": "small_base", "BASE x 3": "small_base_x3", "BASE Top": "small_base_top"}
+STAMP = re.compile(r"^(?:\[)?(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)")
+
+
+def log_time(line):
+    match = STAMP.match(line)
+    return datetime.datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S") if match else None
+
+
+def train(config, data, minutes, out):
+    save_dir = os.path.join(out, config)
+    log_path = os.path.join(out, f"{config}.log")
+    cmd = ["fairseq-hydra-train", "--config-dir", os.path.join(REPO, "configs"), "--config-name", config,
+           f"task.data={data}", f"checkpoint.save_dir={save_dir}", f"hydra.run.dir={save_dir}/hydra",
+           "optimization.max_update=100000", f"optimization.stop_time_hours={minutes / 60}",
+           "dataset.validate_interval_updates=50", "checkpoint.save_interval_updates=100000",
+           "common.log_interval=25"]
+    curve, start = [], None
+    env = dict(os.environ, PYTHONUNBUFFERED="1")  # progress lines as they come
+    with open(log_path, "w") as log, subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, env=env,
+                                                      stderr=subprocess.STDOUT, text=True) as proc:
+        for line in proc.stdout:
+            log.write(line)
+            if "begin training epoch 1" in line:
+                start = log_time(line)
+            if "valid on 'valid' subset" in line:
+                ppl = float(re.search(r"\| ppl ([0-9.]+)", line).group(1))
+                updates = int(re.search(r"\| num_updates (\d+)", line).group(1))
+                seconds = (log_time(line) - start).total_seconds()
+                curve.append({"updates": updates, "seconds": seconds, "valid_ppl": ppl})
+                print(f"|   {config}: update {updates}, {seconds:.0f}s, valid ppl {ppl:.2f}", flush=True)
+    if proc.returncode != 0:
+        sys.exit(f"reproduce_small: {config} failed; see {log_path}")
+    return save_dir, curve
+
+
+def evaluate(data, save_dir):
+    result = subprocess.run(
+        ["fairseq-eval-lm", data, "--user-dir", os.path.join(REPO, "fairseq_base"), "--path",
+         os.path.join(save_dir, "checkpoint_last.pt"), "--gen-subset", "test", "--tokens-per-sample", "128",
+         "--batch-size", "16", "--cpu", "--num-workers", "0"], capture_output=True, text=True, check=True)
+    return float(re.search(r"Perplexity: ([0-9.]+)", result.stdout + result.stderr).group(1))
+
+
+def expert_load(data, save_dir):
+    """Per BASE layer: share of validation tokens per expert under greedy routing, busiest first."""
+    import torch
+    from fairseq import checkpoint_utils
+
+    import fairseq_base  # noqa: F401  (registers the model)
+    from fairseq_base.layer import BaseLayer
+
+    models, _, task = checkpoint_utils.load_model_ensemble_and_task(
+        [os.path.join(save_dir, "checkpoint_last.pt")], arg_overrides={"data": data})
+    model = models[0].eval()
+    layers = [m for m in model.decoder.layers if isinstance(m, BaseLayer)]
+    counts = [torch.zeros(layer.num_experts) for layer in layers]
+
+    def hook(index):
+        def record(layer, inputs):
+            h = inputs[0].reshape(-1, inputs[0].size(-1))
+            ids = (h @ layer.centroids.t()).argmax(dim=1)  # greedy routing, as in evaluation
+            counts[index] += torch.bincount(ids, minlength=layer.num_experts).float()
+        return record
+
+    for i, layer in enumerate(layers):
+        layer.register_forward_pre_hook(hook(i))
+    task.load_dataset("valid")
+    batches = task.get_batch_iterator(task.dataset("valid"), max_sentences=16).next_epoch_itr(shuffle=False)
+    with torch.no_grad():
+        for sample in batches:
+            model(**sample["net_input"])
+    return [sorted((c / c.sum()).tolist(), reverse=True) for c in counts]
+
+
+def plot(results, out):
+    import logging
+
+    import matplotlib
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # fairseq leaves the root logger at DEBUG
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, r in results.items():
+        axes[0].plot([p["seconds"] / 60 for p in r["curve"]], [p["valid_ppl"] for p in r["curve"]], label=name)
+        axes[1].plot([p["updates"] for p in r["curve"]], [p["valid_ppl"] for p in r["curve"]], label=name)
+    for ax, xlabel in zip(axes, ["wall-clock (minutes)", "updates"]):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("validation perplexity")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("Small-scale BASE comparison (Brown corpus, 2 CPU cores)")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "valid_ppl.png"), dpi=120)
+
+    based = {n: r for n, r in results.items() if r["expert_load"]}
+    fig, axes = plt.subplots(1, len(based), figsize=(4 * len(based), 3.5), squeeze=False)
+    for ax, (name, r) in zip(axes[0], based.items()):
+        for i, load in enumerate(r["expert_load"]):
+            ax.bar([x + 0.8 * i / len(r["expert_load"]) for x in range(len(load))], load,
+                   width=0.8 / len(r["expert_load"]), label=f"BASE layer {i + 1}")
+        ax.axhline(1 / len(r["expert_load"][0]), color="k", linestyle="--", linewidth=1, label="balanced")
+        ax.set_title(name)
+        ax.set_xlabel("expert (busiest first)")
+        ax.set_ylabel("share of tokens, greedy routing")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "expert_load.png"), dpi=120)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=3.0, help="training budget per model")
+    parser.add_argument("--data", default=os.path.join(REPO, "data-bin", "brown"))
+    parser.add_argument("--out", default=os.path.join(REPO, "runs", "reproduce_small"))
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    if not os.path.exists(os.path.join(args.data, "train.bin")):
+        subprocess.run([sys.executable, os.path.join(REPO, "scripts", "prepare_brown.py"), "--out", args.data],
+                       check=True)
+
+    results = {}
+    for i, (name, config) in enumerate(MODELS.items()):
+        print(f"== [{i + 1}/{len(MODELS)}] {name} ({config}), {args.minutes:g} minutes", flush=True)
+        save_dir, curve = train(config, args.data, args.minutes, args.out)
+        results[name] = {"config": config, "curve": curve, "test_ppl": evaluate(args.data, save_dir),
+                         "expert_load": expert_load(args.data, save_dir) if name != "dense" else []}
+        print(f"|   {name}: test perplexity {results[name]['test_ppl']:.2f}", flush=True)
+
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU"
+    lines = [f"Small-scale reproduction: {args.minutes:g} minutes of training per model on {machine}.", "",
+             "| model | config | updates | best valid ppl | test ppl | busiest expert's share (greedy) |",
+             "|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        busiest = ", ".join(f"{load[0]:.2f} of 1/{len(load)}" for load in r["expert_load"]) or "-"
+        lines.append(f"| {name} | {r['config']} | {r['curve'][-1]['updates']} | "
+                     f"{min(p['valid_ppl'] for p in r['curve']):.2f} | {r['test_ppl']:.2f} | {busiest} |")
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"minutes": args.minutes, "machine": machine, "models": results}, f, indent=2)
+    plot(results, args.out)
+    print("\n".join(lines))
+    print(f"\nwrote {args.out}/results.md, results.json, valid_ppl.png, expert_load.png")
+
+
+if __name__ == "__main__":
+    main()
