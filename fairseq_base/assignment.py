@@ -48,19 +48,19 @@ def _check_scores(scores: Tensor) -> None:
         raise TypeError(f"scores must be a floating-point tensor, got {scores.dtype}")
 
 
-def sanitize_scores(scores: Tensor, dtype=torch.float64) -> Tensor:
-    """Copy in ``dtype`` in which NaN and -inf rank below every finite score and +inf above."""
+def sanitize_scores(scores: Tensor, dtype=torch.float64):
+    """(copy in ``dtype`` in which NaN and -inf rank below every finite score and +inf above, its span)."""
     s = scores.detach().to(dtype)
     lo, hi = torch.aminmax(s)
     if bool(torch.isfinite(lo) & torch.isfinite(hi)):  # aminmax propagates NaN: all finite
-        return s
+        return s, float(hi - lo)
     finite = torch.isfinite(s)
     if not bool(finite.any()):
-        return torch.zeros_like(s)
+        return torch.zeros_like(s), 0.0
     lo, hi = s[finite].min(), s[finite].max()
     span = torch.clamp(hi - lo, min=1.0)
     s = torch.where(torch.isnan(s), lo - span, s)
-    return torch.minimum(torch.maximum(s, lo - span), hi + span)
+    return torch.minimum(torch.maximum(s, lo - span), hi + span), float(3 * span)
 
 
 def greedy_assignment(scores: Tensor) -> Tensor:
@@ -84,15 +84,15 @@ def balanced_assignment(scores: Tensor) -> Tensor:
         return torch.zeros(num_tokens, dtype=torch.long, device=scores.device)
 
     kernel = _cpu_kernel() if scores.device.type == "cpu" else None
+    # The kernel reads float32 or float64 scores; both auctions keep their prices in float64.
+    dtype = torch.float32 if kernel is not None and scores.dtype != torch.float64 else torch.float64
+    scores, span = sanitize_scores(scores, dtype)
+    rows = num_tokens + (num_experts - num_tokens % num_experts) % num_experts  # tokens + phantoms
+    initial_eps, final_eps = _eps_range(span, rows)
     if kernel is not None:
-        # The kernel reads float32 or float64 scores; its prices are float64.
-        scores = sanitize_scores(scores, torch.float64 if scores.dtype == torch.float64 else torch.float32)
-        rows = num_tokens + (num_experts - num_tokens % num_experts) % num_experts
-        lo, hi = torch.aminmax(scores)
-        initial_eps, final_eps = _eps_range(float(hi - lo), rows)
         return kernel.auction_assignment(scores, initial_eps, final_eps, EPS_FACTOR)
-    benefit, capacity = _slot_problem(sanitize_scores(scores))
-    slot = _auction(benefit, capacity)
+    benefit, capacity = _slot_problem(scores)
+    slot = _auction(benefit, capacity, initial_eps, final_eps)
     return slot[:num_tokens] % num_experts
 
 
@@ -152,7 +152,7 @@ def _slot_problem(scores: Tensor):
     return benefit, capacity
 
 
-def _auction(benefit: Tensor, capacity: Tensor) -> Tensor:
+def _auction(benefit: Tensor, capacity: Tensor, eps: float, final_eps: float) -> Tensor:
     """Forward Jacobi auction with epsilon scaling; returns the slot column of every row.
 
     ``benefit`` is [N, C] float64 with -inf for forbidden (row, column) pairs, every row has
@@ -160,8 +160,6 @@ def _auction(benefit: Tensor, capacity: Tensor) -> Tensor:
     """
     num_rows, num_cols = benefit.shape
     device = benefit.device
-    allowed = torch.isfinite(benefit)
-    eps, final_eps = _eps_range(float(benefit[allowed].max() - benefit[allowed].min()), num_rows)
 
     price = torch.zeros(num_cols, dtype=benefit.dtype, device=device)
     column = torch.full((num_rows,), -1, dtype=torch.long, device=device)
