@@ -105,11 +105,11 @@ struct Auction {
       }
       double own = p.benefit(row, col) - price[col];
       if (own < other[row] - eps) {  // the bound is stale: look again
-        double best_other = kForbidden;
-        for (int64_t c = 0; c < p.cols; ++c)
-          if (c != col) best_other = std::max(best_other, p.benefit(row, c) - price[c]);
-        other[row] = best_other;
-        if (own < best_other - eps) {
+        int64_t best;
+        double v1, v2;
+        best_two(row, &best, &v1, &v2);
+        other[row] = best == col ? v2 : v1;  // the best value of a column other than col
+        if (own < other[row] - eps) {
           column[row] = -1;
           unassigned.push_back(row);
           continue;

@@ -34,8 +34,8 @@ class TransformerLanguageModelBaseConfig(TransformerLanguageModelConfig):
                           "default: after layers floor(i*L/(N+1)), i = 1..N"})
     base_eval_routing: EVAL_ROUTING_CHOICES = field(
         default="greedy", metadata={"help": "routing outside training: greedy top-1 (the paper) or balanced"})
-    # As fairseq's transformer_lm architecture sets them: input and output dimensions follow
-    # the model dimension, and pre-LayerNorm (also the paper's).
+    # As fairseq's base_lm_architecture sets them for its named LM architectures: input and
+    # output dimensions follow the model dimension, and pre-LayerNorm (also the paper's).
     decoder_input_dim: int = field(default=II("model.decoder_embed_dim"), metadata={"help": "decoder input dimension"})
     decoder_output_dim: int = field(default=II("model.decoder_embed_dim"), metadata={"help": "decoder output dimension"})
     decoder_normalize_before: bool = field(default=True, metadata={"help": "apply layernorm before each decoder block"})
