@@ -1,5 +1,6 @@
 """Run a function on W gloo workers inside pytest, with a timeout that fails instead of hanging."""
 
+import io
 import os
 import queue
 import socket
@@ -17,13 +18,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _to_bytes(value) -> bytes:
+    # Tensors put on a queue travel as file descriptors that die with the worker; bytes outlive it.
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
+
+
 def _worker(rank, world_size, port, fn, args, results):
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world_size)
-        results.put((rank, fn(rank, world_size, *args)))
+        results.put((rank, _to_bytes(fn(rank, world_size, *args))))
         dist.barrier()
         dist.destroy_process_group()
     except Exception:  # report it to the test instead of dying silently
@@ -54,7 +62,7 @@ def run_workers(fn, world_size, *args, timeout=120):
                 continue
             if isinstance(value, Exception):
                 raise value
-            collected[rank] = value
+            collected[rank] = torch.load(io.BytesIO(value), weights_only=False)
     finally:
         for p in procs:
             p.join(timeout=10)
