@@ -7,6 +7,7 @@ from fairseq_base.errors import install_excepthook
 # import it here so that the model is registered however the package was imported.
 from fairseq_base import models  # noqa: F401,E402
 from fairseq_base.models import transformer_lm_base  # noqa: F401,E402
+from fairseq_base.criterions import base_cross_entropy  # noqa: F401,E402
 
 __version__ = "0.1.0"
 

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 
 class ExpertSublayer(nn.Module):
-    """x + W2 act(W1 LayerNorm(x)), fairseq's BaseSublayer.
+    """The branch W2 act(W1 LayerNorm(x)) of fairseq's BaseSublayer x + W2 act(W1 LayerNorm(x)).
 
     The last projection starts at zero (fairseq zeroes its weight; we zero its bias
     too), so a new expert is the identity and a new BASE layer leaves the trunk as is.
@@ -25,11 +25,26 @@ class ExpertSublayer(nn.Module):
         self.activation_fn = utils.get_activation_fn(activation_fn)
 
     def forward(self, x: Tensor) -> Tensor:
-        return x + self.ff2(self.activation_fn(self.ff1(self.norm(x))))
+        return self.ff2(self.activation_fn(self.ff1(self.norm(x))))
+
+
+class Expert(nn.Sequential):
+    """Residual sublayers x <- x + sublayer(x); returns the update expert(x) - x.
+
+    The update is summed from the branches rather than subtracted at the end, so that it
+    keeps its precision in fp16 when it is small next to x.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        sublayers = iter(self)
+        update = next(sublayers)(x)
+        for sublayer in sublayers:
+            update = update + sublayer(x + update)
+        return update
 
 
 class LocalExperts(nn.ModuleList):
-    """The experts held by this worker; ``self[j]`` is local expert j (a stack of sublayers).
+    """The experts held by this worker; ``self[j]`` maps local expert j's tokens to their updates.
 
     Every parameter is tagged ``expert = True`` so that fairseq's legacy_ddp does not
     average it across data-parallel workers.
@@ -38,7 +53,7 @@ class LocalExperts(nn.ModuleList):
     def __init__(self, num_experts: int, embed_dim: int, ffn_dim: int, num_sublayers: int,
                  activation_fn: str = "relu"):
         super().__init__(
-            nn.Sequential(*(ExpertSublayer(embed_dim, ffn_dim, activation_fn) for _ in range(num_sublayers)))
+            Expert(*(ExpertSublayer(embed_dim, ffn_dim, activation_fn) for _ in range(num_sublayers)))
             for _ in range(num_experts)
         )
         for param in self.parameters():

@@ -9,38 +9,56 @@ from torch import Tensor, nn
 from fairseq_base.dispatcher import TokenDispatcher, all_gather_sizes, even_split, world_rank
 from fairseq_base.errors import BaseLayerConfigError
 from fairseq_base.experts import LocalExperts
-from fairseq_base.router import route, routing_stats
+from fairseq_base.router import DEFAULT_CAPACITY_FACTOR, ROUTERS, Routing, hash_routing, random_hash, routing_stats
 
 
 class BaseLayer(nn.Module):
-    """A BASE layer (Lewis et al., 2021) over ``num_experts`` experts spread across the workers of ``group``.
+    """A BASE layer (Lewis et al., 2021) over ``num_experts`` experts spread across the workers of
+    ``group``; with another ``router``, the expert layer of the MoE baselines (see ``router.py``).
 
     Token t with hidden state h_t goes to expert a(t): the balanced assignment during
     training, ``eval_routing`` otherwise. Its output is
 
-        sigmoid(h_t . w_a) * expert_a(h_t) + (1 - sigmoid(h_t . w_a)) * h_t
+        h_t + sigmoid(h_t . w_a) * (expert_a(h_t) - h_t)
 
-    with w_e the learned centroid of expert e (fairseq's formulation). Called like a
-    fairseq decoder layer: ``forward(x, ...)`` returns ``(x, None, None)``.
+    with w_e the learned centroid of expert e (fairseq's formulation). Other routers choose
+    and gate differently, and may leave a token out of an expert over capacity. Called like
+    a fairseq decoder layer: ``forward(x, ...)`` returns ``(x, None, None)``. The hash router
+    needs the token ids of ``x`` in ``self.token_ids`` ([B, T], set by the model).
     """
 
     def __init__(self, embed_dim: int, ffn_dim: int, num_experts: int, num_sublayers: int = 1,
                  activation_fn: str = "relu", eval_routing: str = "greedy", shuffle: bool = True,
-                 group: Optional[object] = None, name: str = "base"):
+                 group: Optional[object] = None, name: str = "base", router: str = "balanced",
+                 capacity_factor: Optional[float] = None, balance_loss_weight: float = 0.0,
+                 vocab_size: int = 0, dropout: float = 0.0):
         super().__init__()
         self.dispatcher = TokenDispatcher(num_experts, group)
         self.num_experts = num_experts
+        self.router = router
         self.eval_routing = eval_routing
-        # Shuffling moves tokens between workers, so it only exists with more than one.
+        self.capacity_factor = capacity_factor or DEFAULT_CAPACITY_FACTOR.get(router)
+        self.balance_loss_weight = balance_loss_weight
+        # Shuffling gives each worker's balanced assignment a sample of the whole batch; other
+        # routers decide token by token, and one worker needs no shuffling.
         multi_worker = self.dispatcher.world_size > 1
-        self.shuffler = TokenDispatcher(self.dispatcher.world_size, group) if shuffle and multi_worker else None
+        shuffle = shuffle and multi_worker and router == "balanced"
+        self.shuffler = TokenDispatcher(self.dispatcher.world_size, group) if shuffle else None
         self.name = name
-        self.centroids = nn.Parameter(nn.init.orthogonal_(torch.empty(num_experts, embed_dim), gain=0.1))
+        if router == "hash":
+            self.register_buffer("hash_table", random_hash(vocab_size, num_experts))
+            self.token_ids: Optional[Tensor] = None
+        else:
+            self.centroids = nn.Parameter(nn.init.orthogonal_(torch.empty(num_experts, embed_dim), gain=0.1))
         local = self.dispatcher.num_local_experts
         first = world_rank(group) * local
         self.experts = LocalExperts(local, embed_dim, ffn_dim, num_sublayers, activation_fn)
+        self.dropout = nn.Dropout(dropout)
         # The global ids of the local experts, saved with them so that a checkpoint knows them.
         self.register_buffer("expert_ids", torch.arange(first, first + local))
+        # The weighted balance loss of the last forward, until the criterion takes it.
+        self.balance_loss: Optional[Tensor] = None
+        self.criterion_takes_balance_loss = False
 
     def forward(self, x: Tensor, *args, **kwargs):
         tokens = x.reshape(-1, x.size(-1))
@@ -63,27 +81,63 @@ class BaseLayer(nn.Module):
             out = self._route_and_mix(tokens)
         return out.view_as(x), None, None
 
-    def _route_and_mix(self, tokens: Tensor, recv_counts: Optional[Tensor] = None) -> Tensor:
+    def route(self, tokens: Tensor):
+        """(routing, scores); scores are None for the hash router, which has none."""
+        if self.router == "hash":
+            if self.token_ids is None or self.token_ids.numel() != tokens.size(0):
+                raise RuntimeError(f"{self.name}: the hash router needs the token ids of its {tokens.size(0)} "
+                                   f"tokens in .token_ids (transformer_lm_base sets them)")
+            # Hidden states are time-major [T, B, C]; token ids are [B, T].
+            return hash_routing(self.token_ids.t(), self.hash_table), None
         scores = tokens.matmul(self.centroids.t())
-        expert_ids = route(scores.detach(), "balanced" if self.training else self.eval_routing)
-        gate = torch.sigmoid(scores.gather(1, expert_ids[:, None]))
-        expert_in, tokens_per_expert, state = self.dispatcher.dispatch(tokens, expert_ids, recv_counts)
-        expert_out = self.dispatcher.combine(self.experts(expert_in, tokens_per_expert), state)
-        self._log_stats(scores.detach(), expert_ids)
-        return torch.lerp(tokens, expert_out, gate.to(tokens.dtype))  # gate * expert_out + (1 - gate) * tokens
+        if self.router == "balanced":
+            return ROUTERS["balanced" if self.training else self.eval_routing](scores), scores
+        # Outside training nothing is dropped, so that no token's output depends on its batch.
+        return ROUTERS[self.router](scores, self.capacity_factor if self.training else None), scores
 
-    def _log_stats(self, scores: Tensor, expert_ids: Tensor) -> None:
-        for key, value in routing_stats(scores, expert_ids).items():
+    def _route_and_mix(self, tokens: Tensor, recv_counts: Optional[Tensor] = None) -> Tensor:
+        routing, scores = self.route(tokens)
+        choices = routing.expert_ids.size(1)
+        if routing.kept is None and choices == 1:  # every token to one expert: no gather
+            source, rows, expert_ids, gates = None, tokens, routing.expert_ids[:, 0], routing.gates
+        else:  # the (token, choice) pairs that found room
+            kept = torch.ones_like(routing.expert_ids, dtype=torch.bool) if routing.kept is None else routing.kept
+            pairs = kept.reshape(-1).nonzero().squeeze(1)
+            source = torch.div(pairs, choices, rounding_mode="floor")
+            rows, expert_ids = tokens[source], routing.expert_ids.reshape(-1)[pairs]
+            gates = routing.gates.reshape(-1)[pairs][:, None]
+        expert_in, tokens_per_expert, state = self.dispatcher.dispatch(rows, expert_ids, recv_counts)
+        update = self.dispatcher.combine(self.experts(expert_in, tokens_per_expert), state)
+        update = self.dropout(gates.to(tokens.dtype) * update)
+        self._keep_balance_loss(routing.balance_loss)
+        self._log_stats(routing, None if scores is None else scores.detach())
+        return tokens + update if source is None else tokens.index_add(0, source, update)
+
+    def _keep_balance_loss(self, balance_loss: Optional[Tensor]) -> None:
+        if balance_loss is None or self.balance_loss_weight == 0:
+            return
+        if self.training and self.balance_loss is not None and not self.criterion_takes_balance_loss:
+            raise BaseLayerConfigError(
+                f"--base-router {self.router} adds a balance loss that the criterion ignores; train with "
+                f"--criterion base_cross_entropy (or --base-balance-loss 0)")
+        self.balance_loss = self.balance_loss_weight * balance_loss
+
+    def _log_stats(self, routing: Routing, scores: Optional[Tensor]) -> None:
+        for key, value in routing_stats(routing, scores, self.num_experts).items():
             metrics.log_scalar(f"{self.name}_{key}", value, weight=1, priority=250, round=3)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         saved = state_dict.get(prefix + "centroids")
-        if saved is not None and saved.size(0) != self.num_experts:
+        saved_experts = saved.size(0) if saved is not None else None
+        table = state_dict.get(prefix + "hash_table")
+        if table is not None and table.numel() > 0 and int(table.max()) >= self.num_experts:
+            saved_experts = int(table.max()) + 1  # a random hash of a large vocabulary uses every expert
+        if saved_experts is not None and saved_experts != self.num_experts:
             raise BaseLayerConfigError(
-                f"{prefix.rstrip('.')}: the checkpoint has {saved.size(0)} experts but this model was built "
-                f"with {self.num_experts}; pass --base-experts {saved.size(0)} (for fairseq-eval-lm: "
-                f"--model-overrides \"{{'base_experts': {saved.size(0)}}}\")")
+                f"{prefix.rstrip('.')}: the checkpoint has {saved_experts} experts but this model was built "
+                f"with {self.num_experts}; pass --base-experts {saved_experts} (for fairseq-eval-lm: "
+                f"--model-overrides \"{{'base_experts': {saved_experts}}}\")")
         saved_ids = state_dict.get(prefix + "expert_ids")
         if saved_ids is not None and not torch.equal(saved_ids.cpu(), self.expert_ids.cpu()):
             self._take_own_experts(state_dict, prefix, saved_ids.tolist())

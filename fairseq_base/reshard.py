@@ -83,7 +83,8 @@ class Checkpoint:
         if not self.layers:
             raise ReshardError(f"{paths[0]}: no BASE layer in this checkpoint (not a transformer_lm_base model)")
         self.num_updates = _num_updates(first)
-        self.num_experts = {p: first["model"][p + "centroids"].size(0) for p in self.layers}
+        # Every worker holds E / W experts (hash layers have no centroids to count them by).
+        self.num_experts = {p: first["model"][p + EXPERT_IDS].numel() * len(paths) for p in self.layers}
         self._check_consistent()
         self.experts = {p: {} for p in self.layers}  # prefix -> global id -> {rest: tensor}
         self.expert_optim = {}  # (prefix, global id, rest) -> optimizer state

@@ -1,31 +1,140 @@
-"""Routers: pure functions from token-expert scores [T, E] to expert ids [T]."""
+"""Routers: pure functions from token-expert scores (or token ids) to a ``Routing``.
 
-from typing import Callable, Dict
+A token's output is h + sum_k gate_k * update_k(h), over its chosen experts k that had
+room for it; update_k(h) = expert_k(h) - h. Routers differ in how they choose and gate:
+
+    balanced  BASE (training): the balanced assignment, gate sigmoid(score)
+    greedy    BASE (inference): top-1 score, gate sigmoid(score)
+    switch    Switch Transformer: top-1 of softmax, gate = its probability, capacity, balance loss
+    top2      GShard: top-2 of softmax, gates renormalised over the two, capacity, balance loss
+    hash      Hash layers: a fixed random expert per token id, gate 1, no parameters
+
+Capacity: expert e takes at most ceil(capacity_factor * T / E) (token, choice) pairs; first
+choices come before second choices, then token order. A token over capacity gets no
+update from that expert (with no expert left it passes through the residual).
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Dict, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fairseq_base.assignment import balanced_assignment, greedy_assignment
 
-ROUTERS: Dict[str, Callable[[Tensor], Tensor]] = {
-    "balanced": balanced_assignment,
-    "greedy": greedy_assignment,
-}
+# Routers that learn from a Switch-style balance loss, with the paper's capacity factors.
+DEFAULT_CAPACITY_FACTOR = {"switch": 1.0, "top2": 2.0}
+HASH_SEED = 1234  # shared by every worker and every run: the hash is part of the model
 
 
-def route(scores: Tensor, method: str) -> Tensor:
-    """Expert id of every token under ``method`` (a key of ``ROUTERS``)."""
-    return ROUTERS[method](scores)
+@dataclass
+class Routing:
+    expert_ids: Tensor  # [T, k] chosen experts, best first
+    gates: Tensor  # [T, k] weight of each chosen expert's update (differentiable)
+    kept: Optional[Tensor] = None  # [T, k] bool: the expert had room for the pair; None: all had
+    balance_loss: Optional[Tensor] = None  # unweighted auxiliary loss (1.0 when perfectly balanced)
 
 
-def routing_stats(scores: Tensor, expert_ids: Tensor) -> Dict[str, Tensor]:
-    """Share of tokens at their top-1 expert, and the busiest expert's load over the mean load."""
+def balanced_routing(scores: Tensor) -> Routing:
+    ids = balanced_assignment(scores.detach())[:, None]
+    return Routing(ids, torch.sigmoid(scores.gather(1, ids)))
+
+
+def greedy_routing(scores: Tensor) -> Routing:
+    ids = greedy_assignment(scores.detach())[:, None]
+    return Routing(ids, torch.sigmoid(scores.gather(1, ids)))
+
+
+def capacity(num_tokens: int, num_experts: int, capacity_factor: float) -> int:
+    """How many (token, choice) pairs an expert takes from ``num_tokens`` tokens."""
+    return math.ceil(capacity_factor * num_tokens / num_experts)
+
+
+def within_capacity(expert_ids: Tensor, num_experts: int, limit: int) -> Tensor:
+    """[T, k] bool: pair (t, c) is among the first ``limit`` of its expert, in (choice, token) order."""
+    flat = expert_ids.t().reshape(-1)  # all first choices, then all second choices
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts)
+    starts = torch.cumsum(counts, 0) - counts
+    position = torch.empty_like(flat)
+    position[order] = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
+    return (position < limit).view(expert_ids.t().shape).t()
+
+
+def switch_balance_loss(probs: Tensor, top1: Tensor) -> Tensor:
+    """E * sum_i f_i * P_i (Switch Transformer eq. 4): f_i the share of tokens whose top-1 is
+    expert i, P_i the mean router probability of expert i. 1.0 under uniform routing."""
+    num_experts = probs.size(1)
+    if probs.size(0) == 0:
+        return probs.new_zeros(())
+    fraction = torch.bincount(top1, minlength=num_experts).to(probs.dtype) / probs.size(0)
+    return num_experts * torch.dot(fraction, probs.mean(0))
+
+
+def _softmax_routing(scores: Tensor, k: int, capacity_factor: Optional[float]) -> Routing:
+    probs = F.softmax(scores.float(), dim=1)
+    top_probs, ids = probs.topk(k, dim=1)
+    gates = top_probs if k == 1 else top_probs / top_probs.sum(1, keepdim=True).clamp_min(1e-9)
     num_experts = scores.size(1)
-    if expert_ids.numel() == 0:
-        zero = scores.new_zeros((), dtype=torch.float32)
-        return {"top1": zero, "load_max": zero}
-    load = torch.bincount(expert_ids, minlength=num_experts).float()
+    kept = None
+    if capacity_factor is not None:
+        kept = within_capacity(ids, num_experts, capacity(scores.size(0), num_experts, capacity_factor))
+    return Routing(ids, gates, kept, switch_balance_loss(probs, ids[:, 0]))
+
+
+def switch_routing(scores: Tensor, capacity_factor: Optional[float] = 1.0) -> Routing:
+    """Top-1 (Fedus et al., 2021); ``capacity_factor`` None keeps every token."""
+    return _softmax_routing(scores, 1, capacity_factor)
+
+
+def top2_routing(scores: Tensor, capacity_factor: Optional[float] = 2.0) -> Routing:
+    """Top-2 (Lepikhin et al., 2021), without GShard's random dispatch of the second expert."""
+    return _softmax_routing(scores, 2, capacity_factor)
+
+
+def random_hash(vocab_size: int, num_experts: int, seed: int = HASH_SEED) -> Tensor:
+    """[V]: a fixed random expert for every token id (Roller et al., 2021)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(num_experts, (vocab_size,), generator=generator)
+
+
+def hash_routing(token_ids: Tensor, table: Tensor) -> Routing:
+    ids = table[token_ids.reshape(-1)][:, None]
+    return Routing(ids, torch.ones(ids.shape, device=ids.device))
+
+
+# Routers of token-expert scores: (scores) for BASE's, (scores, capacity_factor) for the others.
+ROUTERS = {"balanced": balanced_routing, "greedy": greedy_routing, "switch": switch_routing, "top2": top2_routing}
+
+
+def routing_stats(routing: Routing, scores: Optional[Tensor], num_experts: int) -> Dict[str, Tensor]:
+    """What the logs show for every router (per worker, over its tokens):
+
+    top1      share of tokens whose update comes from their top-1 expert
+    load_max  (token, choice) pairs routed to the busiest expert over the mean, before capacity
+    load_min  the same for the idlest expert
+    dropped   share of (token, choice) pairs over capacity
+    entropy   mean entropy (nats) of a token's routing distribution: softmax(scores); 0 for hash
+    """
+    ids = routing.expert_ids
+    if ids.numel() == 0:
+        zero = ids.new_zeros((), dtype=torch.float32)
+        return dict.fromkeys(("top1", "load_max", "load_min", "dropped", "entropy"), zero)
+    load = torch.bincount(ids.reshape(-1), minlength=num_experts).float()
+    kept = torch.ones_like(ids, dtype=torch.bool) if routing.kept is None else routing.kept
+    first_kept = kept[:, 0]
+    if scores is None:  # hash: a token's only expert is its top-1
+        top1, entropy = first_kept.float().mean(), load.new_zeros(())
+    else:
+        top1 = (first_kept & (ids[:, 0] == scores.argmax(1))).float().mean()
+        log_probs = F.log_softmax(scores.float(), dim=1)
+        entropy = -(log_probs.exp() * log_probs).sum(1).mean()
     return {
-        "top1": (expert_ids == greedy_assignment(scores)).float().mean(),
+        "top1": top1,
         "load_max": load.max() / load.mean(),
+        "load_min": load.min() / load.mean(),
+        "dropped": 1.0 - kept.float().mean(),
+        "entropy": entropy,
     }

@@ -22,6 +22,17 @@ from fairseq_base.experts import ExpertSublayer
 from fairseq_base.layer import BaseLayer
 
 
+class DenseFeedForward(torch.nn.Module):
+    """x + W2 act(W1 LayerNorm(x)): the residual FFN block a dense model has instead."""
+
+    def __init__(self, dim, ffn):
+        super().__init__()
+        self.ffn = ExpertSublayer(dim, ffn)
+
+    def forward(self, x):
+        return x + self.ffn(x)
+
+
 def step(module, x):
     out = module(x)
     out = out[0] if isinstance(out, tuple) else out
@@ -41,7 +52,7 @@ def main():
 
     torch.manual_seed(0)
     base = BaseLayer(args.dim, args.ffn, args.experts).to(args.device).train()
-    dense = ExpertSublayer(args.dim, args.ffn).to(args.device).train()
+    dense = DenseFeedForward(args.dim, args.ffn).to(args.device).train()
     for module in (base, dense):  # away from the zero-initialised last projection
         for p in module.parameters():
             torch.nn.init.normal_(p, std=0.02)

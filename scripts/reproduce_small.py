@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""The paper's language-model comparison at laptop scale: dense, BASE, BASE x 3 and BASE Top.
+"""The paper's language-model comparison at laptop scale: dense, BASE, BASE x 3, BASE Top, and the
+routing baselines Switch, top-2 MoE and Hash layers.
 
     python scripts/reproduce_small.py [--minutes 3] [--out runs/reproduce_small]
 
@@ -8,7 +9,8 @@ budget on this machine (the paper compares at equal GPUs and time), validating e
 updates; then fairseq-eval-lm scores it on the test split. Written to --out:
 results.md and results.json (the table), valid_ppl.png (validation perplexity against
 wall-clock time and against updates, as the paper's figures) and expert_load.png (the share
-of validation tokens each expert receives under greedy routing, the paper's Figure 8).
+of validation tokens each expert receives under inference routing, the paper's Figure 8).
+``--models`` picks some of them (e.g. --models dense,Switch).
 """
 
 import argparse
@@ -21,7 +23,9 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODELS = {"dense": "small_dense", "BASE": "small_base", "BASE x 3": "small_base_x3", "BASE Top": "small_base_top"}
+MODELS = {"dense": "small_dense", "BASE": "small_base", "BASE x 3": "small_base_x3", "BASE Top": "small_base_top",
+          "Switch": "small_switch", "MoE top-2": "small_moe_top2", "Hash": "small_hash"}
+DROPPED = re.compile(r"\b\w+_dropped=([0-9.]+)")
 STAMP = re.compile(r"^(?:\[)?(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)")
 
 
@@ -38,12 +42,14 @@ def train(config, data, minutes, out):
            "optimization.max_update=100000", f"optimization.stop_time_hours={minutes / 60}",
            "dataset.validate_interval_updates=50", "checkpoint.save_interval_updates=100000",
            "common.log_interval=25"]
-    curve, start = [], None
+    curve, start, dropped = [], None, []
     env = dict(os.environ, PYTHONUNBUFFERED="1")  # progress lines as they come
     with open(log_path, "w") as log, subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, env=env,
                                                       stderr=subprocess.STDOUT, text=True) as proc:
         for line in proc.stdout:
             log.write(line)
+            if "| train_inner |" in line:
+                dropped = [float(share) for share in DROPPED.findall(line)]
             if "begin training epoch 1" in line:
                 start = log_time(line)
             if "valid on 'valid' subset" in line:
@@ -54,7 +60,7 @@ def train(config, data, minutes, out):
                 print(f"|   {config}: update {updates}, {seconds:.0f}s, valid ppl {ppl:.2f}", flush=True)
     if proc.returncode != 0:
         sys.exit(f"reproduce_small: {config} failed; see {log_path}")
-    return save_dir, curve
+    return save_dir, curve, sum(dropped) / len(dropped) if dropped else 0.0
 
 
 def evaluate(data, save_dir):
@@ -66,7 +72,8 @@ def evaluate(data, save_dir):
 
 
 def expert_load(data, save_dir):
-    """Per BASE layer: share of validation tokens per expert under greedy routing, busiest first."""
+    """Per expert layer: share of validation (token, choice) pairs per expert under inference
+    routing (greedy for BASE), busiest first."""
     import torch
     from fairseq import checkpoint_utils
 
@@ -76,14 +83,13 @@ def expert_load(data, save_dir):
     models, _, task = checkpoint_utils.load_model_ensemble_and_task(
         [os.path.join(save_dir, "checkpoint_last.pt")], arg_overrides={"data": data})
     model = models[0].eval()
-    layers = [m for m in model.decoder.layers if isinstance(m, BaseLayer)]
+    layers = [m for m in model.modules() if isinstance(m, BaseLayer)]
     counts = [torch.zeros(layer.num_experts) for layer in layers]
 
     def hook(index):
         def record(layer, inputs):
-            h = inputs[0].reshape(-1, inputs[0].size(-1))
-            ids = (h @ layer.centroids.t()).argmax(dim=1)  # greedy routing, as in evaluation
-            counts[index] += torch.bincount(ids, minlength=layer.num_experts).float()
+            routing, _ = layer.route(inputs[0].reshape(-1, inputs[0].size(-1)))
+            counts[index] += torch.bincount(routing.expert_ids.reshape(-1), minlength=layer.num_experts).float()
         return record
 
     for i, layer in enumerate(layers):
@@ -93,7 +99,7 @@ def expert_load(data, save_dir):
     with torch.no_grad():
         for sample in batches:
             model(**sample["net_input"])
-    return [sorted((c / c.sum()).tolist(), reverse=True) for c in counts]
+    return {layer.name: sorted((c / c.sum()).tolist(), reverse=True) for layer, c in zip(layers, counts)}
 
 
 def plot(results, out):
@@ -114,20 +120,24 @@ def plot(results, out):
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle("Small-scale BASE comparison (Brown corpus, 2 CPU cores)")
+    fig.suptitle("Small-scale comparison of routers (Brown corpus, 2 CPU cores)")
     fig.tight_layout()
     fig.savefig(os.path.join(out, "valid_ppl.png"), dpi=120)
 
-    based = {n: r for n, r in results.items() if r["expert_load"]}
-    fig, axes = plt.subplots(1, len(based), figsize=(4 * len(based), 3.5), squeeze=False)
-    for ax, (name, r) in zip(axes[0], based.items()):
-        for i, load in enumerate(r["expert_load"]):
-            ax.bar([x + 0.8 * i / len(r["expert_load"]) for x in range(len(load))], load,
-                   width=0.8 / len(r["expert_load"]), label=f"BASE layer {i + 1}")
-        ax.axhline(1 / len(r["expert_load"][0]), color="k", linestyle="--", linewidth=1, label="balanced")
+    routed = {n: r for n, r in results.items() if r["expert_load"]}
+    columns = min(len(routed), 3)
+    rows = -(-len(routed) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3.5 * rows), squeeze=False)
+    for ax in axes.flat[len(routed):]:
+        ax.axis("off")
+    for ax, (name, r) in zip(axes.flat, routed.items()):
+        loads = r["expert_load"]
+        for i, (layer, load) in enumerate(loads.items()):
+            ax.bar([x + 0.8 * i / len(loads) for x in range(len(load))], load, width=0.8 / len(loads), label=layer)
+        ax.axhline(1 / len(next(iter(loads.values()))), color="k", linestyle="--", linewidth=1, label="balanced")
         ax.set_title(name)
         ax.set_xlabel("expert (busiest first)")
-        ax.set_ylabel("share of tokens, greedy routing")
+        ax.set_ylabel("share of tokens at inference")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "expert_load.png"), dpi=120)
@@ -138,28 +148,36 @@ def main():
     parser.add_argument("--minutes", type=float, default=3.0, help="training budget per model")
     parser.add_argument("--data", default=os.path.join(REPO, "data-bin", "brown"))
     parser.add_argument("--out", default=os.path.join(REPO, "runs", "reproduce_small"))
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated, from: " + ", ".join(MODELS))
     args = parser.parse_args()
+    unknown = set(args.models.split(",")) - set(MODELS)
+    if unknown:
+        parser.error(f"--models: unknown {sorted(unknown)}; choose from {', '.join(MODELS)}")
+    models = {name: MODELS[name] for name in args.models.split(",")}
     os.makedirs(args.out, exist_ok=True)
     if not os.path.exists(os.path.join(args.data, "train.bin")):
         subprocess.run([sys.executable, os.path.join(REPO, "scripts", "prepare_brown.py"), "--out", args.data],
                        check=True)
 
     results = {}
-    for i, (name, config) in enumerate(MODELS.items()):
-        print(f"== [{i + 1}/{len(MODELS)}] {name} ({config}), {args.minutes:g} minutes", flush=True)
-        save_dir, curve = train(config, args.data, args.minutes, args.out)
+    for i, (name, config) in enumerate(models.items()):
+        print(f"== [{i + 1}/{len(models)}] {name} ({config}), {args.minutes:g} minutes", flush=True)
+        save_dir, curve, dropped = train(config, args.data, args.minutes, args.out)
         results[name] = {"config": config, "curve": curve, "test_ppl": evaluate(args.data, save_dir),
-                         "expert_load": expert_load(args.data, save_dir) if name != "dense" else []}
+                         "train_dropped": dropped,
+                         "expert_load": expert_load(args.data, save_dir) if name != "dense" else {}}
         print(f"|   {name}: test perplexity {results[name]['test_ppl']:.2f}", flush=True)
 
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU"
     lines = [f"Small-scale reproduction: {args.minutes:g} minutes of training per model on {machine}.", "",
-             "| model | config | updates | best valid ppl | test ppl | busiest expert's share (greedy) |",
-             "|---|---|---|---|---|---|"]
+             "| model | config | updates | best valid ppl | test ppl | busiest expert's share at inference "
+             "| dropped in training (last log) |",
+             "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
-        busiest = ", ".join(f"{load[0]:.2f} of 1/{len(load)}" for load in r["expert_load"]) or "-"
+        busiest = ", ".join(f"{load[0]:.2f} of 1/{len(load)}" for load in r["expert_load"].values()) or "-"
         lines.append(f"| {name} | {r['config']} | {r['curve'][-1]['updates']} | "
-                     f"{min(p['valid_ppl'] for p in r['curve']):.2f} | {r['test_ppl']:.2f} | {busiest} |")
+                     f"{min(p['valid_ppl'] for p in r['curve']):.2f} | {r['test_ppl']:.2f} | {busiest} | "
+                     f"{r['train_dropped']:.1%} |")
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(args.out, "results.json"), "w") as f:

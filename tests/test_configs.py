@@ -9,14 +9,20 @@ from fairseq.dataclass.initialize import add_defaults
 from hydra import compose, initialize_config_dir
 
 from fairseq_base.layer import BaseLayer
+from fairseq_base.models.transformer_lm_base import ExpertFeedForwardLayer
 from test_end_to_end import data_bin, run  # noqa: F401  (fixture)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
 PAPER = {"paper_base": (24, [12], 10), "paper_base_x3": (24, [6, 12, 18], 3),
-         "paper_base_top": (24, [24], 10), "paper_dense": (24, [], None)}
+         "paper_base_top": (24, [24], 10), "paper_dense": (24, [], None),
+         "paper_switch": (24, [], None), "paper_moe_top2": (24, [], None)}
 SMALL = {"small_base": (4, [2], 3), "small_base_x3": (4, [1, 2, 3], 1), "small_base_top": (4, [4], 3),
-         "small_dense": (4, [], None)}
+         "small_dense": (4, [], None), "small_switch": (4, [], None), "small_moe_top2": (4, [], None),
+         "small_hash": (4, [], None)}
+# The MoE baselines: every other FFN (layers 2, 4, ... counting from 1) is an expert FFN.
+ROUTER = {"paper_switch": ("switch", 1.0), "paper_moe_top2": ("top2", 2.0), "small_switch": ("switch", 1.0),
+          "small_moe_top2": ("top2", 2.0), "small_hash": ("hash", None)}
 
 
 def compose_config(name, data_dir, *overrides):
@@ -38,10 +44,16 @@ def base_positions(model):
     return trunk, positions
 
 
+def expert_ffn_layers(model):
+    trunk = [layer for layer in model.decoder.layers if not isinstance(layer, BaseLayer)]
+    return [i + 1 for i, layer in enumerate(trunk) if isinstance(layer, ExpertFeedForwardLayer)]
+
+
 @pytest.mark.parametrize("name", sorted({**PAPER, **SMALL}))
 def test_config_composes_and_builds(data_bin, name):  # noqa: F811
     layers, positions, sublayers = {**PAPER, **SMALL}[name]
-    tiny = ["model.decoder_embed_dim=16", "model.decoder_ffn_embed_dim=32", "model.decoder_attention_heads=2"]
+    tiny = ["model.decoder_embed_dim=16", "model.decoder_ffn_embed_dim=32", "model.decoder_attention_heads=2",
+            "model.base_experts=2"]  # in one process, not one expert per GPU
     cfg = compose_config(name, data_bin / "bin", *(tiny if name in PAPER else []))
     assert cfg.model.decoder_layers == layers
     model = tasks.setup_task(cfg.task).build_model(cfg.model)
@@ -49,6 +61,14 @@ def test_config_composes_and_builds(data_bin, name):  # noqa: F811
     if sublayers:
         assert all(len(layer.experts[0]) == sublayers for layer in model.decoder.layers
                    if isinstance(layer, BaseLayer))
+    moe = expert_ffn_layers(model)
+    if name in ROUTER:
+        assert moe == list(range(2, layers + 1, 2))
+        assert {(layer.moe.router, layer.moe.capacity_factor) for layer in model.decoder.layers
+                if isinstance(layer, ExpertFeedForwardLayer)} == {ROUTER[name]}
+        assert cfg.criterion._name == "base_cross_entropy"
+    else:
+        assert moe == []
 
 
 def test_one_override_changes_experts_and_placement(data_bin):  # noqa: F811

@@ -9,12 +9,14 @@ from fairseq_base.errors import BaseLayerConfigError
 
 
 class Scale(nn.Module):
+    """An expert that maps x to factor * x (experts return their update, expert(x) - x)."""
+
     def __init__(self, factor):
         super().__init__()
         self.factor = factor
 
     def forward(self, x):
-        return self.factor * x
+        return (self.factor - 1) * x
 
 
 def scaled_identity_layer(num_experts, dim=8, **kwargs):

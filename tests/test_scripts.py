@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+from test_end_to_end import data_bin  # noqa: F401  (fixture)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -27,3 +29,19 @@ def test_launch_paper_refuses_a_gpu_count_that_does_not_fill_nodes():
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip() == "launch_paper.sh: GPUS=12 is not a multiple of GPUS_PER_NODE=8"
+
+
+def test_reproduce_small_compares_routers(data_bin, tmp_path):  # noqa: F811
+    data = tmp_path / "bin"  # the script scores the test split, which data_bin lacks
+    text = data_bin / "valid.txt"
+    subprocess.run(["fairseq-preprocess", "--only-source", "--trainpref", str(data_bin / "train.txt"),
+                    "--validpref", str(text), "--testpref", str(text), "--destdir", str(data),
+                    "--workers", "1"], check=True, capture_output=True)
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "reproduce_small.py"), "--minutes", "0.1",
+                             "--models", "Switch,Hash", "--data", str(data), "--out", str(out)],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    rows = [line for line in (out / "results.md").read_text().splitlines() if line.startswith("| ")][1:]
+    assert [row.split(" | ")[1] for row in rows] == ["small_switch", "small_hash"]
+    assert (out / "valid_ppl.png").stat().st_size > 0 and (out / "expert_load.png").stat().st_size > 0

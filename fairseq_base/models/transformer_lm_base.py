@@ -9,15 +9,16 @@ from fairseq.distributed import utils as distributed_utils
 from fairseq.models import register_model
 from fairseq.models.transformer_lm import TransformerLanguageModel, TransformerLanguageModelConfig
 from omegaconf import II
-from torch import nn
+from torch import Tensor, nn
 
 from fairseq_base.dispatcher import world_size
 from fairseq_base.errors import BaseLayerConfigError
 from fairseq_base.layer import BaseLayer
 from fairseq_base.placement import base_layer_positions
-from fairseq_base.router import ROUTERS
+from fairseq_base.router import DEFAULT_CAPACITY_FACTOR
 
 EVAL_ROUTING_CHOICES = ChoiceEnum(["greedy", "balanced"])
+ROUTER_CHOICES = ChoiceEnum(["balanced", "switch", "top2", "hash"])
 
 
 @dataclass
@@ -33,7 +34,23 @@ class TransformerLanguageModelBaseConfig(TransformerLanguageModelConfig):
         metadata={"help": "comma-separated decoder layers after which BASE layers go ('L' = last); "
                           "default: after layers floor(i*L/(N+1)), i = 1..N"})
     base_eval_routing: EVAL_ROUTING_CHOICES = field(
-        default="greedy", metadata={"help": "routing outside training: greedy top-1 (the paper) or balanced"})
+        default="greedy",
+        metadata={"help": "routing of the balanced router outside training: greedy top-1 (the paper) or balanced"})
+    base_router: ROUTER_CHOICES = field(
+        default="balanced",
+        metadata={"help": "balanced: BASE; switch: top-1 softmax (Fedus et al.); top2: GShard top-2; "
+                          "hash: a fixed random expert per token id (Roller et al.)"})
+    base_capacity_factor: float = field(
+        default=0.0,
+        metadata={"help": "switch and top2: an expert takes at most this x tokens/experts tokens in training; "
+                          "0: the paper's (switch 1.0, top2 2.0)"})
+    base_balance_loss: float = field(
+        default=0.01,
+        metadata={"help": "switch and top2: weight of the balance loss (needs --criterion base_cross_entropy)"})
+    base_moe_freq: int = field(
+        default=0,
+        metadata={"help": "the feed-forward block of every K-th decoder layer becomes an expert layer routed "
+                          "by --base-router (2: the paper's MoE and Switch baselines); 0: none"})
     # As fairseq's base_lm_architecture sets them for its named LM architectures: input and
     # output dimensions follow the model dimension, and pre-LayerNorm (also the paper's).
     decoder_input_dim: int = field(default=II("model.decoder_embed_dim"), metadata={"help": "decoder input dimension"})
@@ -63,40 +80,104 @@ def resolve_num_experts(base_experts: int, workers: int) -> int:
     return num_experts
 
 
+def check_options(args, num_experts: int) -> None:
+    """Refuse option combinations that would build a different model than asked for."""
+    if args.base_sublayers < 1:
+        raise BaseLayerConfigError(f"--base-sublayers must be >= 1, got {args.base_sublayers}")
+    if args.base_eval_routing not in ("greedy", "balanced"):
+        raise BaseLayerConfigError(
+            f"--base-eval-routing must be one of greedy, balanced; got {args.base_eval_routing!r}")
+    if args.base_layers > 0 and args.decoder_layerdrop > 0:
+        raise BaseLayerConfigError(
+            "--decoder-layerdrop would skip BASE layers on some workers only; set --decoder-layerdrop 0")
+    if args.base_moe_freq < 0:
+        raise BaseLayerConfigError(f"--base-moe-freq must be >= 0 (0: no expert FFNs), got {args.base_moe_freq}")
+    if args.base_moe_freq > 0 and not args.decoder_normalize_before:
+        raise BaseLayerConfigError("--base-moe-freq builds pre-LayerNorm expert blocks; add --decoder-normalize-before")
+    if args.base_capacity_factor < 0 or args.base_balance_loss < 0:
+        raise BaseLayerConfigError("--base-capacity-factor and --base-balance-loss must be >= 0")
+    if args.base_capacity_factor > 0 and args.base_router not in DEFAULT_CAPACITY_FACTOR:
+        raise BaseLayerConfigError(
+            f"--base-capacity-factor applies to --base-router switch or top2, not {args.base_router} "
+            f"(which drops no tokens); remove it or choose one of those routers")
+    if args.base_router == "top2" and num_experts < 2:
+        raise BaseLayerConfigError("--base-router top2 needs at least 2 experts; raise --base-experts")
+
+
 @register_model("transformer_lm_base", dataclass=TransformerLanguageModelBaseConfig)
 class TransformerLanguageModelBase(TransformerLanguageModel):
     @classmethod
     def build_model(cls, args, task):
-        if args.base_sublayers < 1:
-            raise BaseLayerConfigError(f"--base-sublayers must be >= 1, got {args.base_sublayers}")
-        if args.base_eval_routing not in ROUTERS:
-            raise BaseLayerConfigError(
-                f"--base-eval-routing must be one of greedy, balanced; got {args.base_eval_routing!r}")
-        if args.base_layers > 0 and args.decoder_layerdrop > 0:
-            raise BaseLayerConfigError(
-                "--decoder-layerdrop would skip BASE layers on some workers only; set --decoder-layerdrop 0")
         group = distributed_utils.get_data_parallel_group() if dist.is_initialized() else None
         num_experts = resolve_num_experts(args.base_experts, world_size(group))
+        check_options(args, num_experts)
 
         with _without_fairseq_base_layers(args):
             model = super().build_model(args, task)
         decoder = model.decoder
         trunk = list(decoder.layers)  # fewer than --decoder-layers with --decoder-layers-to-keep
         positions = base_layer_positions(len(trunk), args.base_layers, args.base_positions)
-        layers = []
+
+        def expert_layer(name, num_sublayers, dropout):
+            return BaseLayer(
+                args.decoder_embed_dim, args.decoder_ffn_embed_dim, num_experts, num_sublayers=num_sublayers,
+                activation_fn=args.activation_fn, eval_routing=args.base_eval_routing,
+                shuffle=bool(args.base_shuffle), group=group, name=name, router=args.base_router,
+                capacity_factor=args.base_capacity_factor, balance_loss_weight=args.base_balance_loss,
+                vocab_size=len(task.source_dictionary), dropout=dropout)
+
+        layers, num_base, num_moe = [], 0, 0
         for after in range(len(trunk) + 1):
             if after in positions:
-                layers.append(BaseLayer(
-                    args.decoder_embed_dim, args.decoder_ffn_embed_dim, num_experts,
-                    num_sublayers=args.base_sublayers, activation_fn=args.activation_fn,
-                    eval_routing=args.base_eval_routing, shuffle=bool(args.base_shuffle), group=group,
-                    name=f"base{len(layers) - after + 1}"))
+                num_base += 1
+                layers.append(expert_layer(f"base{num_base}", args.base_sublayers, dropout=0.0))
             if after < len(trunk):
-                layers.append(trunk[after])
+                layer = trunk[after]
+                if args.base_moe_freq and (after + 1) % args.base_moe_freq == 0:
+                    num_moe += 1
+                    layer = ExpertFeedForwardLayer(layer, expert_layer(f"moe{num_moe}", 1, args.dropout))
+                layers.append(layer)
         decoder.layers = nn.ModuleList(layers)
         decoder.num_layers = len(layers)
+        if args.base_router == "hash":
+            decoder.register_forward_pre_hook(_give_hash_layers_token_ids, with_kwargs=True)
         _divide_expert_grads_like_ddp(model, world_size(group))
         return model
+
+
+class _NoFeedForward(nn.Module):
+    """Stands in for a decoder layer's fc1: its feed-forward block then adds nothing."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.new_zeros(())
+
+
+class ExpertFeedForwardLayer(nn.Module):
+    """A fairseq decoder layer whose feed-forward block is an expert layer (the MoE baselines').
+
+    fairseq's layer computes x + dropout(fc2(act(fc1(LayerNorm(x))))) after attention; with
+    fc1 returning zero it keeps the attention block only, and the expert layer, whose
+    experts are pre-LayerNorm FFN blocks, takes the place of the feed-forward block.
+    """
+
+    def __init__(self, layer: nn.Module, experts: BaseLayer):
+        super().__init__()
+        layer.final_layer_norm, layer.fc1, layer.fc2 = nn.Identity(), _NoFeedForward(), nn.Identity()
+        self.attention = layer
+        self.moe = experts
+
+    def forward(self, x: Tensor, *args, **kwargs):
+        x, attn, state = self.attention(x, *args, **kwargs)
+        return self.moe(x)[0], attn, state
+
+
+def _give_hash_layers_token_ids(decoder, args, kwargs):
+    tokens = args[0] if args else kwargs["prev_output_tokens"]
+    if kwargs.get("incremental_state") is not None:
+        tokens = tokens[:, -1:]  # as fairseq's decoder does: one new position per step
+    for module in decoder.modules():
+        if isinstance(module, BaseLayer) and module.router == "hash":
+            module.token_ids = tokens
 
 
 def _divide_expert_grads_like_ddp(model, workers: int) -> None:
