@@ -7,7 +7,11 @@
 2. A DDP backend that all-reduces every gradient would average the experts of different
    workers. Wrapping a model that holds BASE layers in such a backend is refused, before the
    first update, with the option to use instead.
-3. fairseq-eval-lm on W > 1 workers: ``--path NAME.pt`` loads ``NAME-rank-{r}.pt`` where only
+3. Per-rank checkpoints for expert FFNs: fairseq saves and loads a checkpoint per rank
+   (``-rank-{r}``) when ``--base-layers`` > 0 only; a model whose experts are all in expert
+   FFNs (``--base-layers 0 --base-moe-freq K``) gets the same, or every rank but the first
+   would lose its experts.
+4. fairseq-eval-lm on W > 1 workers: ``--path NAME.pt`` loads ``NAME-rank-{r}.pt`` where only
    those exist (fairseq's suffix rule, which eval-lm does not apply by itself); workers run
    in lockstep, a worker out of batches joining the others' all-to-alls with a dummy batch;
    and the perplexity printed is the one of all workers' tokens together.
@@ -18,6 +22,7 @@ import os
 import torch
 import torch.distributed as dist
 from fairseq import models
+from fairseq.trainer import Trainer
 from fairseq.distributed import utils as distributed_utils
 from fairseq_cli import eval_lm as fairseq_eval_lm
 
@@ -49,6 +54,18 @@ def check_ddp_backend(args, model) -> None:
         raise BaseLayerConfigError(
             f"--ddp-backend {args.ddp_backend} would average the experts of different workers; "
             f"use --ddp-backend legacy_ddp")
+
+
+def has_experts_beyond_base_layers(model_cfg) -> bool:
+    return getattr(model_cfg, "base_moe_freq", 0) > 0 and getattr(model_cfg, "base_layers", 0) <= 0
+
+
+def per_rank_checkpoints(cfg) -> None:
+    """What fairseq does for --base-layers > 0, for models with expert FFNs only."""
+    workers = cfg.distributed_training.distributed_world_size
+    if has_experts_beyond_base_layers(cfg.model) and workers > 1:
+        cfg.checkpoint.checkpoint_suffix = f"-rank-{cfg.distributed_training.distributed_rank}"
+        cfg.checkpoint.load_checkpoint_on_all_dp_ranks = True
 
 
 def rank_suffix_for_eval(cfg, rank: int) -> None:
@@ -108,6 +125,8 @@ def install() -> None:
     fairseq_distributed_init = distributed_utils.distributed_init
     fairseq_wrap_model = models.DistributedFairseqModel
     fairseq_eval = fairseq_eval_lm.eval_lm
+    fairseq_trainer_init = Trainer.__init__
+    fairseq_should_save = Trainer.should_save_checkpoint_on_current_rank
 
     def infer_init_method(cfg, force_distributed=False):
         if not infer_cpu_torchrun_init(cfg):
@@ -127,8 +146,18 @@ def install() -> None:
             return eval_lm_on_all_workers(fairseq_eval, models, source_dictionary, batch_iterator, **kwargs)
         return fairseq_eval(models, source_dictionary, batch_iterator, **kwargs)
 
+    # The trainer, not distributed_init: fairseq's spawn path runs that before the plugin is imported.
+    def trainer_init(self, cfg, *args, **kwargs):
+        per_rank_checkpoints(cfg)
+        fairseq_trainer_init(self, cfg, *args, **kwargs)
+
+    def should_save_checkpoint_on_current_rank(self) -> bool:
+        return fairseq_should_save.fget(self) or has_experts_beyond_base_layers(self.cfg.model)
+
     infer_init_method.fairseq_base = True
     distributed_utils.infer_init_method = infer_init_method
     distributed_utils.distributed_init = distributed_init
     models.DistributedFairseqModel = wrap_model
     fairseq_eval_lm.eval_lm = eval_lm
+    Trainer.__init__ = trainer_init
+    Trainer.should_save_checkpoint_on_current_rank = property(should_save_checkpoint_on_current_rank)

@@ -154,6 +154,9 @@ def main():
     if unknown:
         parser.error(f"--models: unknown {sorted(unknown)}; choose from {', '.join(MODELS)}")
     models = {name: MODELS[name] for name in args.models.split(",")}
+    used = [os.path.join(args.out, c) for c in models.values() if os.path.exists(os.path.join(args.out, c))]
+    if used:  # fairseq would resume from them, and the curves would not start at update 0
+        parser.error(f"--out {args.out} already holds runs ({', '.join(used)}); pass a new --out or remove them")
     os.makedirs(args.out, exist_ok=True)
     if not os.path.exists(os.path.join(args.data, "train.bin")):
         subprocess.run([sys.executable, os.path.join(REPO, "scripts", "prepare_brown.py"), "--out", args.data],

@@ -203,19 +203,22 @@ def test_router_trains_in_one_process_and_logs_its_statistics(data_bin, tmp_path
         "--gen-subset", "valid")
 
 
-@pytest.mark.parametrize("router", ["switch", "top2", "hash"])
-def test_router_trains_on_two_gloo_workers(data_bin, tmp_path, router):  # noqa: F811
-    result = torchrun_train(2, data_bin, tmp_path, "--base-router", router, *ROUTER_RUN,
-                            "--ddp-backend", "legacy_ddp", "--max-update", "30", "--log-interval", "5")
-    curve = losses(result)
+@pytest.mark.parametrize("router,base_layers", [("switch", 0), ("top2", 1), ("hash", 0)])
+def test_router_trains_on_two_gloo_workers(data_bin, tmp_path, router, base_layers):  # noqa: F811
+    flags = ["--base-router", router, *ROUTER_RUN, "--base-layers", str(base_layers), "--ddp-backend", "legacy_ddp",
+             "--log-interval", "5"]
+    curve = losses(torchrun_train(2, data_bin, tmp_path, *flags, "--max-update", "30"))
     assert curve[30] < curve[5] - 0.3, curve
+    # Per-rank checkpoints also without BASE layers (fairseq keys them on --base-layers > 0).
     shards = [torch.load(tmp_path / f"checkpoint_last-rank-{r}.pt", weights_only=False)["model"] for r in (0, 1)]
     ids_keys = [k for k in shards[0] if k.endswith("expert_ids")]
-    assert len(ids_keys) == 2  # the BASE layer and the expert FFN of layer 2
+    assert len(ids_keys) == 1 + base_layers  # the expert FFN of layer 2 (and the BASE layer)
     for key in ids_keys:
         assert shards[0][key].tolist() == [0, 1] and shards[1][key].tolist() == [2, 3]
     shared = [k for k in shards[0] if ".experts." not in k and not k.endswith("expert_ids")]
     assert all(torch.equal(shards[0][k], shards[1][k]) for k in shared)
+    resumed = losses(torchrun_train(2, data_bin, tmp_path, *flags, "--max-update", "35"))
+    assert sorted(resumed) == [35]  # went on from update 30
     # One file for one process, scored by fairseq-eval-lm.
     run("fairseq-base-reshard", str(tmp_path / "checkpoint_last-rank-0.pt"), "--world-size", "1",
         "--out", str(tmp_path / "one" / "model.pt"))
