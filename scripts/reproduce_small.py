@@ -42,14 +42,14 @@ def train(config, data, minutes, out):
            "optimization.max_update=100000", f"optimization.stop_time_hours={minutes / 60}",
            "dataset.validate_interval_updates=50", "checkpoint.save_interval_updates=100000",
            "common.log_interval=25"]
-    curve, start, dropped = [], None, []
+    curve, start, dropped = [], None, 0.0
     env = dict(os.environ, PYTHONUNBUFFERED="1")  # progress lines as they come
     with open(log_path, "w") as log, subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, env=env,
                                                       stderr=subprocess.STDOUT, text=True) as proc:
         for line in proc.stdout:
             log.write(line)
-            if "| train_inner |" in line:
-                dropped = [float(share) for share in DROPPED.findall(line)]
+            if "train_inner" in line:  # "| train_inner |" (fairseq-train) or "[train_inner]" (Hydra)
+                dropped = dropped_share(line)
             if "begin training epoch 1" in line:
                 start = log_time(line)
             if "valid on 'valid' subset" in line:
@@ -60,7 +60,13 @@ def train(config, data, minutes, out):
                 print(f"|   {config}: update {updates}, {seconds:.0f}s, valid ppl {ppl:.2f}", flush=True)
     if proc.returncode != 0:
         sys.exit(f"reproduce_small: {config} failed; see {log_path}")
-    return save_dir, curve, sum(dropped) / len(dropped) if dropped else 0.0
+    return save_dir, curve, dropped
+
+
+def dropped_share(line):
+    """Mean over expert layers of the share of (token, choice) pairs dropped, from a train_inner line."""
+    shares = [float(share) for share in DROPPED.findall(line)]
+    return sum(shares) / len(shares) if shares else 0.0
 
 
 def evaluate(data, save_dir):
@@ -143,6 +149,25 @@ def plot(results, out):
     fig.savefig(os.path.join(out, "expert_load.png"), dpi=120)
 
 
+def write_results(results, minutes, out):
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU"
+    lines = [f"Small-scale reproduction: {minutes:g} minutes of training per model on {machine}.", "",
+             "| model | config | updates | best valid ppl | test ppl | busiest expert's share at inference "
+             "| dropped in training (last log) |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        busiest = ", ".join(f"{load[0]:.2f} of 1/{len(load)}" for load in r["expert_load"].values()) or "-"
+        lines.append(f"| {name} | {r['config']} | {r['curve'][-1]['updates']} | "
+                     f"{min(p['valid_ppl'] for p in r['curve']):.2f} | {r['test_ppl']:.2f} | {busiest} | "
+                     f"{r['train_dropped']:.1%} |")
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump({"minutes": minutes, "machine": machine, "models": results}, f, indent=2)
+    plot(results, out)
+    print("\n".join(lines))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=3.0, help="training budget per model")
@@ -171,22 +196,7 @@ def main():
                          "expert_load": expert_load(args.data, save_dir) if name != "dense" else {}}
         print(f"|   {name}: test perplexity {results[name]['test_ppl']:.2f}", flush=True)
 
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU"
-    lines = [f"Small-scale reproduction: {args.minutes:g} minutes of training per model on {machine}.", "",
-             "| model | config | updates | best valid ppl | test ppl | busiest expert's share at inference "
-             "| dropped in training (last log) |",
-             "|---|---|---|---|---|---|---|"]
-    for name, r in results.items():
-        busiest = ", ".join(f"{load[0]:.2f} of 1/{len(load)}" for load in r["expert_load"].values()) or "-"
-        lines.append(f"| {name} | {r['config']} | {r['curve'][-1]['updates']} | "
-                     f"{min(p['valid_ppl'] for p in r['curve']):.2f} | {r['test_ppl']:.2f} | {busiest} | "
-                     f"{r['train_dropped']:.1%} |")
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"minutes": args.minutes, "machine": machine, "models": results}, f, indent=2)
-    plot(results, args.out)
-    print("\n".join(lines))
+    write_results(results, args.minutes, args.out)
     print(f"\nwrote {args.out}/results.md, results.json, valid_ppl.png, expert_load.png")
 
 
