@@ -101,8 +101,7 @@ class BaseLayer(nn.Module):
         if routing.kept is None and choices == 1:  # every token to one expert: no gather
             source, rows, expert_ids, gates = None, tokens, routing.expert_ids[:, 0], routing.gates
         else:  # the (token, choice) pairs that found room
-            kept = torch.ones_like(routing.expert_ids, dtype=torch.bool) if routing.kept is None else routing.kept
-            pairs = kept.reshape(-1).nonzero().squeeze(1)
+            pairs = routing.kept_mask().reshape(-1).nonzero().squeeze(1)
             source = torch.div(pairs, choices, rounding_mode="floor")
             rows, expert_ids = tokens[source], routing.expert_ids.reshape(-1)[pairs]
             gates = routing.gates.reshape(-1)[pairs][:, None]

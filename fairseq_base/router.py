@@ -36,15 +36,22 @@ class Routing:
     kept: Optional[Tensor] = None  # [T, k] bool: the expert had room for the pair; None: all had
     balance_loss: Optional[Tensor] = None  # unweighted auxiliary loss (1.0 when perfectly balanced)
 
+    def kept_mask(self) -> Tensor:
+        return torch.ones_like(self.expert_ids, dtype=torch.bool) if self.kept is None else self.kept
+
+
+def _sigmoid_gated(scores: Tensor, assign) -> Routing:
+    """BASE's routing: one expert per token from ``assign``, gated by sigmoid(score)."""
+    ids = assign(scores.detach())[:, None]
+    return Routing(ids, torch.sigmoid(scores.gather(1, ids)))
+
 
 def balanced_routing(scores: Tensor) -> Routing:
-    ids = balanced_assignment(scores.detach())[:, None]
-    return Routing(ids, torch.sigmoid(scores.gather(1, ids)))
+    return _sigmoid_gated(scores, balanced_assignment)
 
 
 def greedy_routing(scores: Tensor) -> Routing:
-    ids = greedy_assignment(scores.detach())[:, None]
-    return Routing(ids, torch.sigmoid(scores.gather(1, ids)))
+    return _sigmoid_gated(scores, greedy_assignment)
 
 
 def capacity(num_tokens: int, num_experts: int, capacity_factor: float) -> int:
@@ -123,7 +130,7 @@ def routing_stats(routing: Routing, scores: Optional[Tensor], num_experts: int) 
         zero = ids.new_zeros((), dtype=torch.float32)
         return dict.fromkeys(("top1", "load_max", "load_min", "dropped", "entropy"), zero)
     load = torch.bincount(ids.reshape(-1), minlength=num_experts).float()
-    kept = torch.ones_like(ids, dtype=torch.bool) if routing.kept is None else routing.kept
+    kept = routing.kept_mask()
     first_kept = kept[:, 0]
     if scores is None:  # hash: a token's only expert is its top-1
         top1, entropy = first_kept.float().mean(), load.new_zeros(())

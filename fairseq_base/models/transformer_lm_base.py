@@ -17,7 +17,8 @@ from fairseq_base.layer import BaseLayer
 from fairseq_base.placement import base_layer_positions
 from fairseq_base.router import DEFAULT_CAPACITY_FACTOR
 
-EVAL_ROUTING_CHOICES = ChoiceEnum(["greedy", "balanced"])
+EVAL_ROUTINGS = ("greedy", "balanced")
+EVAL_ROUTING_CHOICES = ChoiceEnum(list(EVAL_ROUTINGS))
 ROUTER_CHOICES = ChoiceEnum(["balanced", "switch", "top2", "hash"])
 
 
@@ -84,9 +85,9 @@ def check_options(args, num_experts: int) -> None:
     """Refuse option combinations that would build a different model than asked for."""
     if args.base_sublayers < 1:
         raise BaseLayerConfigError(f"--base-sublayers must be >= 1, got {args.base_sublayers}")
-    if args.base_eval_routing not in ("greedy", "balanced"):
+    if args.base_eval_routing not in EVAL_ROUTINGS:
         raise BaseLayerConfigError(
-            f"--base-eval-routing must be one of greedy, balanced; got {args.base_eval_routing!r}")
+            f"--base-eval-routing must be one of {', '.join(EVAL_ROUTINGS)}; got {args.base_eval_routing!r}")
     if args.base_layers > 0 and args.decoder_layerdrop > 0:
         raise BaseLayerConfigError(
             "--decoder-layerdrop would skip BASE layers on some workers only; set --decoder-layerdrop 0")
