@@ -31,7 +31,7 @@ def all_gather_sizes(size: int, device, group=None) -> Tensor:
 
 
 def even_split(sizes: Tensor, parts: int) -> Tensor:
-    """[W, parts]: how many of each worker's tokens go to each part when token i goes to part i % parts."""
+    """[W, parts]: each worker's tokens dealt out evenly to ``parts`` parts, the first parts taking the remainder."""
     base = (sizes // parts)[:, None].expand(-1, parts)
     return base + (torch.arange(parts, device=sizes.device)[None, :] < (sizes % parts)[:, None]).long()
 
@@ -89,16 +89,22 @@ class TokenDispatcher:
         ``recv_counts[w, j]``, the number of tokens worker w sends to our local expert j, is
         exchanged with the other workers unless the caller already knows it.
         """
-        workers, local = self.world_size, self.num_local_experts
         send_order = torch.argsort(expert_ids, stable=True)
         send_counts = torch.bincount(expert_ids, minlength=self.num_experts)
+        return self.dispatch_in_order(tokens, send_order, send_counts, recv_counts)
+
+    def dispatch_in_order(self, tokens: Tensor, send_order: Tensor, send_counts: Tensor,
+                          recv_counts: Optional[Tensor] = None):
+        """``dispatch`` of the tokens ``tokens[send_order]``, the first ``send_counts[0]`` of them
+        to expert 0, the next ``send_counts[1]`` to expert 1, and so on."""
+        workers, local = self.world_size, self.num_local_experts
         if recv_counts is None:
             recv_counts = all_to_all(send_counts, [local] * workers, [local] * workers, self.group)
         recv_counts = recv_counts.view(workers, local)
         send_splits = send_counts.view(workers, local).sum(1).tolist()
         recv_splits = recv_counts.sum(1).tolist()
         received = all_to_all(tokens[send_order], recv_splits, send_splits, self.group)
-        if workers == 1:  # one source: rows already arrive grouped by expert
+        if workers == 1 or local == 1:  # one source or one expert: rows already arrive grouped by expert
             state = DispatchState(send_order, None, send_splits, recv_splits)
             return received, recv_counts.sum(0).tolist(), state
         # Rows arrive grouped by source worker, then expert; regroup them by expert.

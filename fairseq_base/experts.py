@@ -60,6 +60,8 @@ class LocalExperts(nn.ModuleList):
             param.expert = True
 
     def forward(self, tokens: Tensor, tokens_per_expert: List[int]) -> Tensor:
+        if len(self) == 1:
+            return self[0](tokens)
         # Empty chunks still run, so every expert parameter gets a (zero) gradient.
         chunks = tokens.split(tokens_per_expert)
         return torch.cat([expert(chunk) for expert, chunk in zip(self, chunks)])

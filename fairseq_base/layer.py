@@ -66,10 +66,11 @@ class BaseLayer(nn.Module):
             # Send every token to a random worker first, so that each worker's balanced
             # assignment sees a sample of the whole batch (as in the paper).
             group, workers = self.shuffler.group, self.shuffler.num_experts
-            # split[w, v]: tokens that worker w sends to worker v (token i goes to perm[i] % W).
+            # split[w, v]: tokens that worker w sends to worker v, a random subset of its tokens.
             split = even_split(all_gather_sizes(tokens.size(0), tokens.device, group), workers)
-            destination = torch.randperm(tokens.size(0), device=tokens.device) % workers
-            shuffled, _, shuffle_state = self.shuffler.dispatch(tokens, destination, split[:, world_rank(group)])
+            rank = world_rank(group)
+            shuffled, _, shuffle_state = self.shuffler.dispatch_in_order(
+                tokens, torch.randperm(tokens.size(0), device=tokens.device), split[rank], split[:, rank])
             # Balanced routing of each worker's shuffled tokens: when every worker's count divides
             # by E, each expert gets count / E tokens from each worker, and nobody needs to ask.
             received = split.sum(0)
