@@ -1,4 +1,5 @@
-"""Token-to-expert assignment: the balanced solver used in training and greedy top-1.
+"""Token-to-expert assignment: the balanced solver used in training, greedy top-1, and
+Sinkhorn's approximate balance (S-BASE).
 
 ``balanced_assignment`` solves
 
@@ -22,6 +23,7 @@ bidders, so that there is no Python loop over tokens.
 
 import hashlib
 import logging
+import math
 import os
 import platform
 
@@ -37,6 +39,9 @@ logger = logging.getLogger(__name__)
 INITIAL_EPS = 1e-3
 EPS_FACTOR = 16.0
 FINAL_GAP = 1e-6
+# Sinkhorn (S-BASE): stop when every expert's share of the plan is within 1% of T/E.
+SINKHORN_TOLERANCE = 0.01
+SINKHORN_MAX_ITERATIONS = 100
 
 
 def _check_scores(scores: Tensor) -> None:
@@ -94,6 +99,33 @@ def balanced_assignment(scores: Tensor) -> Tensor:
     benefit, capacity = _slot_problem(scores)
     slot = _auction(benefit, capacity, initial_eps, final_eps)
     return slot[:num_tokens] % num_experts
+
+
+def sinkhorn_assignment(scores: Tensor, tolerance: float = SINKHORN_TOLERANCE,
+                        max_iterations: int = SINKHORN_MAX_ITERATIONS) -> Tensor:
+    """Approximately balanced assignment (S-BASE, Clark et al. 2022): scale exp(scores) by
+    row and column factors until every token's row sums to 1 and every expert's column to
+    T/E (Sinkhorn-Knopp, in log space), then take each token's top expert of the scaled plan.
+
+    Loads are balanced only as far as the plan's argmax follows its marginals: close for
+    soft scores, further off for sharp ones. Stops when every column is within
+    ``tolerance`` of T/E (relative) or after ``max_iterations``. Returns LongTensor [T].
+    """
+    _check_scores(scores)
+    num_tokens, num_experts = scores.shape
+    if num_tokens == 0 or num_experts == 1:
+        return torch.zeros(num_tokens, dtype=torch.long, device=scores.device)
+    log_plan, _ = sanitize_scores(scores, torch.float32)
+    log_column_target = math.log(num_tokens / num_experts)
+    column_scale = log_plan.new_zeros(num_experts)
+    for _ in range(max_iterations):
+        row_scale = -torch.logsumexp(log_plan + column_scale, dim=1, keepdim=True)
+        log_columns = torch.logsumexp(log_plan + row_scale, dim=0) + column_scale
+        if float((log_columns - log_column_target).abs().max()) < tolerance:
+            break
+        column_scale = column_scale + log_column_target - log_columns
+    # The row factor does not change a token's argmax.
+    return (log_plan + column_scale).argmax(dim=1)
 
 
 def _eps_range(span: float, rows: int):

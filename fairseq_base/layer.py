@@ -9,7 +9,8 @@ from torch import Tensor, nn
 from fairseq_base.dispatcher import TokenDispatcher, all_gather_sizes, even_split, world_rank
 from fairseq_base.errors import BaseLayerConfigError
 from fairseq_base.experts import LocalExperts
-from fairseq_base.router import DEFAULT_CAPACITY_FACTOR, ROUTERS, Routing, hash_routing, random_hash, routing_stats
+from fairseq_base.router import (BASE_ROUTERS, DEFAULT_CAPACITY_FACTOR, ROUTERS, Routing, hash_routing,
+                                 random_hash, routing_stats)
 
 
 class BaseLayer(nn.Module):
@@ -42,7 +43,7 @@ class BaseLayer(nn.Module):
         # Shuffling gives each worker's balanced assignment a sample of the whole batch; other
         # routers decide token by token, and one worker needs no shuffling.
         multi_worker = self.dispatcher.world_size > 1
-        shuffle = shuffle and multi_worker and router == "balanced"
+        shuffle = shuffle and multi_worker and router in BASE_ROUTERS
         self.shuffler = TokenDispatcher(self.dispatcher.world_size, group) if shuffle else None
         self.name = name
         if router == "hash":
@@ -75,7 +76,7 @@ class BaseLayer(nn.Module):
             # by E, each expert gets count / E tokens from each worker, and nobody needs to ask.
             received = split.sum(0)
             known = None
-            if bool((received % self.num_experts == 0).all()):
+            if self.router == "balanced" and bool((received % self.num_experts == 0).all()):
                 known = (received // self.num_experts)[:, None].expand(-1, self.dispatcher.num_local_experts)
             out = self.shuffler.combine(self._route_and_mix(shuffled, known), shuffle_state)
         else:
@@ -91,8 +92,8 @@ class BaseLayer(nn.Module):
             # Hidden states are time-major [T, B, C]; token ids are [B, T].
             return hash_routing(self.token_ids.t(), self.hash_table), None
         scores = tokens.matmul(self.centroids.t())
-        if self.router == "balanced":
-            return ROUTERS["balanced" if self.training else self.eval_routing](scores), scores
+        if self.router in BASE_ROUTERS:
+            return ROUTERS[self.router if self.training else self.eval_routing](scores), scores
         # Outside training nothing is dropped, so that no token's output depends on its batch.
         return ROUTERS[self.router](scores, self.capacity_factor if self.training else None), scores
 

@@ -4,7 +4,8 @@ A token's output is h + sum_k gate_k * update_k(h), over its chosen experts k th
 room for it; update_k(h) = expert_k(h) - h. Routers differ in how they choose and gate:
 
     balanced  BASE (training): the balanced assignment, gate sigmoid(score)
-    greedy    BASE (inference): top-1 score, gate sigmoid(score)
+    sbase     S-BASE (training): Sinkhorn's approximately balanced assignment, gate sigmoid(score)
+    greedy    BASE and S-BASE (inference): top-1 score, gate sigmoid(score)
     switch    Switch Transformer: top-1 of softmax, gate = its probability, capacity, balance loss
     top2      GShard: top-2 of softmax, gates renormalised over the two, capacity, balance loss
     hash      Hash layers: a fixed random expert per token id, gate 1, no parameters
@@ -22,10 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fairseq_base.assignment import balanced_assignment, greedy_assignment
+from fairseq_base.assignment import balanced_assignment, greedy_assignment, sinkhorn_assignment
 
 # Routers that learn from a Switch-style balance loss, with the paper's capacity factors.
 DEFAULT_CAPACITY_FACTOR = {"switch": 1.0, "top2": 2.0}
+# BASE's routers: a learned balance in training, the model's eval routing outside it.
+BASE_ROUTERS = ("balanced", "sbase")
 HASH_SEED = 1234  # shared by every worker and every run: the hash is part of the model
 
 
@@ -48,6 +51,10 @@ def _sigmoid_gated(scores: Tensor, assign) -> Routing:
 
 def balanced_routing(scores: Tensor) -> Routing:
     return _sigmoid_gated(scores, balanced_assignment)
+
+
+def sbase_routing(scores: Tensor) -> Routing:
+    return _sigmoid_gated(scores, sinkhorn_assignment)
 
 
 def greedy_routing(scores: Tensor) -> Routing:
@@ -113,7 +120,8 @@ def hash_routing(token_ids: Tensor, table: Tensor) -> Routing:
 
 
 # Routers of token-expert scores: (scores) for BASE's, (scores, capacity_factor) for the others.
-ROUTERS = {"balanced": balanced_routing, "greedy": greedy_routing, "switch": switch_routing, "top2": top2_routing}
+ROUTERS = {"balanced": balanced_routing, "sbase": sbase_routing, "greedy": greedy_routing,
+           "switch": switch_routing, "top2": top2_routing}
 
 
 def routing_stats(routing: Routing, scores: Optional[Tensor], num_experts: int) -> Dict[str, Tensor]:

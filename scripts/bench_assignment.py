@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
-"""Balanced assignment: fairseq_base's auction against fairseq's libbase and greedy top-1.
+"""Balanced assignment: fairseq_base's auction against fairseq's libbase, greedy top-1 and
+Sinkhorn's approximate balance (S-BASE, ``--base-router sbase``).
 
     python scripts/bench_assignment.py [--repeats 7] [--json runs/bench/assignment.json]
 
 Scores are random hidden states times orthogonal expert centroids. Methods run in
 alternation, each timed `--repeats` times; the table shows medians, the speed-up over
 libbase, and each solver's objective (sum of chosen scores) against libbase's and, where
-small enough, against the exact optimum (scipy on the expanded problem).
+small enough, against the exact optimum (scipy on the expanded problem). A second table
+compares Sinkhorn with the auction on speed, balance (busiest and idlest expert over the
+mean load) and objective.
 """
 
 import argparse
@@ -19,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-from fairseq_base.assignment import balanced_assignment
+from fairseq_base.assignment import balanced_assignment, sinkhorn_assignment
 
 SIZES = [(512, 8), (2048, 16), (8192, 64), (16384, 128)]
 
@@ -54,7 +57,7 @@ def main():
     args = parser.parse_args()
 
     methods = {"fairseq_base": balanced_assignment, "libbase": libbase_assignment,
-               "greedy": lambda s: s.argmax(dim=1)}
+               "greedy": lambda s: s.argmax(dim=1), "sinkhorn": sinkhorn_assignment}
     rows = []
     for tokens, experts in SIZES:
         scores = problem(tokens, experts)
@@ -67,12 +70,15 @@ def main():
                 times[name].append(time.perf_counter() - start)
         objective = {name: float(scores.double()[torch.arange(tokens), i].sum()) for name, i in ids.items()}
         load = torch.bincount(ids["fairseq_base"], minlength=experts)
+        sinkhorn_load = torch.bincount(ids["sinkhorn"], minlength=experts).float()
         row = {
             "tokens": tokens, "experts": experts,
             "ms": {name: 1e3 * statistics.median(t) for name, t in times.items()},
             "objective": objective,
             "balanced": int(load.max() - load.min()) == 0,
             "top1_share": float((ids["fairseq_base"] == ids["greedy"]).float().mean()),
+            "sinkhorn_load_max": float(sinkhorn_load.max() / sinkhorn_load.mean()),
+            "sinkhorn_load_min": float(sinkhorn_load.min() / sinkhorn_load.mean()),
         }
         row["speedup_vs_libbase"] = row["ms"]["libbase"] / row["ms"]["fairseq_base"]
         if tokens <= 2048:
@@ -93,6 +99,14 @@ def main():
               f"{r['ms']['greedy']:.2f} | {r['speedup_vs_libbase']:.1f}x | "
               f"{r['objective']['fairseq_base'] - r['objective']['libbase']:+.3f} | {gap_text} | "
               f"{100 * r['top1_share']:.1f}% |")
+    print("\nSinkhorn (S-BASE) against the auction: load of the busiest / idlest expert over the mean "
+          "(the auction's is 1 / 1)")
+    print("| T x E | auction ms | Sinkhorn ms | Sinkhorn load max / min | Sinkhorn objective - auction's |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['tokens']} x {r['experts']} | {r['ms']['fairseq_base']:.2f} | {r['ms']['sinkhorn']:.2f} | "
+              f"{r['sinkhorn_load_max']:.3f} / {r['sinkhorn_load_min']:.3f} | "
+              f"{r['objective']['sinkhorn'] - r['objective']['fairseq_base']:+.3f} |")
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     with open(args.json, "w") as f:
         json.dump({"machine": platform.platform(), "threads": torch.get_num_threads(), "rows": rows}, f, indent=2)

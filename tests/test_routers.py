@@ -1,4 +1,4 @@
-"""Baseline routers (switch, top2, hash): routing rules, capacity, balance loss, statistics, training."""
+"""Baseline routers (sbase, switch, top2, hash): routing rules, capacity, balance loss, statistics, training."""
 
 import math
 import re
@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from fairseq_base.criterions.base_cross_entropy import take_balance_loss
+from fairseq_base.assignment import balanced_assignment, greedy_assignment, sinkhorn_assignment
 from fairseq_base.errors import BaseLayerConfigError
 from fairseq_base.layer import BaseLayer
 from fairseq_base.router import (Routing, hash_routing, random_hash, routing_stats, switch_balance_loss,
@@ -15,6 +16,33 @@ from fairseq_base.router import (Routing, hash_routing, random_hash, routing_sta
 from test_end_to_end import data_bin, run  # noqa: F401  (fixture)
 from test_layer import Scale
 from test_torchrun import TINY_MODEL, losses, torchrun_train
+
+
+def _loads(ids, num_experts):
+    load = torch.bincount(ids, minlength=num_experts).float()
+    return load / load.mean()
+
+
+def test_sinkhorn_spreads_a_popular_expert_almost_evenly():
+    scores = torch.randn(1024, 4, generator=torch.Generator().manual_seed(0)) + torch.tensor([0.7, 0, 0, 0])
+    assert _loads(greedy_assignment(scores), 4).max() > 1.5  # everyone's favourite
+    sinkhorn = sinkhorn_assignment(scores)
+    assert (_loads(sinkhorn, 4) - 1).abs().max() < 0.1
+    assert (sinkhorn == balanced_assignment(scores)).float().mean() > 0.95
+    objective = lambda ids: float(scores.gather(1, ids[:, None]).sum())  # noqa: E731
+    # Approximate balance is no better an optimum: the exact solver's objective is the best balanced one.
+    assert objective(sinkhorn) <= objective(balanced_assignment(scores)) + 1e-3
+
+
+def test_sinkhorn_edge_cases_stop_and_stay_valid():
+    assert sinkhorn_assignment(torch.empty(0, 3)).numel() == 0
+    assert sinkhorn_assignment(torch.randn(5, 1)).tolist() == [0] * 5
+    scores = torch.randn(64, 4)
+    scores[0, 0], scores[1], scores[2] = float("nan"), float("inf"), float("-inf")
+    ids = sinkhorn_assignment(scores)
+    assert ids.min() >= 0 and ids.max() < 4
+    # Very sharp scores converge slowly: it stops after max_iterations rather than looping on.
+    assert sinkhorn_assignment(1e4 * torch.randn(256, 4), max_iterations=3).shape == (256,)
 
 
 def test_switch_balance_loss_has_the_textbook_value():
@@ -180,7 +208,7 @@ ROUTER_RUN = ["--base-layers", "1", "--base-moe-freq", "2", "--base-experts", "4
               "--criterion", "base_cross_entropy"]
 
 
-@pytest.mark.parametrize("router", ["switch", "top2", "hash"])
+@pytest.mark.parametrize("router", ["sbase", "switch", "top2", "hash"])
 def test_router_trains_in_one_process_and_logs_its_statistics(data_bin, tmp_path, router):  # noqa: F811
     result = run("fairseq-train", str(data_bin / "bin"), "--user-dir", "fairseq_base", *TINY_MODEL, "--cpu",
                  "--save-dir", str(tmp_path), "--base-router", router, *ROUTER_RUN, "--max-update", "30",
@@ -194,7 +222,7 @@ def test_router_trains_in_one_process_and_logs_its_statistics(data_bin, tmp_path
     for layer in ("base1", "moe1"):
         for stat in ("top1", "load_max", "load_min", "dropped", "entropy"):
             assert f"{layer}_{stat}=" in train and f"{layer}_{stat} " in valid, (layer, stat)
-    assert ("balance_loss" in train) == (router != "hash")
+    assert ("balance_loss" in train) == (router in ("switch", "top2"))
     assert re.search(r"moe1_dropped 0 ", valid)  # nothing dropped outside training
     events = b"".join(p.read_bytes() for p in (tmp_path / "tb").rglob("events*"))
     assert b"moe1_entropy" in events and b"base1_load_min" in events
@@ -203,7 +231,7 @@ def test_router_trains_in_one_process_and_logs_its_statistics(data_bin, tmp_path
         "--gen-subset", "valid")
 
 
-@pytest.mark.parametrize("router,base_layers", [("switch", 0), ("top2", 1), ("hash", 0)])
+@pytest.mark.parametrize("router,base_layers", [("sbase", 1), ("switch", 0), ("top2", 1), ("hash", 0)])
 def test_router_trains_on_two_gloo_workers(data_bin, tmp_path, router, base_layers):  # noqa: F811
     flags = ["--base-router", router, *ROUTER_RUN, "--base-layers", str(base_layers), "--ddp-backend", "legacy_ddp",
              "--log-interval", "5"]

@@ -19,7 +19,7 @@ from fairseq_base.router import DEFAULT_CAPACITY_FACTOR
 
 EVAL_ROUTINGS = ("greedy", "balanced")
 EVAL_ROUTING_CHOICES = ChoiceEnum(list(EVAL_ROUTINGS))
-ROUTER_CHOICES = ChoiceEnum(["balanced", "switch", "top2", "hash"])
+ROUTER_CHOICES = ChoiceEnum(["balanced", "sbase", "switch", "top2", "hash"])
 
 
 @dataclass
@@ -36,10 +36,11 @@ class TransformerLanguageModelBaseConfig(TransformerLanguageModelConfig):
                           "default: after layers floor(i*L/(N+1)), i = 1..N"})
     base_eval_routing: EVAL_ROUTING_CHOICES = field(
         default="greedy",
-        metadata={"help": "routing of the balanced router outside training: greedy top-1 (the paper) or balanced"})
+        metadata={"help": "routing of BASE (and S-BASE) outside training: greedy top-1 (the paper) or balanced"})
     base_router: ROUTER_CHOICES = field(
         default="balanced",
-        metadata={"help": "balanced: BASE; switch: top-1 softmax (Fedus et al.); top2: GShard top-2; "
+        metadata={"help": "balanced: BASE; sbase: BASE with Sinkhorn's approximate balance (Clark et al.); "
+                          "switch: top-1 softmax (Fedus et al.); top2: GShard top-2; "
                           "hash: a fixed random expert per token id (Roller et al.)"})
     base_capacity_factor: float = field(
         default=0.0,
