@@ -73,7 +73,8 @@ class BaseLayer(nn.Module):
             shuffled, _, shuffle_state = self.shuffler.dispatch_in_order(
                 tokens, torch.randperm(tokens.size(0), device=tokens.device), split[rank], split[:, rank])
             # Balanced routing of each worker's shuffled tokens: when every worker's count divides
-            # by E, each expert gets count / E tokens from each worker, and nobody needs to ask.
+            # by E, each expert gets count / E tokens from each worker, and nobody needs to ask
+            # (S-BASE's loads are only approximately balanced: it asks).
             received = split.sum(0)
             known = None
             if self.router == "balanced" and bool((received % self.num_experts == 0).all()):

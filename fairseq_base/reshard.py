@@ -19,7 +19,7 @@ import re
 import sys
 import tempfile
 from collections import OrderedDict
-from typing import Dict, List
+from typing import List
 
 import torch
 

@@ -1,14 +1,23 @@
 #!/usr/bin/env python3
-"""End to end: words/s of fairseq-train on 2 gloo workers (CPU) for three identical trunks.
+"""End to end: words/s of fairseq-train on 2 gloo workers (CPU) for four identical trunks.
 
-    python scripts/bench_e2e.py [--workers 2 --updates 60 --rounds 3] [--json runs/bench/e2e.json]
+    python scripts/bench_e2e.py [--workers 2 --updates 60 --rounds 3] [--malloc tuned|default]
+                                [--json runs/bench/e2e.json]
 
 - fairseq_base: --arch transformer_lm_base --base-layers 1 (one expert per worker, E = W)
 - fairseq built-in: --arch transformer_lm --base-layers 1 (fairseq's BaseLayer and libbase)
 - dense: the same trunk without the BASE layer
-All three share the trunk (pre-LayerNorm, d = 256, 4 layers, FFN 1024) and the data (the
+- dense + FFN: fairseq_base's model with the BASE layer running one expert's FFN sublayer on
+  every token (scripts/ffn_floor_train.py): its FLOPs without routing or all-to-all, the
+  lower bound on what any BASE layer costs
+All four share the trunk (pre-LayerNorm, d = 256, 4 layers, FFN 1024) and the data (the
 Brown corpus, prepared by scripts/prepare_brown.py). Runs alternate over --rounds; words/s
 is the median of fairseq's train_inner wps after the first logging interval.
+
+--malloc tuned (the default) runs every model with glibc tunables that keep freed memory
+in the process. With glibc's defaults, the 32 MB logits buffers are returned to the
+system and page-faulted in again, at different times on different workers, and every
+collective waits for the unlucky one. --malloc default measures that setting instead.
 """
 
 import argparse
@@ -27,19 +36,28 @@ TRUNK = ["--task", "language_modeling", "--tokens-per-sample", "128", "--sample-
          "--optimizer", "adam", "--lr", "0.001", "--no-save", "--disable-validation", "--cpu",
          "--distributed-backend", "gloo", "--ddp-backend", "legacy_ddp", "--num-workers", "0",
          "--log-format", "simple", "--seed", "1"]
+# Keep large freed blocks in the heap (mmap threshold at glibc's 32 MiB maximum) and never trim it.
+TUNED_MALLOC = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296"
+FAIRSEQ_TRAIN = os.path.join(os.path.dirname(sys.executable), "fairseq-train")
+FFN_FLOOR_TRAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ffn_floor_train.py")
+BASE_LAYER = ["--arch", "transformer_lm_base", "--base-layers", "1"]
+# name: (training script, model flags)
 MODELS = {
-    "fairseq_base": ["--arch", "transformer_lm_base", "--base-layers", "1"],
-    "fairseq_builtin": ["--arch", "transformer_lm", "--base-layers", "1"],
-    "dense": ["--arch", "transformer_lm_base", "--base-layers", "0"],
+    "fairseq_base": (FAIRSEQ_TRAIN, BASE_LAYER),
+    "fairseq_builtin": (FAIRSEQ_TRAIN, ["--arch", "transformer_lm", "--base-layers", "1"]),
+    "dense": (FAIRSEQ_TRAIN, ["--arch", "transformer_lm_base", "--base-layers", "0"]),
+    "dense_plus_ffn": (FFN_FLOOR_TRAIN, BASE_LAYER),
 }
 
 
-def words_per_second(data, workers, updates, model_flags):
-    train = os.path.join(os.path.dirname(sys.executable), "fairseq-train")
+def words_per_second(data, workers, updates, train, model_flags, malloc="default"):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(workers),
            train, data, "--user-dir", "fairseq_base", *TRUNK, *model_flags,
            "--max-update", str(updates), "--log-interval", str(updates // 6)]
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, os.cpu_count() // workers)))
+    env.pop("GLIBC_TUNABLES", None)
+    if malloc == "tuned":
+        env["GLIBC_TUNABLES"] = TUNED_MALLOC
     result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         sys.exit(f"bench_e2e: {' '.join(model_flags)} failed:\n{result.stderr[-3000:]}")
@@ -53,6 +71,8 @@ def main():
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--updates", type=int, default=60)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--malloc", choices=["tuned", "default"], default="tuned",
+                        help="glibc allocator settings for every run (see above)")
     parser.add_argument("--json", default="runs/bench/e2e.json")
     args = parser.parse_args()
     if not os.path.exists(os.path.join(args.data, "train.bin")):
@@ -60,15 +80,15 @@ def main():
 
     wps = {name: [] for name in MODELS}
     for round_ in range(args.rounds):
-        for name, flags in MODELS.items():
-            wps[name].append(words_per_second(args.data, args.workers, args.updates, flags))
+        for name in MODELS:
+            wps[name].append(words_per_second(args.data, args.workers, args.updates, *MODELS[name], args.malloc))
             print(f"| round {round_ + 1}/{args.rounds}: {name} {wps[name][-1]:,.0f} words/s", flush=True)
     median = {name: statistics.median(v) for name, v in wps.items()}
     print(f"\nfairseq-train words/s, {args.workers} gloo workers on {platform.processor() or platform.machine()} "
-          f"({os.cpu_count()} cores), median of {args.rounds} alternating rounds")
-    print("| model | words/s | fairseq_base / this |\n|---|---|---|")
+          f"({os.cpu_count()} cores), {args.malloc} malloc, median of {args.rounds} alternating rounds")
+    print("| model | words/s | fairseq_base / this | this / dense |\n|---|---|---|---|")
     for name, value in median.items():
-        print(f"| {name} | {value:,.0f} | {median['fairseq_base'] / value:.3f}x |")
+        print(f"| {name} | {value:,.0f} | {median['fairseq_base'] / value:.3f}x | {value / median['dense']:.3f}x |")
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     with open(args.json, "w") as f:
         json.dump({"args": vars(args), "machine": platform.platform(), "words_per_second": wps,

@@ -1,0 +1,20 @@
+#!/usr/bin/env python3
+"""fairseq-train in which every BASE layer runs only its first local expert's FFN sublayer on
+every token: a BASE layer's extra FLOPs without routing or all-to-all.
+
+For scripts/bench_e2e.py only, as the lower bound on what a BASE layer can cost; not a model.
+"""
+
+from fairseq_cli.train import cli_main
+
+from fairseq_base.layer import BaseLayer
+
+
+def _ffn_only(self, x, *args, **kwargs):
+    tokens = x.reshape(-1, x.size(-1))
+    return (tokens + self.experts[0](tokens)).view_as(x), None, None
+
+
+if __name__ == "__main__":
+    BaseLayer.forward = _ffn_only
+    cli_main()
