@@ -103,7 +103,8 @@ class TokenDispatcher:
         recv_counts = recv_counts.view(workers, local)
         send_splits = send_counts.view(workers, local).sum(1).tolist()
         recv_splits = recv_counts.sum(1).tolist()
-        received = all_to_all(tokens[send_order], recv_splits, send_splits, self.group)
+        # index_select rather than tokens[order]: on CPU about twice as fast, backward included.
+        received = all_to_all(tokens.index_select(0, send_order), recv_splits, send_splits, self.group)
         if workers == 1 or local == 1:  # one source or one expert: rows already arrive grouped by expert
             state = DispatchState(send_order, None, send_splits, recv_splits)
             return received, recv_counts.sum(0).tolist(), state
@@ -111,10 +112,12 @@ class TokenDispatcher:
         local_ids = torch.arange(local, device=tokens.device).repeat(workers)
         recv_order = torch.argsort(torch.repeat_interleave(local_ids, recv_counts.flatten()), stable=True)
         state = DispatchState(send_order, recv_order, send_splits, recv_splits)
-        return received[recv_order], recv_counts.sum(0).tolist(), state
+        return received.index_select(0, recv_order), recv_counts.sum(0).tolist(), state
 
     def combine(self, expert_outputs: Tensor, state: DispatchState) -> Tensor:
         """Inverse of ``dispatch``: the outputs in the original token order on the original worker."""
-        by_source = expert_outputs if state.recv_order is None else expert_outputs[invert_permutation(state.recv_order)]
+        by_source = expert_outputs
+        if state.recv_order is not None:
+            by_source = expert_outputs.index_select(0, invert_permutation(state.recv_order))
         returned = all_to_all(by_source, state.send_splits, state.recv_splits, self.group)
-        return returned[invert_permutation(state.send_order)]
+        return returned.index_select(0, invert_permutation(state.send_order))

@@ -106,7 +106,7 @@ class BaseLayer(nn.Module):
         else:  # the (token, choice) pairs that found room
             pairs = routing.kept_mask().reshape(-1).nonzero().squeeze(1)
             source = torch.div(pairs, choices, rounding_mode="floor")
-            rows, expert_ids = tokens[source], routing.expert_ids.reshape(-1)[pairs]
+            rows, expert_ids = tokens.index_select(0, source), routing.expert_ids.reshape(-1)[pairs]
             gates = routing.gates.reshape(-1)[pairs][:, None]
         expert_in, tokens_per_expert, state = self.dispatcher.dispatch(rows, expert_ids, recv_counts)
         update = self.dispatcher.combine(self.experts(expert_in, tokens_per_expert), state)
