@@ -39,7 +39,9 @@ TRUNK = ["--task", "language_modeling", "--tokens-per-sample", "128", "--sample-
 # Keep large freed blocks in the heap (mmap threshold at glibc's 32 MiB maximum) and never trim it.
 TUNED_MALLOC = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296"
 FAIRSEQ_TRAIN = os.path.join(os.path.dirname(sys.executable), "fairseq-train")
-FFN_FLOOR_TRAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ffn_floor_train.py")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+USER_DIR = os.path.join(REPO, "fairseq_base")
+FFN_FLOOR_TRAIN = os.path.join(REPO, "scripts", "ffn_floor_train.py")
 BASE_LAYER = ["--arch", "transformer_lm_base", "--base-layers", "1"]
 # name: (training script, model flags)
 MODELS = {
@@ -50,9 +52,9 @@ MODELS = {
 }
 
 
-def words_per_second(data, workers, updates, train, model_flags, malloc="default"):
+def words_per_second(name, data, workers, updates, train, model_flags, malloc="default"):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(workers),
-           train, data, "--user-dir", "fairseq_base", *TRUNK, *model_flags,
+           train, data, "--user-dir", USER_DIR, *TRUNK, *model_flags,
            "--max-update", str(updates), "--log-interval", str(updates // 6)]
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, os.cpu_count() // workers)))
     env.pop("GLIBC_TUNABLES", None)
@@ -60,7 +62,8 @@ def words_per_second(data, workers, updates, train, model_flags, malloc="default
         env["GLIBC_TUNABLES"] = TUNED_MALLOC
     result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if result.returncode != 0:
-        sys.exit(f"bench_e2e: {' '.join(model_flags)} failed:\n{result.stderr[-3000:]}")
+        sys.exit(f"bench_e2e: {name} ({os.path.basename(train)} {' '.join(model_flags)}) failed:\n"
+                 f"{result.stderr[-3000:]}")
     wps = [float(w) for w in re.findall(r"\| train_inner \|.*?wps=([0-9.]+)", result.stdout + result.stderr)]
     return statistics.median(wps[1:])
 
@@ -81,7 +84,8 @@ def main():
     wps = {name: [] for name in MODELS}
     for round_ in range(args.rounds):
         for name in MODELS:
-            wps[name].append(words_per_second(args.data, args.workers, args.updates, *MODELS[name], args.malloc))
+            wps[name].append(words_per_second(name, args.data, args.workers, args.updates, *MODELS[name],
+                                              args.malloc))
             print(f"| round {round_ + 1}/{args.rounds}: {name} {wps[name][-1]:,.0f} words/s", flush=True)
     median = {name: statistics.median(v) for name, v in wps.items()}
     print(f"\nfairseq-train words/s, {args.workers} gloo workers on {platform.processor() or platform.machine()} "

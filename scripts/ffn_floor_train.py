@@ -5,9 +5,14 @@ every token: a BASE layer's extra FLOPs without routing or all-to-all.
 For scripts/bench_e2e.py only, as the lower bound on what a BASE layer can cost; not a model.
 """
 
+import os
+import sys
+
 from fairseq_cli.train import cli_main
 
-from fairseq_base.layer import BaseLayer
+# The package that --user-dir names (this repository's), even if another copy is installed.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from fairseq_base.layer import BaseLayer  # noqa: E402
 
 
 def _ffn_only(self, x, *args, **kwargs):

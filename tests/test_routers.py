@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from fairseq_base.criterions.base_cross_entropy import take_balance_loss
 from fairseq_base.assignment import balanced_assignment, greedy_assignment, sinkhorn_assignment
+from fairseq_base.criterions.base_cross_entropy import take_balance_loss
 from fairseq_base.errors import BaseLayerConfigError
 from fairseq_base.layer import BaseLayer
 from fairseq_base.router import (Routing, hash_routing, random_hash, routing_stats, switch_balance_loss,
@@ -23,15 +23,29 @@ def _loads(ids, num_experts):
     return load / load.mean()
 
 
+def _objective(scores, ids):
+    return float(scores.gather(1, ids[:, None]).sum())
+
+
 def test_sinkhorn_spreads_a_popular_expert_almost_evenly():
     scores = torch.randn(1024, 4, generator=torch.Generator().manual_seed(0)) + torch.tensor([0.7, 0, 0, 0])
     assert _loads(greedy_assignment(scores), 4).max() > 1.5  # everyone's favourite
     sinkhorn = sinkhorn_assignment(scores)
     assert (_loads(sinkhorn, 4) - 1).abs().max() < 0.1
     assert (sinkhorn == balanced_assignment(scores)).float().mean() > 0.95
-    objective = lambda ids: float(scores.gather(1, ids[:, None]).sum())  # noqa: E731
     # Approximate balance is no better an optimum: the exact solver's objective is the best balanced one.
-    assert objective(sinkhorn) <= objective(balanced_assignment(scores)) + 1e-3
+    assert _objective(scores, sinkhorn) <= _objective(scores, balanced_assignment(scores)) + 1e-3
+
+
+def test_sbase_layer_routes_by_sinkhorn_in_training_and_greedily_outside():
+    layer = BaseLayer(8, 16, 4, router="sbase")
+    tokens = torch.randn(512, 8) + layer.centroids.detach()[0] * 20  # expert 0 is everyone's favourite
+    scores = tokens @ layer.centroids.detach().t()
+    routing, _ = layer.train().route(tokens)
+    assert torch.equal(routing.expert_ids[:, 0], sinkhorn_assignment(scores))
+    assert not torch.equal(routing.expert_ids[:, 0], balanced_assignment(scores))
+    routing, _ = layer.eval().route(tokens)
+    assert torch.equal(routing.expert_ids[:, 0], greedy_assignment(scores))
 
 
 def test_sinkhorn_edge_cases_stop_and_stay_valid():
