@@ -143,7 +143,7 @@ def routing_stats(routing: Routing, scores: Optional[Tensor], num_experts: int) 
     if scores is None:  # hash: a token's only expert is its top-1
         top1, entropy = first_kept.float().mean(), load.new_zeros(())
     else:
-        top1 = (first_kept & (ids[:, 0] == scores.argmax(1))).float().mean()
+        top1 = (first_kept & (ids[:, 0] == greedy_assignment(scores))).float().mean()
         log_probs = F.log_softmax(scores.float(), dim=1)
         entropy = -(log_probs.exp() * log_probs).sum(1).mean()
     return {
