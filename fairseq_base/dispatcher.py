@@ -22,12 +22,22 @@ def world_rank(group=None) -> int:
     return dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
 
 
-def all_gather_sizes(size: int, device, group=None) -> Tensor:
-    """Every worker's ``size``, as a LongTensor [W]."""
-    sizes = torch.zeros(world_size(group), dtype=torch.long, device=device)
-    mine = torch.tensor([size], dtype=torch.long, device=device)
-    dist.all_gather_into_tensor(sizes, mine, group=group)
-    return sizes
+class SizeExchange:
+    """Every worker's ``size``, gathered in the background: start it as soon as the size is
+    known and ``wait`` where it is needed, so that the exchange costs no synchronisation."""
+
+    def __init__(self, size: int, device, group=None):
+        self.size = size
+        self._sizes = torch.zeros(world_size(group), dtype=torch.long, device=device)
+        self._mine = torch.tensor([size], dtype=torch.long, device=device)
+        self._work = dist.all_gather_into_tensor(self._sizes, self._mine, group=group, async_op=True)
+
+    def wait(self) -> Tensor:
+        """The sizes, as a LongTensor [W]."""
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+        return self._sizes
 
 
 def even_split(sizes: Tensor, parts: int) -> Tensor:
@@ -91,12 +101,6 @@ class TokenDispatcher:
         """
         send_order = torch.argsort(expert_ids, stable=True)
         send_counts = torch.bincount(expert_ids, minlength=self.num_experts)
-        return self.dispatch_in_order(tokens, send_order, send_counts, recv_counts)
-
-    def dispatch_in_order(self, tokens: Tensor, send_order: Tensor, send_counts: Tensor,
-                          recv_counts: Optional[Tensor] = None):
-        """``dispatch`` of the tokens ``tokens[send_order]``, the first ``send_counts[0]`` of them
-        to expert 0, the next ``send_counts[1]`` to expert 1, and so on."""
         workers, local = self.world_size, self.num_local_experts
         if recv_counts is None:
             recv_counts = all_to_all(send_counts, [local] * workers, [local] * workers, self.group)

@@ -6,11 +6,11 @@ import torch
 from fairseq import metrics
 from torch import Tensor, nn
 
-from fairseq_base.dispatcher import TokenDispatcher, all_gather_sizes, even_split, world_rank
+from fairseq_base.dispatcher import SizeExchange, TokenDispatcher, all_to_all, even_split, world_rank
 from fairseq_base.errors import BaseLayerConfigError
 from fairseq_base.experts import LocalExperts
 from fairseq_base.router import (BASE_ROUTERS, DEFAULT_CAPACITY_FACTOR, ROUTERS, Routing, hash_routing,
-                                 random_hash, routing_stats)
+                                 random_hash, routing_stats, sigmoid_gated)
 
 
 class BaseLayer(nn.Module):
@@ -42,9 +42,9 @@ class BaseLayer(nn.Module):
         self.balance_loss_weight = balance_loss_weight
         # Shuffling gives each worker's balanced assignment a sample of the whole batch; other
         # routers decide token by token, and one worker needs no shuffling.
-        multi_worker = self.dispatcher.world_size > 1
-        shuffle = shuffle and multi_worker and router in BASE_ROUTERS
-        self.shuffler = TokenDispatcher(self.dispatcher.world_size, group) if shuffle else None
+        self.shuffle = shuffle and self.dispatcher.world_size > 1 and router in BASE_ROUTERS
+        # Set by the model before each training forward (see ``_token_counts``).
+        self.token_count_exchange: Optional[SizeExchange] = None
         self.name = name
         if router == "hash":
             self.register_buffer("hash_table", random_hash(vocab_size, num_experts))
@@ -63,26 +63,11 @@ class BaseLayer(nn.Module):
 
     def forward(self, x: Tensor, *args, **kwargs):
         tokens = x.reshape(-1, x.size(-1))
-        if self.shuffler is not None and self.training:
-            # Send every token to a random worker first, so that each worker's balanced
-            # assignment sees a sample of the whole batch (as in the paper).
-            group, workers = self.shuffler.group, self.shuffler.num_experts
-            # split[w, v]: tokens that worker w sends to worker v, a random subset of its tokens.
-            split = even_split(all_gather_sizes(tokens.size(0), tokens.device, group), workers)
-            rank = world_rank(group)
-            shuffled, _, shuffle_state = self.shuffler.dispatch_in_order(
-                tokens, torch.randperm(tokens.size(0), device=tokens.device), split[rank], split[:, rank])
-            # Balanced routing of each worker's shuffled tokens: when every worker's count divides
-            # by E, each expert gets count / E tokens from each worker, and nobody needs to ask
-            # (S-BASE's loads are only approximately balanced: it asks).
-            received = split.sum(0)
-            known = None
-            if self.router == "balanced" and bool((received % self.num_experts == 0).all()):
-                known = (received // self.num_experts)[:, None].expand(-1, self.dispatcher.num_local_experts)
-            out = self.shuffler.combine(self._route_and_mix(shuffled, known), shuffle_state)
+        if self.shuffle and self.training:
+            routing, recv_counts = self._route_shuffled(tokens)
         else:
-            out = self._route_and_mix(tokens)
-        return out.view_as(x), None, None
+            routing, recv_counts = self._route_here(tokens), None
+        return self._mix(tokens, routing, recv_counts).view_as(x), None, None
 
     def route(self, tokens: Tensor):
         """(routing, scores); scores are None for the hash router, which has none."""
@@ -98,8 +83,56 @@ class BaseLayer(nn.Module):
         # Outside training nothing is dropped, so that no token's output depends on its batch.
         return ROUTERS[self.router](scores, self.capacity_factor if self.training else None), scores
 
-    def _route_and_mix(self, tokens: Tensor, recv_counts: Optional[Tensor] = None) -> Tensor:
+    def _route_here(self, tokens: Tensor) -> Routing:
         routing, scores = self.route(tokens)
+        self._keep_balance_loss(routing.balance_loss)
+        self._log_stats(routing, None if scores is None else scores.detach())
+        return routing
+
+    def _route_shuffled(self, tokens: Tensor):
+        """BASE routing in which every worker's router sees a random sample of the whole batch (as
+        in the paper): each worker sends its tokens' scores to random workers, whose routers
+        send back the experts. Tokens then travel once, straight to their experts.
+
+        Returns (routing of our tokens, recv_counts for ``dispatch``). Each router's reply to
+        worker u also says how many tokens of each worker it sent to u's experts, so that u
+        learns what it will receive without another exchange.
+        """
+        group, workers = self.dispatcher.group, self.dispatcher.world_size
+        local, rank = self.dispatcher.num_local_experts, world_rank(group)
+        scores = tokens.matmul(self.centroids.t())
+        split = even_split(self._token_counts(tokens), workers)  # split[w, v]: w's tokens for v's router
+        sent, received = split[rank].tolist(), split[:, rank].tolist()
+        order = torch.randperm(tokens.size(0), device=tokens.device)
+        sample = all_to_all(scores.detach().index_select(0, order), received, sent, group)
+        routing = ROUTERS[self.router](sample)
+        self._log_stats(routing, sample)
+        chosen = routing.expert_ids[:, 0]
+        # counts[u, w, j]: tokens of worker w that this router gives to worker u's local expert j
+        source = torch.repeat_interleave(torch.arange(workers, device=chosen.device), split[:, rank])
+        counts = torch.bincount(source * self.num_experts + chosen, minlength=workers * self.num_experts)
+        counts = counts.view(workers, workers, local).transpose(0, 1).reshape(workers, workers * local)
+        reply = torch.cat([part for ids, count in zip(chosen.split(received), counts) for part in (ids, count)])
+        per_router = workers * local
+        reply = all_to_all(reply, [n + per_router for n in sent], [n + per_router for n in received], group)
+        parts = reply.split([size for n in sent for size in (n, per_router)])
+        expert_ids = torch.empty_like(order)
+        expert_ids[order] = torch.cat(parts[0::2])
+        recv_counts = torch.stack(parts[1::2]).view(workers, workers, local).sum(0)
+        return sigmoid_gated(scores, expert_ids), recv_counts
+
+    def _token_counts(self, tokens: Tensor) -> Tensor:
+        """Every worker's number of tokens: from the exchange the model started before the
+        decoder ran, or exchanged now."""
+        exchange, self.token_count_exchange = self.token_count_exchange, None
+        if exchange is None:
+            exchange = SizeExchange(tokens.size(0), tokens.device, self.dispatcher.group)
+        elif exchange.size != tokens.size(0):
+            raise RuntimeError(f"{self.name}: the model announced {exchange.size} tokens, the layer got "
+                               f"{tokens.size(0)}")
+        return exchange.wait()
+
+    def _mix(self, tokens: Tensor, routing: Routing, recv_counts: Optional[Tensor]) -> Tensor:
         choices = routing.expert_ids.size(1)
         if routing.kept is None and choices == 1:  # every token to one expert: no gather
             source, rows, expert_ids, gates = None, tokens, routing.expert_ids[:, 0], routing.gates
@@ -111,8 +144,6 @@ class BaseLayer(nn.Module):
         expert_in, tokens_per_expert, state = self.dispatcher.dispatch(rows, expert_ids, recv_counts)
         update = self.dispatcher.combine(self.experts(expert_in, tokens_per_expert), state)
         update = self.dropout(gates.to(tokens.dtype) * update)
-        self._keep_balance_loss(routing.balance_loss)
-        self._log_stats(routing, None if scores is None else scores.detach())
         return tokens + update if source is None else tokens.index_add(0, source, update)
 
     def _keep_balance_loss(self, balance_loss: Optional[Tensor]) -> None:

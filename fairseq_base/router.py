@@ -43,22 +43,22 @@ class Routing:
         return torch.ones_like(self.expert_ids, dtype=torch.bool) if self.kept is None else self.kept
 
 
-def _sigmoid_gated(scores: Tensor, assign) -> Routing:
-    """BASE's routing: one expert per token from ``assign``, gated by sigmoid(score)."""
-    ids = assign(scores.detach())[:, None]
+def sigmoid_gated(scores: Tensor, expert_ids: Tensor) -> Routing:
+    """BASE's routing: token t to expert ``expert_ids[t]``, gated by sigmoid(scores[t, expert_ids[t]])."""
+    ids = expert_ids[:, None]
     return Routing(ids, torch.sigmoid(scores.gather(1, ids)))
 
 
 def balanced_routing(scores: Tensor) -> Routing:
-    return _sigmoid_gated(scores, balanced_assignment)
+    return sigmoid_gated(scores, balanced_assignment(scores.detach()))
 
 
 def sbase_routing(scores: Tensor) -> Routing:
-    return _sigmoid_gated(scores, sinkhorn_assignment)
+    return sigmoid_gated(scores, sinkhorn_assignment(scores.detach()))
 
 
 def greedy_routing(scores: Tensor) -> Routing:
-    return _sigmoid_gated(scores, greedy_assignment)
+    return sigmoid_gated(scores, greedy_assignment(scores.detach()))
 
 
 def capacity(num_tokens: int, num_experts: int, capacity_factor: float) -> int:

@@ -8,7 +8,9 @@ from torch import nn
 
 from distributed_utils import run_workers
 from fairseq_base.dispatcher import TokenDispatcher
+from fairseq_base.assignment import balanced_assignment
 from fairseq_base.layer import BaseLayer
+from test_layer import Scale
 
 
 def _dispatch_worker(rank, world_size, tokens_per_worker, experts_per_worker):
@@ -135,3 +137,72 @@ def _shuffle_worker(rank, world_size, sizes):
     ratio = layer(x)[0] / x
     return bool(torch.allclose(ratio, ratio[..., :1].expand_as(ratio), atol=1e-5) and (ratio > 1).all()
                 and (ratio < 2).all())
+
+
+def _shuffled_training_worker(rank, world_size, sizes, local):
+    torch.manual_seed(0)  # the same centroids on every worker, as DDP keeps them
+    num_experts = world_size * local
+    layer = BaseLayer(8, 16, num_experts, shuffle=True).train()
+    for j, expert in enumerate(layer.expert_ids.tolist()):
+        layer.experts[j] = Scale(expert + 2.0)  # expert e maps x to (e + 2) x
+    gen = torch.Generator().manual_seed(rank)
+    x = torch.randn(sizes[rank], 1, 8, generator=gen, requires_grad=True)
+    weights = torch.randn(sizes[rank], 1, 8, generator=gen)
+    rng = torch.get_rng_state()
+    out = layer(x)[0]
+    (out * weights).sum().backward()
+    torch.set_rng_state(rng)
+    expected = _expected_shuffled_assignment(x.detach().reshape(-1, 8) @ layer.centroids.detach().t(), world_size)
+
+    # Which expert each token got: the one whose output x + sigmoid(x . w_e) (e + 1) x it came back with.
+    tokens, centroids = x.detach().reshape(-1, 8), layer.centroids.detach()
+    factors = torch.arange(num_experts, dtype=torch.float) + 1
+    candidates = tokens[:, None] * (1 + torch.sigmoid(tokens @ centroids.t()) * factors)[:, :, None]
+    error = (candidates - out.detach().reshape(-1, 1, 8)).abs().amax(2)
+    chosen = error.argmin(1)
+    # The same layer written out for those experts, to check every gradient against.
+    x_ref = x.detach().clone().requires_grad_(True)
+    centroids_ref = centroids.clone().requires_grad_(True)
+    t = x_ref.reshape(-1, 8)
+    gate = torch.sigmoid((t * centroids_ref[chosen]).sum(1, keepdim=True))
+    ((t + gate * factors[chosen][:, None] * t).view_as(out) * weights).sum().backward()
+    grads = torch.stack([layer.centroids.grad, centroids_ref.grad])
+    torch.distributed.all_reduce(grads)  # shared parameter: DDP would sum it
+    return (bool((error.min(1).values < 1e-5).all()), torch.bincount(chosen, minlength=num_experts),
+            torch.allclose(x.grad, x_ref.grad, atol=1e-5), torch.allclose(grads[0], grads[1], atol=1e-5),
+            torch.equal(chosen, expected))
+
+
+def _expected_shuffled_assignment(scores, world_size):
+    """The paper's shuffled routing, written out: each worker deals its tokens in a random order
+    (the layer's randperm, replayed) evenly to the W routers, and router v gives its sample the
+    balanced assignment. Returns the expert of each of this worker's tokens."""
+    order = torch.randperm(scores.size(0))
+    everyone = [None] * world_size
+    torch.distributed.all_gather_object(everyone, (scores, order))
+    dealt = [[] for _ in range(world_size)]  # dealt[w][v]: worker w's tokens in router v's sample
+    for w, (worker_scores, worker_order) in enumerate(everyone):
+        # tensor_split, like the layer, gives the remainder to the first routers
+        sizes = [len(part) for part in torch.arange(worker_scores.size(0)).tensor_split(world_size)]
+        dealt[w] = list(worker_order.split(sizes))
+    rank = torch.distributed.get_rank()
+    expert = torch.empty(scores.size(0), dtype=torch.long)
+    for v in range(world_size):
+        sample = torch.cat([everyone[w][0][dealt[w][v]] for w in range(world_size)])
+        assigned = balanced_assignment(sample).split([len(dealt[w][v]) for w in range(world_size)])
+        expert[dealt[rank][v]] = assigned[rank]
+    return expert
+
+
+@pytest.mark.parametrize("sizes,local", [([8, 8], 2), ([9, 10], 1), ([3, 0, 5, 8], 1), ([12, 4, 7, 9], 2)])
+def test_shuffled_training_sends_each_token_to_one_expert_with_balanced_loads(sizes, local):
+    results = run_workers(_shuffled_training_worker, len(sizes), sizes, local)
+    assert all(r[0] for r in results), "a token came back with no expert's output"
+    assert all(r[2] and r[3] for r in results), "gradients differ from the layer written out"
+    assert all(r[4] for r in results), "a token's expert is not its router's balanced assignment"
+    loads = sum(r[1] for r in results)
+    # Each worker's router balances the random sample it gets: together, every expert's load is
+    # within one token per router of every other's, and exactly equal when the samples divide.
+    assert loads.sum() == sum(sizes) and loads.max() - loads.min() <= len(sizes)
+    if sizes == [8, 8]:
+        assert loads.tolist() == [4, 4, 4, 4]

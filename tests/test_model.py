@@ -39,7 +39,7 @@ def test_cli_defaults_follow_the_paper(data_dir):
     assert layer_kinds(model) == list("TTBTT")
     base = model.decoder.layers[2]
     assert base.num_experts == 1  # --base-experts 0: one expert per worker, one worker here
-    assert base.shuffler is None and base.eval_routing == "greedy"
+    assert not base.shuffle and base.eval_routing == "greedy"
     assert model.decoder.num_layers == 5
     assert model.decoder.layers[0].normalize_before  # pre-LayerNorm, as transformer_lm and the paper
     # input and output dimensions follow --decoder-embed-dim, as with --arch transformer_lm

@@ -2,6 +2,7 @@
 
 import contextlib
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch.distributed as dist
 from fairseq.dataclass import ChoiceEnum
@@ -11,7 +12,7 @@ from fairseq.models.transformer_lm import TransformerLanguageModel, TransformerL
 from omegaconf import II
 from torch import Tensor, nn
 
-from fairseq_base.dispatcher import world_size
+from fairseq_base.dispatcher import SizeExchange, world_size
 from fairseq_base.errors import BaseLayerConfigError
 from fairseq_base.layer import BaseLayer
 from fairseq_base.placement import base_layer_positions
@@ -143,6 +144,9 @@ class TransformerLanguageModelBase(TransformerLanguageModel):
         decoder.num_layers = len(layers)
         if args.base_router == "hash":
             decoder.register_forward_pre_hook(_give_hash_layers_token_ids, with_kwargs=True)
+        shuffling = [layer for layer in decoder.modules() if isinstance(layer, BaseLayer) and layer.shuffle]
+        if shuffling:
+            decoder.register_forward_pre_hook(partial(_start_token_count_exchange, shuffling), with_kwargs=True)
         _divide_expert_grads_like_ddp(model, world_size(group))
         return model
 
@@ -180,6 +184,16 @@ def _give_hash_layers_token_ids(decoder, args, kwargs):
     for module in decoder.modules():
         if isinstance(module, BaseLayer) and module.router == "hash":
             module.token_ids = tokens
+
+
+def _start_token_count_exchange(layers, decoder, args, kwargs):
+    """Start the exchange of token counts that shuffling needs, in the background while the
+    layers below the first BASE layer run; the BASE layers wait for it."""
+    if decoder.training:
+        tokens = args[0] if args else kwargs["prev_output_tokens"]
+        exchange = SizeExchange(tokens.numel(), tokens.device, layers[0].dispatcher.group)
+        for layer in layers:
+            layer.token_count_exchange = exchange
 
 
 def _divide_expert_grads_like_ddp(model, workers: int) -> None:
