@@ -2,7 +2,7 @@
 """End to end: words/s of fairseq-train on 2 gloo workers (CPU) for four identical trunks.
 
     python scripts/bench_e2e.py [--workers 2 --updates 60 --rounds 3] [--malloc tuned|default]
-                                [--json runs/bench/e2e.json]
+                                [--bind-cores] [--json runs/bench/e2e.json]
 
 - fairseq_base: --arch transformer_lm_base --base-layers 1 (one expert per worker, E = W)
 - fairseq built-in: --arch transformer_lm --base-layers 1 (fairseq's BaseLayer and libbase)
@@ -18,6 +18,11 @@ is the median of fairseq's train_inner wps after the first logging interval.
 in the process. With glibc's defaults, the 32 MB logits buffers are returned to the
 system and page-faulted in again, at different times on different workers, and every
 collective waits for the unlucky one. --malloc default measures that setting instead.
+
+--bind-cores pins each worker to its own cores, as PyTorch's CPU launcher
+(torch.backends.xeon.run_cpu) does, for all four models. Unpinned, the OS moves workers and
+their communication threads between cores, which makes one worker late at random; a BASE
+model synchronises 7 times per step where a dense one does once, so it pays more for that.
 """
 
 import argparse
@@ -25,6 +30,7 @@ import json
 import os
 import platform
 import re
+import runpy
 import statistics
 import subprocess
 import sys
@@ -52,9 +58,21 @@ MODELS = {
 }
 
 
-def words_per_second(name, data, workers, updates, train, model_flags, malloc="default"):
+def run_on_own_cores(train, *train_args):
+    """Runs ``train`` (a Python script) on this worker's share of the cores: torchrun's
+    LOCAL_RANK r of LOCAL_WORLD_SIZE W gets cores [r*C/W, (r+1)*C/W)."""
+    rank, workers = int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"])
+    per_worker = max(1, os.cpu_count() // workers)
+    first = rank * per_worker % os.cpu_count()
+    os.sched_setaffinity(0, range(first, first + per_worker))
+    sys.argv = [train, *train_args]
+    runpy.run_path(train, run_name="__main__")
+
+
+def words_per_second(name, data, workers, updates, train, model_flags, malloc="default", bind_cores=False):
+    launch = [os.path.abspath(__file__), "--run-on-own-cores", train] if bind_cores else [train]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(workers),
-           train, data, "--user-dir", USER_DIR, *TRUNK, *model_flags,
+           *launch, data, "--user-dir", USER_DIR, *TRUNK, *model_flags,
            "--max-update", str(updates), "--log-interval", str(updates // 6)]
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, os.cpu_count() // workers)))
     env.pop("GLIBC_TUNABLES", None)
@@ -76,6 +94,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--malloc", choices=["tuned", "default"], default="tuned",
                         help="glibc allocator settings for every run (see above)")
+    parser.add_argument("--bind-cores", action="store_true",
+                        help="pin each worker to its own cores (every model alike; see above)")
     parser.add_argument("--json", default="runs/bench/e2e.json")
     args = parser.parse_args()
     if not os.path.exists(os.path.join(args.data, "train.bin")):
@@ -85,20 +105,32 @@ def main():
     for round_ in range(args.rounds):
         for name in MODELS:
             wps[name].append(words_per_second(name, args.data, args.workers, args.updates, *MODELS[name],
-                                              args.malloc))
+                                              args.malloc, args.bind_cores))
             print(f"| round {round_ + 1}/{args.rounds}: {name} {wps[name][-1]:,.0f} words/s", flush=True)
     median = {name: statistics.median(v) for name, v in wps.items()}
+    # Ratios within each round too: the machine's speed drifts between rounds.
+    paired = {name: [a / b for a, b in zip(wps["fairseq_base"], v)] for name, v in wps.items()}
+    paired_dense = {name: [a / b for a, b in zip(v, wps["dense"])] for name, v in wps.items()}
     print(f"\nfairseq-train words/s, {args.workers} gloo workers on {platform.processor() or platform.machine()} "
-          f"({os.cpu_count()} cores), {args.malloc} malloc, median of {args.rounds} alternating rounds")
+          f"({os.cpu_count()} cores), {args.malloc} malloc{', cores bound' if args.bind_cores else ''}, "
+          f"median of {args.rounds} alternating rounds (per-round ratios: median [min, max])")
     print("| model | words/s | fairseq_base / this | this / dense |\n|---|---|---|---|")
     for name, value in median.items():
-        print(f"| {name} | {value:,.0f} | {median['fairseq_base'] / value:.3f}x | {value / median['dense']:.3f}x |")
+        print(f"| {name} | {value:,.0f} | {_ratios(paired[name])} | {_ratios(paired_dense[name])} |")
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     with open(args.json, "w") as f:
         json.dump({"args": vars(args), "machine": platform.platform(), "words_per_second": wps,
-                   "median": median}, f, indent=2)
+                   "median": median, "per_round_vs_fairseq_base": paired, "per_round_vs_dense": paired_dense},
+                  f, indent=2)
     print(f"\nwrote {args.json}")
 
 
+def _ratios(values):
+    return f"{statistics.median(values):.3f}x [{min(values):.3f}, {max(values):.3f}]"
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--run-on-own-cores"]:
+        run_on_own_cores(*sys.argv[2:])
+    else:
+        main()
