@@ -59,12 +59,13 @@ MODELS = {
 
 
 def run_on_own_cores(train, *train_args):
-    """Runs ``train`` (a Python script) on this worker's share of the cores: torchrun's
-    LOCAL_RANK r of LOCAL_WORLD_SIZE W gets cores [r*C/W, (r+1)*C/W)."""
+    """Runs ``train`` (a Python script) on this worker's share of the cores it may use:
+    torchrun's LOCAL_RANK r of LOCAL_WORLD_SIZE W gets the r-th of W equal slices."""
     rank, workers = int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"])
-    per_worker = max(1, os.cpu_count() // workers)
-    first = rank * per_worker % os.cpu_count()
-    os.sched_setaffinity(0, range(first, first + per_worker))
+    cores = sorted(os.sched_getaffinity(0))
+    per_worker = max(1, len(cores) // workers)
+    first = rank * per_worker % len(cores)
+    os.sched_setaffinity(0, cores[first:first + per_worker])
     sys.argv = [train, *train_args]
     runpy.run_path(train, run_name="__main__")
 

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from distributed_utils import run_workers
-from fairseq_base.dispatcher import TokenDispatcher
 from fairseq_base.assignment import balanced_assignment
+from fairseq_base.dispatcher import TokenDispatcher
 from fairseq_base.layer import BaseLayer
 from test_layer import Scale
 
