@@ -77,11 +77,15 @@ class BaseLayer(nn.Module):
                                    f"tokens in .token_ids (transformer_lm_base sets them)")
             # Hidden states are time-major [T, B, C]; token ids are [B, T].
             return hash_routing(self.token_ids.t(), self.hash_table), None
-        scores = tokens.matmul(self.centroids.t())
+        scores = self._scores(tokens)
         if self.router in BASE_ROUTERS:
             return ROUTERS[self.router if self.training else self.eval_routing](scores), scores
         # Outside training nothing is dropped, so that no token's output depends on its batch.
         return ROUTERS[self.router](scores, self.capacity_factor if self.training else None), scores
+
+    def _scores(self, tokens: Tensor) -> Tensor:
+        """[T, E]: each token's affinity h_t . w_e with each expert's centroid."""
+        return tokens.matmul(self.centroids.t())
 
     def _route_here(self, tokens: Tensor) -> Routing:
         routing, scores = self.route(tokens)
@@ -100,7 +104,7 @@ class BaseLayer(nn.Module):
         """
         group, workers = self.dispatcher.group, self.dispatcher.world_size
         local, rank = self.dispatcher.num_local_experts, world_rank(group)
-        scores = tokens.matmul(self.centroids.t())
+        scores = self._scores(tokens)
         split = even_split(self._token_counts(tokens), workers)  # split[w, v]: w's tokens for v's router
         sent, received = split[rank].tolist(), split[:, rank].tolist()
         order = torch.randperm(tokens.size(0), device=tokens.device)

@@ -177,8 +177,13 @@ class ExpertFeedForwardLayer(nn.Module):
         return self.moe(x)[0], attn, state
 
 
+def _decoder_tokens(args, kwargs) -> Tensor:
+    """The token ids [B, T] a decoder forward pre-hook sees."""
+    return args[0] if args else kwargs["prev_output_tokens"]
+
+
 def _give_hash_layers_token_ids(decoder, args, kwargs):
-    tokens = args[0] if args else kwargs["prev_output_tokens"]
+    tokens = _decoder_tokens(args, kwargs)
     if kwargs.get("incremental_state") is not None:
         tokens = tokens[:, -1:]  # as fairseq's decoder does: one new position per step
     for module in decoder.modules():
@@ -190,7 +195,7 @@ def _start_token_count_exchange(layers, decoder, args, kwargs):
     """Start the exchange of token counts that shuffling needs, in the background while the
     layers below the first BASE layer run; the BASE layers wait for it."""
     if decoder.training:
-        tokens = args[0] if args else kwargs["prev_output_tokens"]
+        tokens = _decoder_tokens(args, kwargs)
         exchange = SizeExchange(tokens.numel(), tokens.device, layers[0].dispatcher.group)
         for layer in layers:
             layer.token_count_exchange = exchange
