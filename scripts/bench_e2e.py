@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """End to end: words/s of fairseq-train on 2 gloo workers (CPU) for four identical trunks.
 
-    python scripts/bench_e2e.py [--workers 2 --updates 60 --rounds 3] [--malloc tuned|default]
+    python scripts/bench_e2e.py [--workers 2 --updates 60 --rounds 3 --tokens-per-sample 128]
+                                [--malloc tuned|default]
                                 [--bind-cores] [--json runs/bench/e2e.json]
 
 - fairseq_base: --arch transformer_lm_base --base-layers 1 (one expert per worker, E = W)
@@ -35,8 +36,9 @@ import statistics
 import subprocess
 import sys
 
-TRUNK = ["--task", "language_modeling", "--tokens-per-sample", "128", "--sample-break-mode", "none",
-         "--batch-size", "8", "--decoder-layers", "4", "--decoder-embed-dim", "256",
+SEQUENCES_PER_BATCH = 8
+TRUNK = ["--task", "language_modeling", "--sample-break-mode", "none",
+         "--batch-size", str(SEQUENCES_PER_BATCH), "--decoder-layers", "4", "--decoder-embed-dim", "256",
          "--decoder-ffn-embed-dim", "1024", "--decoder-attention-heads", "4", "--decoder-input-dim", "256",
          "--decoder-output-dim", "256", "--decoder-normalize-before", "--share-decoder-input-output-embed",
          "--optimizer", "adam", "--lr", "0.001", "--no-save", "--disable-validation", "--cpu",
@@ -70,10 +72,11 @@ def run_on_own_cores(train, *train_args):
     runpy.run_path(train, run_name="__main__")
 
 
-def words_per_second(name, data, workers, updates, train, model_flags, malloc="default", bind_cores=False):
+def words_per_second(name, data, workers, updates, tokens_per_sample, train, model_flags, malloc="default",
+                     bind_cores=False):
     launch = [os.path.abspath(__file__), "--run-on-own-cores", train] if bind_cores else [train]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(workers),
-           *launch, data, "--user-dir", USER_DIR, *TRUNK, *model_flags,
+           *launch, data, "--user-dir", USER_DIR, *TRUNK, "--tokens-per-sample", str(tokens_per_sample), *model_flags,
            "--max-update", str(updates), "--log-interval", str(updates // 6)]
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, os.cpu_count() // workers)))
     env.pop("GLIBC_TUNABLES", None)
@@ -92,6 +95,8 @@ def main():
     parser.add_argument("--data", default="data-bin/brown")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--updates", type=int, default=60)
+    parser.add_argument("--tokens-per-sample", type=int, default=128,
+                        help=f"sequence length; each worker's batch holds {SEQUENCES_PER_BATCH} sequences")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--malloc", choices=["tuned", "default"], default="tuned",
                         help="glibc allocator settings for every run (see above)")
@@ -105,14 +110,15 @@ def main():
     wps = {name: [] for name in MODELS}
     for round_ in range(args.rounds):
         for name in MODELS:
-            wps[name].append(words_per_second(name, args.data, args.workers, args.updates, *MODELS[name],
-                                              args.malloc, args.bind_cores))
+            wps[name].append(words_per_second(name, args.data, args.workers, args.updates, args.tokens_per_sample,
+                                              *MODELS[name], args.malloc, args.bind_cores))
             print(f"| round {round_ + 1}/{args.rounds}: {name} {wps[name][-1]:,.0f} words/s", flush=True)
     median = {name: statistics.median(v) for name, v in wps.items()}
     # Ratios within each round too: the machine's speed drifts between rounds.
     paired = {name: [a / b for a, b in zip(wps["fairseq_base"], v)] for name, v in wps.items()}
     paired_dense = {name: [a / b for a, b in zip(v, wps["dense"])] for name, v in wps.items()}
-    print(f"\nfairseq-train words/s, {args.workers} gloo workers on {platform.processor() or platform.machine()} "
+    print(f"\nfairseq-train words/s, {args.workers} gloo workers, {SEQUENCES_PER_BATCH * args.tokens_per_sample} tokens per worker "
+          f"and step, on {platform.processor() or platform.machine()} "
           f"({os.cpu_count()} cores), {args.malloc} malloc{', cores bound' if args.bind_cores else ''}, "
           f"median of {args.rounds} alternating rounds (per-round ratios: median [min, max])")
     print("| model | words/s | fairseq_base / this | this / dense |\n|---|---|---|---|")

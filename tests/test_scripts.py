@@ -1,5 +1,6 @@
-"""Data preparation and launch scripts."""
+"""Data preparation, launch and benchmark scripts."""
 
+import json
 import os
 import subprocess
 import sys
@@ -45,3 +46,15 @@ def test_reproduce_small_compares_routers(data_bin, tmp_path):  # noqa: F811
     rows = [line for line in (out / "results.md").read_text().splitlines() if line.startswith("| ")][1:]
     assert [row.split(" | ")[1] for row in rows] == ["small_switch", "small_hash"]
     assert (out / "valid_ppl.png").stat().st_size > 0 and (out / "expert_load.png").stat().st_size > 0
+
+
+def test_bench_layer_workers_compares_the_three_layers(tmp_path):
+    out = tmp_path / "layer_workers.json"
+    result = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "bench_layer_workers.py"), "--tokens", "64",
+                             "--dim", "16", "--ffn", "32", "--repeats", "2", "--json", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    saved = json.loads(out.read_text())
+    assert set(saved["ms"]) == {"fairseq_base", "fairseq_builtin", "ffn_floor"}
+    assert all(len(times) == 2 and min(times) > 0 for times in saved["times_s"].values())
+    assert "| fairseq_base |" in result.stdout
