@@ -13,8 +13,9 @@ fairseq_base against fairseq's built-in BaseLayer and the FFN floor.
 The defaults are the BASE layer of scripts/bench_e2e.py (tokens per worker and step, sizes),
 so this shows what its end-to-end numbers contain without the noise of the other layers.
 fairseq_base's token-count exchange starts before the timing, as the model starts it when
-the decoder starts. --malloc is as in bench_e2e.py. Every iteration starts at a barrier and counts until the slowest worker is done; the three
-layers alternate, and the table shows medians and ratios.
+the decoder starts. --malloc is as in bench_e2e.py. Every iteration starts at a barrier and
+counts until the slowest worker is done; the three layers alternate, and the table shows
+medians and ratios.
 """
 
 import argparse
@@ -25,7 +26,6 @@ import statistics
 import sys
 import tempfile
 import time
-from argparse import Namespace
 
 import torch
 import torch.distributed as dist
@@ -42,7 +42,7 @@ def build_layers(args):
     from fairseq.modules.base_layer import BaseLayer as BuiltinBaseLayer
 
     ours = BaseLayer(args.dim, args.ffn, args.workers)
-    builtin = BuiltinBaseLayer(Namespace(
+    builtin = BuiltinBaseLayer(argparse.Namespace(
         decoder_embed_dim=args.dim, decoder_ffn_embed_dim=args.ffn, base_sublayers=1, base_shuffle=1,
         activation_fn="relu", dropout=0.0, activation_dropout=0.0, quant_noise_pq=0,
         quant_noise_pq_block_size=8, decoder_normalize_before=True))
