@@ -117,9 +117,10 @@ def main():
     # Ratios within each round too: the machine's speed drifts between rounds.
     paired = {name: [a / b for a, b in zip(wps["fairseq_base"], v)] for name, v in wps.items()}
     paired_dense = {name: [a / b for a, b in zip(v, wps["dense"])] for name, v in wps.items()}
-    print(f"\nfairseq-train words/s, {args.workers} gloo workers, {SEQUENCES_PER_BATCH * args.tokens_per_sample} tokens per worker "
-          f"and step, on {platform.processor() or platform.machine()} "
-          f"({os.cpu_count()} cores), {args.malloc} malloc{', cores bound' if args.bind_cores else ''}, "
+    tokens_per_step = SEQUENCES_PER_BATCH * args.tokens_per_sample
+    print(f"\nfairseq-train words/s, {args.workers} gloo workers, {tokens_per_step} tokens per worker and step, "
+          f"on {platform.processor() or platform.machine()} ({os.cpu_count()} cores), "
+          f"{args.malloc} malloc{', cores bound' if args.bind_cores else ''}, "
           f"median of {args.rounds} alternating rounds (per-round ratios: median [min, max])")
     print("| model | words/s | fairseq_base / this | this / dense |\n|---|---|---|---|")
     for name, value in median.items():
