@@ -9,10 +9,6 @@ only, as the lower bound on what a BASE layer can cost; not a model.
 import os
 import sys
 
-# The package that --user-dir names (this repository's), even if another copy is installed.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from fairseq_base.layer import BaseLayer  # noqa: E402
-
 
 def ffn_only_forward(self, x, *args, **kwargs):
     """BaseLayer.forward without routing: x + the first local expert's FFN(x), for every token."""
@@ -21,7 +17,11 @@ def ffn_only_forward(self, x, *args, **kwargs):
 
 
 if __name__ == "__main__":
-    from fairseq_cli.train import cli_main
+    from fairseq_cli.train import cli_main  # first: it sets up fairseq's log format
+
+    # The package that --user-dir names (this repository's), even if another copy is installed.
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from fairseq_base.layer import BaseLayer
 
     BaseLayer.forward = ffn_only_forward
     cli_main()
