@@ -15,10 +15,14 @@ the auction's epsilon-complementary-slackness bound holds:
 
     objective >= optimum - (number of slot holders) * epsilon.
 
-On CPU the auction runs in a small C++ kernel (``csrc/auction.cpp``, compiled on first
-use, one bid at a time); elsewhere, or if the kernel cannot be built, in PyTorch, where all
-unassigned tokens bid at once (Jacobi auction) and each slot column keeps its highest
-bidders, so that there is no Python loop over tokens.
+The auction runs in a small C++ kernel (``csrc/auction.cpp``, compiled on first use, one
+bid at a time), on a host copy of the scores when they are on a GPU. Where the kernel
+cannot be built it runs in PyTorch, where all unassigned tokens bid at once (Jacobi
+auction) and each slot column keeps its highest bidders, with no Python loop over tokens.
+
+Both auctions always end: scores are shifted first (``_shifted``), so that no price
+step is lost to rounding, and the bids (kernel) or bidding rounds (PyTorch) are capped;
+a capped auction is finished by ``_complete_assignment``, which keeps the exact balance.
 """
 
 import hashlib
@@ -32,13 +36,20 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
-# Epsilon-scaling schedule: start at INITIAL_EPS * span (most tokens keep their top-1
-# expert, so a fine start wastes little), divide by EPS_FACTOR per phase, and stop at a
-# final epsilon small enough that the bound above is a negligible share of the score
-# span (FINAL_GAP * span in total over all tokens). Tuned with scripts/bench_assignment.py.
+# Epsilon-scaling schedule, in units of the largest row spread (see ``_shifted``): start at INITIAL_EPS (most tokens keep their top-1 expert, so a fine
+# start wastes little), divide by EPS_FACTOR per phase, and stop at a final epsilon small
+# enough that the bound above is a negligible share of the spread (FINAL_GAP in total over
+# all tokens). Tuned with scripts/bench_assignment.py.
 INITIAL_EPS = 1e-3
 EPS_FACTOR = 16.0
 FINAL_GAP = 1e-6
+# Caps that make every auction end (then ``_complete_assignment`` finishes it): bids per
+# slot row for the compiled kernel, bidding rounds for the PyTorch auction. The problems of
+# scripts/bench_assignment.py, heavy ties and one popular expert, up to 16384 x 128, need
+# under 100 bids per row; the PyTorch auction needs 1,426 rounds at 2048 x 128.
+MAX_BIDS_PER_ROW = 1000
+MAX_ROUNDS = 20000
+SMALLEST_UNIT = 1e-280  # a smaller row spread would make the final epsilon underflow
 # Sinkhorn (S-BASE): stop when every expert's share of the plan is within 1% of T/E.
 SINKHORN_TOLERANCE = 0.01
 SINKHORN_MAX_ITERATIONS = 100
@@ -53,19 +64,21 @@ def _check_scores(scores: Tensor) -> None:
         raise TypeError(f"scores must be a floating-point tensor, got {scores.dtype}")
 
 
-def sanitize_scores(scores: Tensor, dtype=torch.float64):
-    """(copy in ``dtype`` in which NaN and -inf rank below every finite score and +inf above, its span)."""
+def sanitize_scores(scores: Tensor, dtype=torch.float64) -> Tensor:
+    """A copy in ``dtype`` in which NaN and -inf rank below every finite score and +inf above
+    (in float64 if the scores hold NaN or inf, so that the stand-in values stay finite)."""
     s = scores.detach().to(dtype)
     lo, hi = torch.aminmax(s)
     if bool(torch.isfinite(lo) & torch.isfinite(hi)):  # aminmax propagates NaN: all finite
-        return s, float(hi - lo)
+        return s
+    s = s.double()
     finite = torch.isfinite(s)
     if not bool(finite.any()):
-        return torch.zeros_like(s), 0.0
+        return torch.zeros_like(s)
     lo, hi = s[finite].min(), s[finite].max()
     span = torch.clamp(hi - lo, min=1.0)
     s = torch.where(torch.isnan(s), lo - span, s)
-    return torch.minimum(torch.maximum(s, lo - span), hi + span), float(3 * span)
+    return torch.minimum(torch.maximum(s, lo - span), hi + span)
 
 
 def greedy_assignment(scores: Tensor) -> Tensor:
@@ -81,23 +94,40 @@ def balanced_assignment(scores: Tensor) -> Tensor:
         scores: float tensor [T, E] (any float dtype, any device) of token-expert affinities.
 
     Returns:
-        LongTensor [T] of expert ids in which every expert appears floor(T/E) or ceil(T/E) times.
+        LongTensor [T] (on the scores' device) of expert ids in which every expert appears
+        floor(T/E) or ceil(T/E) times.
+
+    Scores on a GPU are solved by the compiled kernel on a host copy: one device-to-host copy
+    instead of a host synchronisation in every bidding round of the PyTorch auction
+    (``scripts/bench_assignment.py`` compares the two on CUDA).
     """
     _check_scores(scores)
     num_tokens, num_experts = scores.shape
     if num_tokens == 0 or num_experts == 1:
         return torch.zeros(num_tokens, dtype=torch.long, device=scores.device)
+    kernel = _cpu_kernel()
+    if kernel is None:
+        return _torch_auction_assignment(scores)
+    host = scores.detach().cpu()
+    # The kernel reads float32 or float64 scores and keeps its prices in float64.
+    host = sanitize_scores(host, torch.float64 if host.dtype == torch.float64 else torch.float32)
+    rows = _slot_rows(num_tokens, num_experts)
+    initial_eps, final_eps = _eps_range(rows)
+    slot = kernel.auction_assignment(host, initial_eps, final_eps, EPS_FACTOR, MAX_BIDS_PER_ROW * rows)
+    if bool((slot < 0).any()):
+        slot = _complete_assignment(slot, host)
+    return (slot[:num_tokens] % num_experts).to(scores.device)
 
-    kernel = _cpu_kernel() if scores.device.type == "cpu" else None
-    # The kernel reads float32 or float64 scores; both auctions keep their prices in float64.
-    dtype = torch.float32 if kernel is not None and scores.dtype != torch.float64 else torch.float64
-    scores, span = sanitize_scores(scores, dtype)
-    rows = num_tokens + (num_experts - num_tokens % num_experts) % num_experts  # tokens + phantoms
-    initial_eps, final_eps = _eps_range(span, rows)
-    if kernel is not None:
-        return kernel.auction_assignment(scores, initial_eps, final_eps, EPS_FACTOR)
-    benefit, capacity = _slot_problem(scores)
-    slot = _auction(benefit, capacity, initial_eps, final_eps)
+
+def _torch_auction_assignment(scores: Tensor) -> Tensor:
+    """``balanced_assignment`` by the PyTorch auction, on the scores' device."""
+    num_tokens, num_experts = scores.shape
+    shifted, unit = _shifted(sanitize_scores(scores, torch.float64))
+    benefit, capacity = _slot_problem(shifted)
+    initial_eps, final_eps = _eps_range(benefit.size(0), unit)
+    slot = _auction(benefit, capacity, initial_eps, final_eps, MAX_ROUNDS)
+    if bool((slot < 0).any()):
+        slot = _complete_assignment(slot, shifted)
     return slot[:num_tokens] % num_experts
 
 
@@ -115,7 +145,7 @@ def sinkhorn_assignment(scores: Tensor, tolerance: float = SINKHORN_TOLERANCE,
     num_tokens, num_experts = scores.shape
     if num_tokens == 0 or num_experts == 1:
         return torch.zeros(num_tokens, dtype=torch.long, device=scores.device)
-    log_plan, _ = sanitize_scores(scores, torch.float32)
+    log_plan = sanitize_scores(scores, torch.float32).float()
     log_column_target = math.log(num_tokens / num_experts)
     column_scale = log_plan.new_zeros(num_experts)
     for _ in range(max_iterations):
@@ -128,10 +158,59 @@ def sinkhorn_assignment(scores: Tensor, tolerance: float = SINKHORN_TOLERANCE,
     return (log_plan + column_scale).argmax(dim=1)
 
 
-def _eps_range(span: float, rows: int):
-    """First and last epsilon of the scaling schedule for scores spanning ``span``."""
-    span = span or 1.0
-    return INITIAL_EPS * span, FINAL_GAP * span / rows
+def _eps_range(rows: int, unit: float = 1.0):
+    """First and last epsilon of the scaling schedule, in units of the largest row spread."""
+    return INITIAL_EPS * unit, FINAL_GAP * unit / rows
+
+
+def _slot_rows(num_tokens: int, num_experts: int) -> int:
+    """Rows of the slot problem: tokens and phantoms."""
+    return num_tokens + (num_experts - num_tokens % num_experts) % num_experts
+
+
+def _shifted(scores: Tensor):
+    """(finite float64 scores with each row shifted to a maximum of 0, the largest row spread).
+
+    The shift does not change the balanced optimum; it keeps every value in [-spread, 0]
+    whatever the scores' magnitude, so that epsilons in units of the spread are never lost
+    to rounding. A spread below SMALLEST_UNIT counts as 1 (such rows are ties at any epsilon).
+    The compiled kernel shifts the same way."""
+    shifted = scores - scores.amax(dim=1, keepdim=True)
+    spread = float(-shifted.amin()) if shifted.numel() else 0.0
+    return shifted, spread if spread >= SMALLEST_UNIT else 1.0
+
+
+def _complete_assignment(slot: Tensor, scores: Tensor) -> Tensor:
+    """The fallback after the bid or round cap: give every row without a slot a free one.
+
+    Phantom rows (which may only take extra slots) go first, each to a free extra slot or,
+    if none is left, to one held by a token, which then joins the rows without a slot. Each
+    remaining token takes the free slot of its best expert. Every slot ends up taken, so
+    loads keep the exact floor/ceil balance; only the objective may fall short.
+    """
+    logger.warning("fairseq_base: the balanced assignment's auction reached its cap on %d tokens x %d experts; "
+                   "finishing greedily (exact balance, objective possibly below the optimum)", *scores.shape)
+    num_tokens, num_experts = scores.shape
+    benefit, capacity = _slot_problem(_shifted(scores.detach().cpu().double())[0])
+    slot = slot.cpu().clone()
+    free = capacity.cpu() - torch.bincount(slot[slot >= 0], minlength=capacity.numel())
+    extra = torch.arange(capacity.numel() - num_experts if num_tokens % num_experts else capacity.numel(),
+                         capacity.numel())
+    waiting = [int(row) for row in torch.nonzero(slot < 0).squeeze(1)]
+    for row in [r for r in waiting if r >= num_tokens]:  # phantoms
+        open_extra = extra[free[extra] > 0]
+        if open_extra.numel() > 0:
+            column = int(open_extra[0])
+        else:
+            holder = int(torch.nonzero((slot[:num_tokens, None] == extra).any(1))[0])
+            column = int(slot[holder])
+            slot[holder], free[column] = -1, free[column] + 1
+            waiting.append(holder)
+        slot[row], free[column] = column, free[column] - 1
+    for row in [r for r in waiting if r < num_tokens and slot[r] < 0]:
+        column = int(benefit[row].masked_fill(free <= 0, float("-inf")).argmax())
+        slot[row], free[column] = column, free[column] - 1
+    return slot.to(scores.device)
 
 
 _KERNEL = {}
@@ -184,8 +263,9 @@ def _slot_problem(scores: Tensor):
     return benefit, capacity
 
 
-def _auction(benefit: Tensor, capacity: Tensor, eps: float, final_eps: float) -> Tensor:
-    """Forward Jacobi auction with epsilon scaling; returns the slot column of every row.
+def _auction(benefit: Tensor, capacity: Tensor, eps: float, final_eps: float, max_rounds: int) -> Tensor:
+    """Forward Jacobi auction with epsilon scaling; returns the slot column of every row, -1
+    for rows left without one when ``max_rounds`` bidding rounds have run.
 
     ``benefit`` is [N, C] float64 with -inf for forbidden (row, column) pairs, every row has
     at least two allowed columns, and ``capacity.sum() == N``.
@@ -210,19 +290,20 @@ def _auction(benefit: Tensor, capacity: Tensor, eps: float, final_eps: float) ->
             keep = assigned & (own >= torch.maximum(own, other) - eps)
             column = torch.where(keep, column, torch.full_like(column, -1))
             held_bid = torch.where(keep, benefit[rows, own_col] - other + eps, held_bid)
-        _auction_phase(benefit, capacity, price, column, held_bid, eps)
-        if eps <= final_eps:
+        max_rounds -= _auction_phase(benefit, capacity, price, column, held_bid, eps, max_rounds)
+        if eps <= final_eps or max_rounds <= 0:
             return column
         eps = max(eps / EPS_FACTOR, final_eps)
 
 
-def _auction_phase(benefit, capacity, price, column, held_bid, eps) -> None:
-    """Bid until every row holds a slot; updates price, column and held_bid in place."""
+def _auction_phase(benefit, capacity, price, column, held_bid, eps, max_rounds: int) -> int:
+    """Bid until every row holds a slot or ``max_rounds`` rounds have run; updates price,
+    column and held_bid in place and returns the number of rounds."""
     num_cols = benefit.size(1)
-    while True:
+    for rounds in range(max_rounds):
         bidders = torch.nonzero(column < 0).squeeze(1)
         if bidders.numel() == 0:
-            return
+            return rounds
         value = benefit[bidders] - price
         top2 = value.topk(2, dim=1)
         target = top2.indices[:, 0]
@@ -249,3 +330,4 @@ def _auction_phase(benefit, capacity, price, column, held_bid, eps) -> None:
         lowest = torch.full_like(price, float("inf")).scatter_reduce(
             0, cand_col[won], cand_bid[won], reduce="amin")
         price.copy_(torch.where(full, lowest, price))
+    return max_rounds

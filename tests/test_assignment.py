@@ -1,3 +1,7 @@
+import faulthandler
+import logging
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -8,12 +12,16 @@ import fairseq_base.assignment as assignment
 from fairseq_base.assignment import balanced_assignment, greedy_assignment
 
 
-@pytest.fixture(params=["cpu_kernel", "torch"], autouse=True)
+@pytest.fixture(params=["kernel", "torch"], autouse=True)
 def backend(request, monkeypatch):
-    """Run every test on both solvers: the compiled CPU auction and the PyTorch one (CUDA's)."""
+    """Run every test on both solvers: the compiled auction (which also solves CUDA scores, on a
+    host copy) and the PyTorch one (used where the kernel cannot be built). A solver that never
+    ends fails the run after 120 s instead of hanging it (the kernel cannot be interrupted)."""
     if request.param == "torch":
         monkeypatch.setattr(assignment, "_cpu_kernel", lambda: None)
-    return request.param
+    faulthandler.dump_traceback_later(120, exit=True)
+    yield request.param
+    faulthandler.cancel_dump_traceback_later()
 
 
 def assert_balanced(ids, num_tokens, num_experts):
@@ -129,3 +137,87 @@ def test_never_imports_libbase():
     code = ("import sys, torch; from fairseq_base.assignment import balanced_assignment; "
             "balanced_assignment(torch.randn(64, 4)); assert 'fairseq.libbase' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _ties_of_one_ulp():
+    """4096 x 8 float32 scores of 1.0 and the next float up: the kernel's old final epsilon
+    (a millionth of the spread over the rows) vanished next to 1.0 and it bid forever."""
+    gen = torch.Generator().manual_seed(5)
+    return torch.where(torch.rand(4096, 8, generator=gen) < 0.5, torch.tensor(1.0),
+                       torch.tensor(1.0).nextafter(torch.tensor(2.0)))
+
+
+# Finite scores on which the auction used to loop forever (issue 13).
+ENDLESS_BEFORE = {
+    "1e30 everywhere": lambda gen: torch.full((4, 2), 1e30),
+    "1e9 everywhere": lambda gen: torch.full((64, 4), 1e9),
+    "1e30 + randn, float32": lambda gen: 1e30 + torch.randn(64, 4, generator=gen),
+    "1e3 + 1e-10 randn, float64": lambda gen: 1e3 + 1e-10 * torch.randn(64, 4, generator=gen, dtype=torch.float64),
+    "1e20 + randn, float64": lambda gen: 1e20 + torch.randn(64, 4, generator=gen, dtype=torch.float64),
+    "one-ulp ties": lambda gen: _ties_of_one_ulp(),
+}
+
+
+@pytest.mark.parametrize("name", list(ENDLESS_BEFORE))
+def test_inputs_that_used_to_loop_forever_end_balanced_within_a_second(name):
+    scores = ENDLESS_BEFORE[name](torch.Generator().manual_seed(4))
+    start = time.perf_counter()
+    ids = balanced_assignment(scores)
+    assert time.perf_counter() - start < 1.0  # generous: these take milliseconds
+    assert_balanced(ids, *scores.shape)
+
+
+def test_a_large_offset_does_not_change_the_assignment():
+    # Shifting every row by a constant leaves the optimum as it is; in float64 an offset of
+    # 1e6 keeps the differences exact enough that the assignment must be the same.
+    scores = torch.randn(300, 6, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    offsets = torch.randint(-3, 4, (300, 1), generator=torch.Generator().manual_seed(7)).double() * 1e6
+    assert torch.equal(balanced_assignment(scores + offsets), balanced_assignment(scores))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 200), st.integers(2, 9), st.integers(-30, 30), st.integers(-30, 30),
+       st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.float64]), st.integers(0, 2**31 - 1))
+def test_ends_balanced_at_every_magnitude_and_precision(num_tokens, num_experts, offset_exp, spread_exp, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    sign = 1.0 if seed % 2 else -1.0
+    scores = (sign * 10.0 ** offset_exp + 10.0 ** spread_exp * torch.randn(num_tokens, num_experts, generator=gen,
+                                                                          dtype=torch.float64)).to(dtype)
+    start = time.perf_counter()
+    ids = balanced_assignment(scores)
+    assert time.perf_counter() - start < 1.0
+    assert_balanced(ids, num_tokens, num_experts)
+
+
+@pytest.mark.parametrize("num_tokens,num_experts", [(50, 7), (64, 4), (3, 5), (1000, 16)])
+def test_capped_auction_is_finished_with_exact_balance(monkeypatch, caplog, num_tokens, num_experts):
+    """With a cap of one bid per row (kernel) or one round (PyTorch) the auction stops early
+    and the fallback fills every slot: still exactly balanced, with a warning."""
+    monkeypatch.setattr(assignment, "MAX_BIDS_PER_ROW", 1)
+    monkeypatch.setattr(assignment, "MAX_ROUNDS", 1)
+    scores = torch.randn(num_tokens, num_experts, generator=torch.Generator().manual_seed(8))
+    scores[:, 0] += 3.0  # everyone wants expert 0: an early stop leaves many rows without a slot
+    with caplog.at_level(logging.WARNING, logger="fairseq_base.assignment"):
+        ids = balanced_assignment(scores)
+    assert_balanced(ids, num_tokens, num_experts)
+    assert "reached its cap" in caplog.text
+
+
+def test_fallback_gives_phantom_rows_the_extra_slots():
+    """Phantom rows (T mod E != 0) may take only extra slots; when tokens hold all of them the
+    fallback moves a token to a free main slot. 5 tokens, 2 experts: main slots 0, 1 (two
+    each), extra slots 2, 3, and one phantom (row 5)."""
+    scores = torch.tensor([[1.0, 0.0]] * 5)
+    slot = torch.tensor([2, 3, 0, 0, -1, -1])  # tokens hold both extra slots; token 4 and the phantom wait
+    done = assignment._complete_assignment(slot, scores)
+    assert sorted(done.tolist()) == [0, 0, 1, 1, 2, 3]
+    assert done[5] in (2, 3)  # the phantom holds an extra slot
+    assert_balanced(done[:5] % 2, 5, 2)
+
+
+@pytest.mark.cuda
+def test_cuda_scores_are_solved_on_the_host_with_the_same_result():
+    scores = torch.randn(2048, 128, generator=torch.Generator().manual_seed(9))
+    ids = balanced_assignment(scores.cuda())
+    assert ids.device.type == "cuda"
+    assert torch.equal(ids.cpu(), balanced_assignment(scores))

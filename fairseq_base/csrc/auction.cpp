@@ -7,6 +7,11 @@
 // O(columns + log capacity). A phase keeps every holder that still satisfies
 // eps-complementary slackness; that check first uses a stale upper bound of the row's best
 // other value (prices only rise, so it only overestimates) and rescans only rows it flags.
+//
+// The epsilons are given in units of the largest row spread. Where the scores are far from 0
+// next to that spread, each row is shifted as in assignment.py's _shifted (its maximum
+// subtracted; the optimum does not change), so that an epsilon step is never lost to rounding.
+// At most max_bids bids are placed; rows still unassigned then are returned as -1.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -20,16 +25,55 @@ namespace {
 
 using Bid = std::pair<double, int64_t>;  // (bid, row); min-heap on bid
 const double kForbidden = -std::numeric_limits<double>::infinity();
+const double kSmallestUnit = 1e-280;  // as SMALLEST_UNIT in assignment.py
+// Scores within 16 spreads of 0 need no shift for up to 1e7 rows: the final epsilon,
+// 1e-6 / rows spreads, is then still 30 ulps of the largest value.
+const double kUnshiftedMagnitude = 16.0;
+const int64_t kUnshiftedRows = 10000000;
 
 template <typename scalar_t>
 struct SlotProblem {
-  const scalar_t* scores;  // [T, E] row-major
+  const scalar_t* scores;  // [T, E] row-major, see shift()
   int64_t tokens, experts, main_cols, cols, rows;
   std::vector<int64_t> capacity;
+  std::vector<scalar_t> shifted_scores;
+  double unit;  // the largest row spread (1 if every row is about constant)
 
   double benefit(int64_t row, int64_t col) const {
     if (row < tokens) return scores[row * experts + (col < main_cols ? col : col - main_cols)];
     return col < main_cols ? kForbidden : 0.0;  // phantom row
+  }
+
+  // Points scores at ``raw``, or at a copy with each row shifted (in double, then rounded)
+  // where the scores' magnitude would swamp the final epsilon.
+  void shift(const scalar_t* raw) {
+    scores = raw;
+    std::vector<double> row_spread(tokens, 0.0), row_magnitude(tokens, 0.0);
+    at::parallel_for(0, tokens, 1024, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const scalar_t* s = raw + t * experts;
+        scalar_t hi = s[0], lo = s[0];
+        for (int64_t e = 1; e < experts; ++e) {
+          hi = s[e] > hi ? s[e] : hi;
+          lo = s[e] < lo ? s[e] : lo;
+        }
+        row_spread[t] = static_cast<double>(hi) - static_cast<double>(lo);
+        row_magnitude[t] = std::max(std::abs(static_cast<double>(hi)), std::abs(static_cast<double>(lo)));
+      }
+    });
+    const double spread = *std::max_element(row_spread.begin(), row_spread.end());
+    const double magnitude = *std::max_element(row_magnitude.begin(), row_magnitude.end());
+    unit = spread >= kSmallestUnit ? spread : 1.0;
+    if (magnitude <= kUnshiftedMagnitude * unit && rows <= kUnshiftedRows) return;
+    shifted_scores.resize(tokens * experts);
+    at::parallel_for(0, tokens, 1024, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const scalar_t* s = raw + t * experts;
+        const double hi = *std::max_element(s, s + experts);
+        for (int64_t e = 0; e < experts; ++e) shifted_scores[t * experts + e] = static_cast<double>(s[e]) - hi;
+      }
+    });
+    scores = shifted_scores.data();
   }
 };
 
@@ -41,10 +85,12 @@ struct Auction {
   std::vector<double> other;         // upper bound of the row's best value elsewhere
   std::vector<std::vector<Bid>> heap;
   std::vector<int64_t> unassigned;
+  int64_t bids_left;
 
-  explicit Auction(const SlotProblem<scalar_t>& problem)
+  Auction(const SlotProblem<scalar_t>& problem, int64_t max_bids)
       : p(problem), price(problem.cols, 0.0), column(problem.rows, -1),
-        other(problem.rows, std::numeric_limits<double>::infinity()), heap(problem.cols) {}
+        other(problem.rows, std::numeric_limits<double>::infinity()), heap(problem.cols),
+        bids_left(max_bids) {}
 
   static void consider(double v, int64_t c, int64_t* best, double* v1, double* v2) {
     if (v > *v1) {
@@ -78,6 +124,7 @@ struct Auction {
   // Row bids for column col, where v2 is its best value elsewhere (at current or earlier
   // prices: prices only rise, so an earlier v2 still gives a valid bid).
   void place(int64_t row, int64_t col, double v2, double eps) {
+    --bids_left;
     double amount = p.benefit(row, col) - v2 + eps;
     auto& h = heap[col];
     h.emplace_back(amount, row);
@@ -125,7 +172,8 @@ struct Auction {
     }
   }
 
-  void run_phase(double eps) {
+  // False if the bid budget ran out (rows may then be left unassigned).
+  bool run_phase(double eps) {
     start_phase(eps);
     // The phase's first bids only read prices, so compute them in parallel (in the first
     // phase that is every row: the greedy pass), then place them one by one.
@@ -142,6 +190,7 @@ struct Auction {
     });
     for (int64_t i = 0; i < n; ++i) place(first[i], target[i], second[i], eps);
     while (!unassigned.empty()) {
+      if (bids_left <= 0) return false;
       int64_t row = unassigned.back();
       unassigned.pop_back();
       int64_t best;
@@ -149,13 +198,14 @@ struct Auction {
       best_two(row, &best, &v1, &v2);
       place(row, best, v2, eps);
     }
+    return true;
   }
 };
 
 template <typename scalar_t>
-torch::Tensor run_auction(const torch::Tensor& s, double initial_eps, double final_eps, double eps_factor) {
+torch::Tensor run_auction(const torch::Tensor& s, double initial_eps, double final_eps, double eps_factor,
+                          int64_t max_bids) {
   SlotProblem<scalar_t> p;
-  p.scores = s.data_ptr<scalar_t>();
   p.tokens = s.size(0);
   p.experts = s.size(1);
   int64_t per_expert = p.tokens / p.experts, remainder = p.tokens % p.experts;
@@ -164,30 +214,31 @@ torch::Tensor run_auction(const torch::Tensor& s, double initial_eps, double fin
   p.rows = p.tokens + (remainder > 0 ? p.experts - remainder : 0);
   p.capacity.assign(p.main_cols, per_expert);
   p.capacity.resize(p.cols, 1);
+  p.shift(s.data_ptr<scalar_t>());
 
-  Auction<scalar_t> auction(p);
+  Auction<scalar_t> auction(p, max_bids);
+  initial_eps *= p.unit;
+  final_eps *= p.unit;
   for (double eps = initial_eps;; eps = std::max(eps / eps_factor, final_eps)) {
-    auction.run_phase(eps);
-    if (eps <= final_eps) break;
+    if (!auction.run_phase(eps) || eps <= final_eps) break;
   }
-  torch::Tensor out = torch::empty({p.tokens}, torch::kLong);
-  auto* ids = out.data_ptr<int64_t>();
-  for (int64_t t = 0; t < p.tokens; ++t) {
-    int64_t col = auction.column[t];
-    ids[t] = col < p.main_cols ? col : col - p.main_cols;
-  }
+  torch::Tensor out = torch::empty({p.rows}, torch::kLong);
+  std::copy(auction.column.begin(), auction.column.end(), out.data_ptr<int64_t>());
   return out;
 }
 
 }  // namespace
 
-// scores: finite float32 or float64 [T, E] on CPU with T >= 1, E >= 2. Returns the expert of every token.
-torch::Tensor auction_assignment(torch::Tensor scores, double initial_eps, double final_eps, double eps_factor) {
+// scores: finite float32 or float64 [T, E] on CPU with T >= 1, E >= 2; epsilons in units of
+// the largest row spread.
+// Returns the slot column of every row (tokens, then phantoms), -1 where the bid budget ran out.
+torch::Tensor auction_assignment(torch::Tensor scores, double initial_eps, double final_eps, double eps_factor,
+                                 int64_t max_bids) {
   TORCH_CHECK(scores.dim() == 2 && scores.size(0) >= 1 && scores.size(1) >= 2 && !scores.is_cuda());
   auto s = scores.contiguous();
   torch::Tensor out;
   AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "auction_assignment", [&] {
-    out = run_auction<scalar_t>(s, initial_eps, final_eps, eps_factor);
+    out = run_auction<scalar_t>(s, initial_eps, final_eps, eps_factor, max_bids);
   });
   return out;
 }
