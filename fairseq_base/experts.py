@@ -1,6 +1,6 @@
 """Expert networks: each expert is a stack of residual feed-forward sublayers."""
 
-from typing import List
+from typing import Iterable, List
 
 import torch
 from fairseq import utils
@@ -46,16 +46,22 @@ class Expert(nn.Sequential):
 class LocalExperts(nn.ModuleList):
     """The experts held by this worker; ``self[j]`` maps local expert j's tokens to their updates.
 
-    Every parameter is tagged ``expert = True`` so that fairseq's legacy_ddp does not
-    average it across data-parallel workers.
+    Expert g starts from a generator seeded with ``seed + g``: its initial weights depend on
+    the seed and its global id only, so that the experts of a model built for W workers are
+    those of the one-process model, and no two experts start equal. Every parameter is
+    tagged ``expert = True`` so that fairseq's legacy_ddp does not average it across
+    data-parallel workers.
     """
 
-    def __init__(self, num_experts: int, embed_dim: int, ffn_dim: int, num_sublayers: int,
-                 activation_fn: str = "relu"):
-        super().__init__(
-            Expert(*(ExpertSublayer(embed_dim, ffn_dim, activation_fn) for _ in range(num_sublayers)))
-            for _ in range(num_experts)
-        )
+    def __init__(self, global_ids: Iterable[int], embed_dim: int, ffn_dim: int, num_sublayers: int,
+                 activation_fn: str = "relu", seed: int = 0):
+        experts = []
+        for global_id in global_ids:
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(seed + global_id)
+                experts.append(Expert(*(ExpertSublayer(embed_dim, ffn_dim, activation_fn)
+                                        for _ in range(num_sublayers))))
+        super().__init__(experts)
         for param in self.parameters():
             param.expert = True
 

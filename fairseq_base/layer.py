@@ -53,7 +53,11 @@ class BaseLayer(nn.Module):
             self.centroids = nn.Parameter(nn.init.orthogonal_(torch.empty(num_experts, embed_dim), gain=0.1))
         local = self.dispatcher.num_local_experts
         first = world_rank(group) * local
-        self.experts = LocalExperts(local, embed_dim, ffn_dim, num_sublayers, activation_fn)
+        # Drawn from the global generator, like every other initial weight, so that it follows
+        # --seed; the experts are then built from it and their global ids alone.
+        experts_seed = int(torch.randint(2**62, ()))
+        self.experts = LocalExperts(range(first, first + local), embed_dim, ffn_dim, num_sublayers,
+                                    activation_fn, experts_seed)
         self.dropout = nn.Dropout(dropout)
         # The global ids of the local experts, saved with them so that a checkpoint knows them.
         self.register_buffer("expert_ids", torch.arange(first, first + local))
@@ -84,8 +88,11 @@ class BaseLayer(nn.Module):
         return ROUTERS[self.router](scores, self.capacity_factor if self.training else None), scores
 
     def _scores(self, tokens: Tensor) -> Tensor:
-        """[T, E]: each token's affinity h_t . w_e with each expert's centroid."""
-        return tokens.matmul(self.centroids.t())
+        """[T, E] float32: each token's affinity h_t . w_e with each expert's centroid.
+
+        In float32 whatever the model's dtype: in fp16 or bf16 the products would round
+        (bf16 keeps 8 bits), and routing decisions would follow the rounding."""
+        return tokens.float().matmul(self.centroids.float().t())
 
     def _route_here(self, tokens: Tensor) -> Routing:
         routing, scores = self.route(tokens)

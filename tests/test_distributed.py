@@ -206,3 +206,20 @@ def test_shuffled_training_sends_each_token_to_one_expert_with_balanced_loads(si
     assert loads.sum() == sum(sizes) and loads.max() - loads.min() <= len(sizes)
     if sizes == [8, 8]:
         assert loads.tolist() == [4, 4, 4, 4]
+
+
+def _expert_init_worker(rank, world_size, num_experts):
+    torch.manual_seed(11)
+    layer = BaseLayer(8, 16, num_experts=num_experts)
+    return layer.expert_ids.tolist(), [expert.state_dict() for expert in layer.experts], layer.centroids.detach()
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_a_model_for_w_workers_holds_the_experts_of_the_one_process_model(world_size):
+    torch.manual_seed(11)
+    one = BaseLayer(8, 16, num_experts=4)
+    for ids, states, centroids in run_workers(_expert_init_worker, world_size, 4):
+        assert torch.equal(centroids, one.centroids.detach())
+        for global_id, state in zip(ids, states):
+            for key, value in one.experts[global_id].state_dict().items():
+                assert torch.equal(state[key], value), (global_id, key)

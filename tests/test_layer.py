@@ -153,3 +153,48 @@ def test_explicit_positions():
 def test_bad_positions(spec, count, match):
     with pytest.raises(BaseLayerConfigError, match=match):
         base_layer_positions(24, count, spec)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("router", ["balanced", "sbase", "switch", "top2"])
+def test_routing_scores_are_float32_in_a_half_precision_model(dtype, router):
+    """Two centroids whose scores differ by less than half a bf16/fp16 step at 8: in the model's
+    dtype the products tie (and argmax takes expert 0); in float32 expert 1 wins."""
+    layer = BaseLayer(2, 4, num_experts=2, router=router).eval().to(dtype)
+    with torch.no_grad():
+        layer.centroids.copy_(torch.tensor([[1.0, 0.0], [1.0, 1 / 512]]))
+    tokens = torch.tensor([[8.0, 1.0]], dtype=dtype)
+    assert (tokens @ layer.centroids.t()).diff().item() == 0  # the rounding that float32 avoids
+    scores = layer._scores(tokens)
+    assert scores.dtype == torch.float32
+    assert torch.equal(scores, tokens.float() @ layer.centroids.float().t())
+    routing, routed_scores = layer.route(tokens)
+    assert routing.expert_ids[0, 0].item() == 1
+    assert routing.gates.dtype == torch.float32 and routed_scores.dtype == torch.float32
+    out, _, _ = layer(tokens[None])
+    assert out.dtype == dtype  # only routing is in float32; the layer's output keeps the model's dtype
+
+
+def test_sinkhorn_routes_half_precision_scores_in_float32():
+    from fairseq_base.assignment import sinkhorn_assignment
+    scores = torch.randn(64, 4, generator=torch.Generator().manual_seed(3))
+    for dtype in (torch.float16, torch.bfloat16):
+        half = scores.to(dtype)
+        assert torch.equal(sinkhorn_assignment(half), sinkhorn_assignment(half.float()))
+
+
+def test_experts_start_from_their_global_id_and_the_seed():
+    from fairseq_base.experts import LocalExperts
+    torch.manual_seed(11)
+    one = BaseLayer(8, 16, num_experts=4)
+    first_layers = [expert[0].ff1.weight for expert in one.experts]
+    for i in range(4):
+        for j in range(i):
+            assert not torch.equal(first_layers[i], first_layers[j])  # no two experts start equal
+    torch.manual_seed(12)
+    assert not torch.equal(BaseLayer(8, 16, num_experts=4).experts[0][0].ff1.weight, first_layers[0])
+    # What a worker holding experts 2 and 3 builds: the same two experts.
+    everything, last_two = LocalExperts(range(4), 8, 16, 2, seed=5), LocalExperts(range(2, 4), 8, 16, 2, seed=5)
+    for j in range(2):
+        for (name, mine), theirs in zip(last_two[j].named_parameters(), everything[2 + j].parameters()):
+            assert torch.equal(mine, theirs), name
