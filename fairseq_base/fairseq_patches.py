@@ -15,21 +15,46 @@
    those exist (fairseq's suffix rule, which eval-lm does not apply by itself); workers run
    in lockstep, a worker out of batches joining the others' all-to-alls with a dummy batch;
    and the perplexity printed is the one of all workers' tokens together.
+5. Gradient norm with experts under every optimizer (fp32, ``--fp16``,
+   ``--memory-efficient-fp16``, ``--bf16``, ``--amp``): the norm that clips and that fairseq
+   compares across workers covers the shared parameters only, also in fp16's flat fp32 copy
+   of all parameters (which loses the ``expert`` tag), and a non-finite expert gradient on
+   any worker makes it inf on every worker, so that all skip the step together
+   (``grad_norm.py``).
+6. ``--bf16`` without TPUs: fairseq's command line turns on ``--tpu`` with ``--bf16``, which
+   fails without torch_xla (on CPU in ``distributed_init``) and would take the XLA path on
+   GPUs. Where torch_xla is not installed, ``--bf16`` trains on the CPU or GPU instead,
+   through fairseq's FP16Optimizer as on a TPU (fp32 master weights, no loss scaling).
 """
 
+import importlib.util
 import os
 
 import torch
 import torch.distributed as dist
 from fairseq import models
+from fairseq.optim import FairseqOptimizer
+from fairseq.optim.fp16_optimizer import _FP16OptimizerMixin
 from fairseq.trainer import Trainer
 from fairseq.distributed import utils as distributed_utils
 from fairseq_cli import eval_lm as fairseq_eval_lm
+from omegaconf import DictConfig
 
 from fairseq_base.errors import BaseLayerConfigError
+from fairseq_base.grad_norm import clip_grad_norm_with_experts, mark_flat_expert_slices
 
 TORCHRUN_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK")
 EXPERT_SAFE_DDP_BACKENDS = ("legacy_ddp", "no_c10d")  # both skip params tagged ``expert``
+
+
+def bf16_without_tpu(cfg) -> None:
+    """Undo the --tpu that fairseq's command line sets for --bf16 where there can be no TPU (in
+    every config group: the command line copies it into distributed_training too)."""
+    if cfg.common.bf16 and cfg.common.tpu and importlib.util.find_spec("torch_xla") is None:
+        for name in cfg:
+            group = cfg[name]
+            if isinstance(group, DictConfig) and group.get("tpu") is True:
+                group.tpu = False
 
 
 def infer_cpu_torchrun_init(cfg) -> bool:
@@ -127,6 +152,8 @@ def install() -> None:
     fairseq_eval = fairseq_eval_lm.eval_lm
     fairseq_trainer_init = Trainer.__init__
     fairseq_should_save = Trainer.should_save_checkpoint_on_current_rank
+    fairseq_call_main = distributed_utils.call_main
+    fairseq_build_fp32_params = _FP16OptimizerMixin.build_fp32_params.__func__
 
     def infer_init_method(cfg, force_distributed=False):
         if not infer_cpu_torchrun_init(cfg):
@@ -154,6 +181,19 @@ def install() -> None:
     def should_save_checkpoint_on_current_rank(self) -> bool:
         return fairseq_should_save.fget(self) or has_experts_beyond_base_layers(self.cfg.model)
 
+    def call_main(cfg, main, **kwargs):
+        bf16_without_tpu(cfg)
+        return fairseq_call_main(cfg, main, **kwargs)
+
+    def build_fp32_params(cls, args, params, flatten=True):
+        fp32_params = fairseq_build_fp32_params(cls, args, params, flatten)
+        if flatten:
+            mark_flat_expert_slices(fp32_params, params)
+        return fp32_params
+
+    def clip_grad_norm(self, max_norm, aggregate_norm_fn=None):
+        return clip_grad_norm_with_experts(self.params, max_norm, aggregate_norm_fn)
+
     infer_init_method.fairseq_base = True
     distributed_utils.infer_init_method = infer_init_method
     distributed_utils.distributed_init = distributed_init
@@ -161,3 +201,6 @@ def install() -> None:
     fairseq_eval_lm.eval_lm = eval_lm
     Trainer.__init__ = trainer_init
     Trainer.should_save_checkpoint_on_current_rank = property(should_save_checkpoint_on_current_rank)
+    distributed_utils.call_main = call_main
+    _FP16OptimizerMixin.build_fp32_params = classmethod(build_fp32_params)
+    FairseqOptimizer.clip_grad_norm = clip_grad_norm
