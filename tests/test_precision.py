@@ -1,0 +1,160 @@
+"""Mixed precision with experts, through fairseq's own optimizers built on CPU tensors:
+the gradient norm covers shared parameters only, and an overflow in any expert gradient
+on any worker makes every worker skip the step."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed
+from fairseq import options
+from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+from fairseq.optim.fp16_optimizer import FP16Optimizer, MemoryEfficientFP16Optimizer
+from fairseq.trainer import Trainer
+from torch import nn
+
+import fairseq_base  # noqa: F401  (installs the patches)
+from distributed_utils import run_workers
+from fairseq_base.layer import BaseLayer
+
+OPTIMIZERS = {"fp16": FP16Optimizer, "memory_efficient_fp16": MemoryEfficientFP16Optimizer,
+              "bf16": FP16Optimizer}
+
+
+def fairseq_cfg(precision, world_size=1):
+    parser = options.get_training_parser()
+    flags = ["--optimizer", "adam", "--lr", "0.01", "--fp16-init-scale", "128",
+             "--distributed-world-size", str(world_size)]
+    flags += {"fp16": ["--fp16"], "memory_efficient_fp16": ["--memory-efficient-fp16"], "bf16": ["--bf16"]}[precision]
+    args = options.parse_args_and_arch(parser, ["unused", "--task", "language_modeling", "--arch", "transformer_lm"] + flags)
+    return convert_namespace_to_omegaconf(args)
+
+
+class TinyModel(nn.Module):
+    """A shared projection and a BASE layer: the two kinds of parameters."""
+
+    def __init__(self, num_experts=2):
+        super().__init__()
+        self.shared = nn.Linear(4, 4)
+        self.base = BaseLayer(4, 8, num_experts)
+
+
+def build(precision, world_size=1, monkeypatch=None):
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    model = TinyModel(num_experts=2).to(dtype)
+    params = list(model.parameters())
+    # fairseq puts the flat fp32 copy on torch.cuda.current_device(); a CPU tensor's device index is None.
+    patch = monkeypatch.setattr if monkeypatch else lambda *a: setattr(*a)
+    patch(torch.cuda, "current_device", lambda: None)
+    optimizer = OPTIMIZERS[precision].build_optimizer(fairseq_cfg(precision, world_size), params)
+    return model, optimizer
+
+
+def set_grads(model, optimizer, shared, expert, scale=1.0):
+    """Every shared gradient entry = shared, every expert one = expert (times the loss scale
+    ``scale``, as backward would leave them), as fairseq's backward would hand them over."""
+    for p in model.parameters():
+        value = expert if getattr(p, "expert", False) else shared
+        p.grad = torch.full_like(p, value * scale)
+    optimizer._needs_sync = True
+
+
+def count(model, expert):
+    return sum(p.numel() for p in model.parameters() if getattr(p, "expert", False) == expert)
+
+
+@pytest.mark.parametrize("precision", list(OPTIMIZERS))
+def test_norm_covers_shared_parameters_and_clips_experts_by_the_same_factor(precision, monkeypatch):
+    model, optimizer = build(precision, monkeypatch=monkeypatch)
+    scale = optimizer.scaler.loss_scale if optimizer.scaler else 1.0
+    optimizer.zero_grad()  # sets the multiply factor to 1 / loss scale, as in training
+    set_grads(model, optimizer, shared=0.5, expert=3.0, scale=scale)
+    shared_norm = 0.5 * count(model, expert=False) ** 0.5
+    full_norm = (0.25 * count(model, False) + 9.0 * count(model, True)) ** 0.5
+    norm = optimizer.clip_grad_norm(1.0)
+    assert norm.item() == pytest.approx(shared_norm, rel=1e-3)
+    assert full_norm > 2 * shared_norm  # what the flat copy's norm was before
+    optimizer._unscale_grads()
+    coef = 1.0 / shared_norm
+    grads = optimizer.fp32_params if precision != "memory_efficient_fp16" else list(model.parameters())
+    if precision == "fp16":  # one flat fp32 copy: the expert parts are its marked slices
+        flat = next(iter(grads.values()))
+        expert_mask = torch.zeros(flat.numel(), dtype=torch.bool)
+        for begin, end in flat.expert_slices:
+            expert_mask[begin:end] = True
+        assert int(expert_mask.sum()) == count(model, expert=True)
+        expected = torch.where(expert_mask, 3.0 * coef, 0.5 * coef)
+        assert torch.allclose(flat.grad, expected, rtol=1e-3)
+    else:
+        for p in grads:
+            want = (3.0 if getattr(p, "expert", False) else 0.5) * coef
+            assert torch.allclose(p.grad.float(), torch.full_like(p.grad.float(), want), rtol=1e-2)
+
+
+def _consistency_worker(rank, world_size, precision):
+    model, optimizer = build(precision, world_size)
+    scale = optimizer.scaler.loss_scale if optimizer.scaler else 1.0
+    optimizer.zero_grad()
+    # Shared gradients agree after the all-reduce; each worker's expert gradients are its own.
+    set_grads(model, optimizer, shared=0.5, expert=1.0 + rank, scale=scale)
+    norm = optimizer.clip_grad_norm(1.0)
+    trainer = SimpleNamespace(_grad_norm_buf=torch.zeros(world_size, dtype=torch.double), data_parallel_rank=rank,
+                              data_parallel_process_group=None, cfg=SimpleNamespace(common=SimpleNamespace(amp=False)))
+    Trainer._check_grad_norms(trainer, norm)  # raises FloatingPointError if the norms differ
+    # What fairseq's norm over every gradient would have been: different on each worker.
+    every_grad = torch.cat([p.grad.float().flatten() for p in model.parameters()]).norm() / scale
+    try:
+        Trainer._check_grad_norms(trainer, every_grad)
+        inconsistent = False
+    except FloatingPointError:
+        inconsistent = True
+    return norm.item(), inconsistent
+
+
+@pytest.mark.parametrize("precision", list(OPTIMIZERS))
+def test_trainers_consistency_check_passes_with_different_expert_gradients(precision):
+    results = run_workers(_consistency_worker, 2, precision)
+    assert results[0][0] == results[1][0]
+    assert all(inconsistent for _, inconsistent in results)  # the check would catch a norm that included experts
+
+
+def _overflow_worker(rank, world_size, precision, poisoned_rank, where):
+    """One training step as fairseq's trainer takes it: clip (which raises OverflowError on
+    overflow), then step; on overflow, zero the gradients and skip."""
+    model, optimizer = build(precision, world_size)
+    optimizer.zero_grad()
+    set_grads(model, optimizer, shared=0.5, expert=1.0, scale=optimizer.scaler.loss_scale)
+    if rank == poisoned_rank:
+        target = next(p for p in model.parameters() if getattr(p, "expert", False) == (where == "expert"))
+        target.grad.view(-1)[0] = float("inf")
+    for p in model.parameters():  # legacy_ddp's all-reduce of the shared gradients
+        if not getattr(p, "expert", False):
+            torch.distributed.all_reduce(p.grad)
+            p.grad /= world_size
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    try:
+        optimizer.clip_grad_norm(1.0)
+        optimizer.step()
+        stepped = True
+    except OverflowError:
+        optimizer.zero_grad()
+        stepped = False
+    unchanged = {n: torch.equal(p.detach(), before[n]) for n, p in model.named_parameters()}
+    finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    return stepped, optimizer.scaler.loss_scale, unchanged, finite
+
+
+@pytest.mark.parametrize("precision", ["fp16", "memory_efficient_fp16"])
+@pytest.mark.parametrize("where", ["expert", "shared"])
+def test_overflow_on_one_worker_makes_every_worker_skip_the_step(precision, where):
+    results = run_workers(_overflow_worker, 2, precision, 1, where)
+    for stepped, loss_scale, unchanged, finite in results:
+        assert not stepped
+        assert loss_scale == 64.0  # lowered from 128, on both workers
+        assert all(unchanged.values())  # nothing written into the experts (or anything else)
+        assert finite
+    # Without the overflow both workers step.
+    for stepped, loss_scale, unchanged, finite in run_workers(_overflow_worker, 2, precision, -1, where):
+        assert stepped and loss_scale == 128.0 and finite
+        assert not any(unchanged[n] for n in unchanged if "experts" in n and "ff1" in n)
