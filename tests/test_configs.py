@@ -4,6 +4,7 @@ import os
 import re
 
 import pytest
+import torch
 from fairseq import tasks, utils
 from fairseq.dataclass.initialize import add_defaults
 from hydra import compose, initialize_config_dir
@@ -86,3 +87,24 @@ def test_small_config_trains(data_bin, tmp_path, name):  # noqa: F811
     log = result.stdout + result.stderr
     assert re.search(r"num_updates 4\b", log), log[-2000:]
     assert (tmp_path / "checkpoint_last.pt").exists()
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_paper_configs_train_in_bf16(name):
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.1"):
+        cfg = compose(name, overrides=["task.data=unused"])
+    assert cfg.common.bf16 and not cfg.common.get("fp16", False) and not cfg.common.get("tpu", False)
+
+
+def test_paper_config_trains_in_bf16_on_cpu(data_bin, tmp_path):  # noqa: F811
+    result = run("fairseq-hydra-train", "--config-dir", CONFIGS, "--config-name", "paper_base",
+                 f"task.data={data_bin / 'bin'}", "common.cpu=true", "model.base_experts=2",
+                 "model.decoder_layers=2", "model.base_positions=1", "model.decoder_embed_dim=16",
+                 "model.decoder_ffn_embed_dim=32", "model.decoder_attention_heads=2", "model.base_sublayers=2",
+                 "task.tokens_per_sample=64", "optimization.update_freq=[1]", "optimization.max_update=3",
+                 "common.log_interval=1", "dataset.num_workers=0",
+                 f"checkpoint.save_dir={tmp_path}", f"hydra.run.dir={tmp_path}/hydra")
+    log = result.stdout + result.stderr
+    assert re.search(r"num_updates 3\b", log), log[-2000:]
+    saved = torch.load(tmp_path / "checkpoint_last.pt", weights_only=False)
+    assert saved["cfg"]["common"]["bf16"] and "loss_scale" not in saved["last_optimizer_state"]
