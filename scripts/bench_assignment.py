@@ -22,9 +22,12 @@ import time
 import numpy as np
 import torch
 
-from fairseq_base.assignment import balanced_assignment, sinkhorn_assignment
+from fairseq_base.assignment import _torch_auction_assignment, balanced_assignment, sinkhorn_assignment
 
 SIZES = [(512, 8), (2048, 16), (8192, 64), (16384, 128)]
+# On CUDA also the paper's layout: 2048 tokens per GPU, one expert per GPU on 128 GPUs.
+CUDA_SIZES = [(512, 8), (2048, 16), (2048, 128), (8192, 64), (16384, 128)]
+TORCH_AUCTION_MAX_TOKENS = 4096  # larger problems take the GPU auction seconds per call
 
 
 def libbase_assignment(scores):
@@ -50,6 +53,54 @@ def problem(tokens, experts, dim=256, seed=0):
     return torch.randn(tokens, dim, generator=gen) @ centroids.t()
 
 
+def timed(fn, scores, repeats, cuda):
+    """Median seconds of ``repeats`` calls fn(scores), synchronising the GPU around each."""
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn(scores)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def cuda_rows(repeats):
+    """Where CUDA scores are best solved: the host kernel (copy, solve, copy back) or on the GPU."""
+    methods = {"kernel on a host copy": balanced_assignment, "PyTorch auction on the GPU": _torch_auction_assignment,
+               "Sinkhorn on the GPU": sinkhorn_assignment}
+    rows = []
+    for tokens, experts in CUDA_SIZES:
+        scores = problem(tokens, experts).cuda()
+        chosen = {name: fn for name, fn in methods.items()
+                  if name != "PyTorch auction on the GPU" or tokens <= TORCH_AUCTION_MAX_TOKENS}
+        for fn in chosen.values():
+            fn(scores)  # warm-up
+        ms = {name: [] for name in chosen}
+        for _ in range(repeats):  # alternate the methods
+            for name, fn in chosen.items():
+                ms[name].append(1e3 * timed(fn, scores, 1, cuda=True))
+        rows.append({"tokens": tokens, "experts": experts, "ms": {n: statistics.median(t) for n, t in ms.items()}})
+        print(f"| cuda {tokens}x{experts} done", flush=True)
+    return rows
+
+
+def print_cuda_table(rows):
+    print(f"\nbalanced assignment of CUDA scores on {torch.cuda.get_device_name()}, median ms "
+          "(transfers included)")
+    print("| T x E | kernel on a host copy | PyTorch auction on the GPU | Sinkhorn on the GPU | faster exact solver |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        ms = r["ms"]
+        gpu = ms.get("PyTorch auction on the GPU")
+        faster = "host kernel" if gpu is None or ms["kernel on a host copy"] <= gpu else "GPU auction"
+        gpu_text = f"{gpu:.2f}" if gpu is not None else f"not run (T > {TORCH_AUCTION_MAX_TOKENS})"
+        print(f"| {r['tokens']} x {r['experts']} | {ms['kernel on a host copy']:.2f} | {gpu_text} | "
+              f"{ms['Sinkhorn on the GPU']:.2f} | {faster} |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=7)
@@ -65,9 +116,7 @@ def main():
         ids = {name: fn(scores) for name, fn in methods.items()}  # warm-up (and kernel build)
         for _ in range(args.repeats):
             for name, fn in methods.items():
-                start = time.perf_counter()
-                fn(scores)
-                times[name].append(time.perf_counter() - start)
+                times[name].append(timed(fn, scores, 1, cuda=False))
         objective = {name: float(scores.double()[torch.arange(tokens), i].sum()) for name, i in ids.items()}
         load = torch.bincount(ids["fairseq_base"], minlength=experts)
         sinkhorn_load = torch.bincount(ids["sinkhorn"], minlength=experts).float()
@@ -107,9 +156,14 @@ def main():
         print(f"| {r['tokens']} x {r['experts']} | {r['ms']['fairseq_base']:.2f} | {r['ms']['sinkhorn']:.2f} | "
               f"{r['sinkhorn_load_max']:.3f} / {r['sinkhorn_load_min']:.3f} | "
               f"{r['objective']['sinkhorn'] - r['objective']['fairseq_base']:+.3f} |")
+    report = {"machine": platform.platform(), "threads": torch.get_num_threads(), "rows": rows}
+    if torch.cuda.is_available():
+        report["cuda_device"] = torch.cuda.get_device_name()
+        report["cuda_rows"] = cuda_rows(args.repeats)
+        print_cuda_table(report["cuda_rows"])
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     with open(args.json, "w") as f:
-        json.dump({"machine": platform.platform(), "threads": torch.get_num_threads(), "rows": rows}, f, indent=2)
+        json.dump(report, f, indent=2)
     print(f"\nwrote {args.json}")
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """BASE layer against a dense FFN sublayer of the same per-token FLOPs (forward + backward).
 
-    python scripts/bench_layer.py [--tokens 8192 --dim 512 --ffn 2048 --experts 8] [--json ...]
+    python scripts/bench_layer.py [--tokens 8192 --dim 512 --ffn 2048 --experts 8] [--device cuda]
+                                  [--dtype bf16] [--json ...]
 
 Each token of the BASE layer passes through one expert sublayer (LayerNorm, d->ffn->d), as
 each token of the dense sublayer does, so the FLOPs match up to the routing scores (T x E x d).
@@ -20,6 +21,8 @@ import torch
 
 from fairseq_base.experts import ExpertSublayer
 from fairseq_base.layer import BaseLayer
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class DenseFeedForward(torch.nn.Module):
@@ -47,16 +50,20 @@ def main():
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                        help="the model's precision (routing scores are float32 in any case)")
     parser.add_argument("--json", default="runs/bench/layer.json")
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    base = BaseLayer(args.dim, args.ffn, args.experts).to(args.device).train()
-    dense = DenseFeedForward(args.dim, args.ffn).to(args.device).train()
+    dtype = DTYPES[args.dtype]
+    base = BaseLayer(args.dim, args.ffn, args.experts).train()
+    dense = DenseFeedForward(args.dim, args.ffn).train()
     for module in (base, dense):  # away from the zero-initialised last projection
         for p in module.parameters():
             torch.nn.init.normal_(p, std=0.02)
-    x = torch.randn(args.tokens, 1, args.dim, device=args.device, requires_grad=True)
+        module.to(args.device, dtype)
+    x = torch.randn(args.tokens, 1, args.dim, device=args.device, dtype=dtype, requires_grad=True)
     modules = {"base_layer": base, "dense_ffn": dense}
     times = {name: [] for name in modules}
     for name, module in modules.items():
@@ -72,7 +79,7 @@ def main():
             times[name].append(time.perf_counter() - start)
     ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
     ratio = ms["base_layer"] / ms["dense_ffn"]
-    print(f"\nforward+backward, T={args.tokens}, d={args.dim}, ffn={args.ffn}, E={args.experts}, "
+    print(f"\nforward+backward, T={args.tokens}, d={args.dim}, ffn={args.ffn}, E={args.experts}, {args.dtype}, "
           f"{args.device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
           f"median of {args.repeats}")
     print("| module | ms | ratio to dense |\n|---|---|---|")

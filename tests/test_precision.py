@@ -158,3 +158,29 @@ def test_overflow_on_one_worker_makes_every_worker_skip_the_step(precision, wher
     for stepped, loss_scale, unchanged, finite in run_workers(_overflow_worker, 2, precision, -1, where):
         assert stepped and loss_scale == 128.0 and finite
         assert not any(unchanged[n] for n in unchanged if "experts" in n and "ff1" in n)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", list(OPTIMIZERS))
+def test_on_cuda_the_norm_covers_shared_parameters(precision):
+    """The same as on CPU, with fairseq's flat fp32 copy on the real CUDA device."""
+    torch.manual_seed(0)
+    model = TinyModel().cuda().to(torch.bfloat16 if precision == "bf16" else torch.float16)
+    optimizer = OPTIMIZERS[precision].build_optimizer(fairseq_cfg(precision), list(model.parameters()))
+    optimizer.zero_grad()
+    set_grads(model, optimizer, shared=0.5, expert=3.0, scale=optimizer.scaler.loss_scale if optimizer.scaler else 1)
+    assert optimizer.clip_grad_norm(1.0).item() == pytest.approx(0.5 * count(model, expert=False) ** 0.5, rel=1e-3)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_base_layer_on_cuda_matches_cpu_float32(dtype):
+    torch.manual_seed(0)
+    layer = BaseLayer(64, 128, num_experts=4).train()
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    x = torch.randn(512, 1, 64)
+    reference = layer(x)[0]
+    out = layer.cuda().to(dtype)(x.cuda().to(dtype))[0]
+    assert out.dtype == dtype
+    assert torch.allclose(out.float().cpu(), reference, atol=5e-2, rtol=5e-2)

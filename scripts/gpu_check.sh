@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The one command for a user with 1 or more GPUs: does fairseq_base run right and fast here?
+#   bash scripts/gpu_check.sh            (after bash scripts/setup.sh with a CUDA build of torch)
+# 1. the tests marked `cuda` (the solver on CUDA scores, fairseq's fp16/bf16 optimizers on the
+#    GPU, the BASE layer in bf16 and fp16, and with 2 or more GPUs: 2 GPUs in fp16 over NCCL
+#    against 1 GPU with --update-freq 2);
+# 2. scripts/bench_assignment.py (on CUDA it also chooses between the kernel on a host copy
+#    and the PyTorch auction on the GPU);
+# 3. scripts/bench_layer.py on the GPU in bf16.
+# Logs and JSON go to runs/gpu_check/; one table at the end. Exit code 1 if a step failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=runs/gpu_check
+mkdir -p "$OUT"
+if ! python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "gpu_check: torch sees no CUDA device; install a CUDA build of torch (then bash scripts/setup.sh)" >&2
+  exit 1
+fi
+python3 -c "import torch; print(f'| {torch.cuda.device_count()} x {torch.cuda.get_device_name()}, torch {torch.__version__}')"
+
+python3 -m pytest -q -rs -m cuda tests > "$OUT/pytest_cuda.log" 2>&1
+echo $? > "$OUT/pytest_cuda.rc"
+python3 scripts/bench_assignment.py --json "$OUT/assignment.json" > "$OUT/assignment.log" 2>&1
+echo $? > "$OUT/assignment.rc"
+python3 scripts/bench_layer.py --device cuda --dtype bf16 --json "$OUT/layer.json" > "$OUT/layer.log" 2>&1
+echo $? > "$OUT/layer.rc"
+
+python3 - "$OUT" <<'PY'
+import json, os, re, sys
+out = sys.argv[1]
+rc = {step: int(open(os.path.join(out, f"{step}.rc")).read()) for step in ("pytest_cuda", "assignment", "layer")}
+rows = []
+summary = open(os.path.join(out, "pytest_cuda.log")).read().strip().splitlines()
+rows.append(("tests marked cuda", "ok" if rc["pytest_cuda"] == 0 else "FAILED", summary[-1] if summary else ""))
+if rc["assignment"] == 0:
+    report = json.load(open(os.path.join(out, "assignment.json")))
+    for r in report.get("cuda_rows", []):
+        ms = r["ms"]
+        gpu = ms.get("PyTorch auction on the GPU")
+        detail = f"host kernel {ms['kernel on a host copy']:.2f} ms" + (f", GPU auction {gpu:.2f} ms" if gpu else "")
+        rows.append((f"solver {r['tokens']} x {r['experts']}", "ok", detail))
+else:
+    rows.append(("solver benchmark", "FAILED", "see assignment.log"))
+if rc["layer"] == 0:
+    layer = json.load(open(os.path.join(out, "layer.json")))
+    rows.append(("BASE layer vs dense FFN, bf16", "ok",
+                 f"{layer['ms']['base_layer']:.2f} vs {layer['ms']['dense_ffn']:.2f} ms ({layer['ratio']:.3f}x)"))
+else:
+    rows.append(("layer benchmark", "FAILED", "see layer.log"))
+print("\n| check | result | detail |\n|---|---|---|")
+for row in rows:
+    print("| " + " | ".join(row) + " |")
+print(f"\nlogs and JSON in {out}/")
+sys.exit(0 if all(v == 0 for v in rc.values()) else 1)
+PY
