@@ -36,10 +36,11 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
-# Epsilon-scaling schedule, in units of the largest row spread (see ``_shifted``): start at INITIAL_EPS (most tokens keep their top-1 expert, so a fine
-# start wastes little), divide by EPS_FACTOR per phase, and stop at a final epsilon small
-# enough that the bound above is a negligible share of the spread (FINAL_GAP in total over
-# all tokens). Tuned with scripts/bench_assignment.py.
+# Epsilon-scaling schedule, in units of the largest row spread (see ``_shifted``): start at
+# INITIAL_EPS (most tokens keep their top-1 expert, so a fine start wastes little), divide
+# by EPS_FACTOR per phase, and stop at a final epsilon small enough that the bound above is
+# a negligible share of the spread (FINAL_GAP in total over all tokens). Tuned with
+# scripts/bench_assignment.py.
 INITIAL_EPS = 1e-3
 EPS_FACTOR = 16.0
 FINAL_GAP = 1e-6
@@ -174,7 +175,7 @@ def _shifted(scores: Tensor):
     The shift does not change the balanced optimum; it keeps every value in [-spread, 0]
     whatever the scores' magnitude, so that epsilons in units of the spread are never lost
     to rounding. A spread below SMALLEST_UNIT counts as 1 (such rows are ties at any epsilon).
-    The compiled kernel shifts the same way."""
+    The compiled kernel shifts the same way where the scores' magnitude calls for it."""
     shifted = scores - scores.amax(dim=1, keepdim=True)
     spread = float(-shifted.amin()) if shifted.numel() else 0.0
     return shifted, spread if spread >= SMALLEST_UNIT else 1.0
