@@ -25,6 +25,13 @@
    fails without torch_xla (on CPU in ``distributed_init``) and would take the XLA path on
    GPUs. Where torch_xla is not installed, ``--bf16`` trains on the CPU or GPU instead,
    through fairseq's FP16Optimizer as on a TPU (fp32 master weights, no loss scaling).
+7. Checkpoints that belong together (``checkpoints.py``): every checkpoint the trainer
+   saves carries the run id and its update; every checkpoint fairseq loads is refused if a
+   tensor holds inf or NaN; and when W workers load their own files (training resume,
+   ``--restore-file``, fairseq-eval-lm), they compare run id, update and a checksum of the
+   shared parameters before the first step and all stop with one line if they differ.
+   ``--ddp-backend fully_sharded`` with experts stops with one line (it needs fairscale, and
+   would shard experts as if they were shared).
 """
 
 import importlib.util
@@ -32,7 +39,7 @@ import os
 
 import torch
 import torch.distributed as dist
-from fairseq import models
+from fairseq import checkpoint_utils, models
 from fairseq.optim import FairseqOptimizer
 from fairseq.optim.fp16_optimizer import _FP16OptimizerMixin
 from fairseq.trainer import Trainer
@@ -40,6 +47,7 @@ from fairseq.distributed import utils as distributed_utils
 from fairseq_cli import eval_lm as fairseq_eval_lm
 from omegaconf import DictConfig
 
+from fairseq_base import checkpoints
 from fairseq_base.errors import BaseLayerConfigError
 from fairseq_base.grad_norm import clip_grad_norm_with_experts, mark_flat_expert_slices
 
@@ -57,6 +65,49 @@ def bf16_without_tpu(cfg) -> None:
                 group.tpu = False
 
 
+def has_expert_options(model_cfg) -> bool:
+    return getattr(model_cfg, "base_layers", 0) > 0 or getattr(model_cfg, "base_moe_freq", 0) > 0
+
+
+def check_sharding(cfg) -> None:
+    if cfg.distributed_training.ddp_backend == "fully_sharded" and has_expert_options(cfg.model):
+        raise BaseLayerConfigError(
+            "--ddp-backend fully_sharded would shard the experts like shared parameters (and needs fairscale); "
+            "use --ddp-backend legacy_ddp")
+
+
+def has_experts(model) -> bool:
+    return any(hasattr(p, "expert") for p in model.parameters())
+
+
+def agree_on_loaded_checkpoint(trainer, filename: str) -> str:
+    """The run id after ``trainer.load_checkpoint(filename)``: the file's, or a new one (rank
+    0's). With W > 1 workers that each load their own file, the files must agree."""
+    loaded = checkpoints.LOADED.get(os.path.abspath(filename)) if os.path.isfile(filename) else None
+    record = {"file": filename if loaded else None, "run_id": loaded["run_id"] if loaded else None,
+              "num_updates": loaded["num_updates"] if loaded else 0,
+              "checksum": checkpoints.shared_checksum(trainer.get_model()), "new_run_id": checkpoints.new_run_id()}
+    if trainer.data_parallel_world_size == 1:
+        return record["run_id"] or record["new_run_id"]
+    group = trainer.data_parallel_process_group
+    if has_experts(trainer.get_model()):  # every worker read its own file
+        first = checkpoints.agree_across_workers(record, group)[0]
+    else:  # rank 0 read the file and sent it to the others
+        first = [None] * dist.get_world_size(group)
+        dist.all_gather_object(first, record, group=group)
+        first = first[0]
+    return first["run_id"] or first["new_run_id"]
+
+
+def agree_on_evaluated_checkpoints(models) -> None:
+    """fairseq-eval-lm on W > 1 workers: the files the workers loaded must belong together."""
+    loaded = list(checkpoints.LOADED.items())
+    checkpoints.agree_across_workers({
+        "file": ", ".join(os.path.basename(path) for path, _ in loaded),
+        "run_id": [p["run_id"] for _, p in loaded], "num_updates": [p["num_updates"] for _, p in loaded],
+        "checksum": [checkpoints.shared_checksum(model) for model in models]})
+
+
 def infer_cpu_torchrun_init(cfg) -> bool:
     """Fill in ``cfg`` (distributed_training) for torchrun without CUDA; False if that is not the case."""
     if cfg.distributed_init_method is not None or torch.cuda.device_count() > 0:
@@ -72,10 +123,7 @@ def infer_cpu_torchrun_init(cfg) -> bool:
 
 
 def check_ddp_backend(args, model) -> None:
-    from fairseq_base.layer import BaseLayer
-
-    has_experts = any(isinstance(m, BaseLayer) for m in model.modules())
-    if has_experts and args.ddp_backend not in EXPERT_SAFE_DDP_BACKENDS:
+    if has_experts(model) and args.ddp_backend not in EXPERT_SAFE_DDP_BACKENDS:
         raise BaseLayerConfigError(
             f"--ddp-backend {args.ddp_backend} would average the experts of different workers; "
             f"use --ddp-backend legacy_ddp")
@@ -134,6 +182,7 @@ def eval_lm_on_all_workers(fairseq_eval, models, source_dictionary, batch_iterat
             counted.append(sample["ntokens"])
             yield sample
 
+    agree_on_evaluated_checkpoints(models)
     local = fairseq_eval(models, source_dictionary, counting(lockstep(batch_iterator, models)), **kwargs)
     device = next(models[0].parameters()).device
     count = float(sum(counted))
@@ -154,6 +203,9 @@ def install() -> None:
     fairseq_should_save = Trainer.should_save_checkpoint_on_current_rank
     fairseq_call_main = distributed_utils.call_main
     fairseq_build_fp32_params = _FP16OptimizerMixin.build_fp32_params.__func__
+    fairseq_load_checkpoint_to_cpu = checkpoint_utils.load_checkpoint_to_cpu
+    fairseq_trainer_load_checkpoint = Trainer.load_checkpoint
+    fairseq_trainer_state_dict = Trainer.state_dict
 
     def infer_init_method(cfg, force_distributed=False):
         if not infer_cpu_torchrun_init(cfg):
@@ -183,7 +235,24 @@ def install() -> None:
 
     def call_main(cfg, main, **kwargs):
         bf16_without_tpu(cfg)
+        check_sharding(cfg)
         return fairseq_call_main(cfg, main, **kwargs)
+
+    def load_checkpoint_to_cpu(path, *args, **kwargs):
+        state = fairseq_load_checkpoint_to_cpu(path, *args, **kwargs)
+        checkpoints.check_finite(state, path)
+        checkpoints.remember(path, state)
+        return state
+
+    def trainer_load_checkpoint(self, filename, *args, **kwargs):
+        extra_state = fairseq_trainer_load_checkpoint(self, filename, *args, **kwargs)
+        self.fairseq_base_run_id = agree_on_loaded_checkpoint(self, filename)
+        return extra_state
+
+    def trainer_state_dict(self):
+        state = fairseq_trainer_state_dict(self)
+        checkpoints.stamp(state, getattr(self, "fairseq_base_run_id", None), self.get_num_updates())
+        return state
 
     def build_fp32_params(cls, args, params, flatten=True):
         fp32_params = fairseq_build_fp32_params(cls, args, params, flatten)
@@ -204,3 +273,6 @@ def install() -> None:
     distributed_utils.call_main = call_main
     _FP16OptimizerMixin.build_fp32_params = classmethod(build_fp32_params)
     FairseqOptimizer.clip_grad_norm = clip_grad_norm
+    checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
+    Trainer.load_checkpoint = trainer_load_checkpoint
+    Trainer.state_dict = trainer_state_dict

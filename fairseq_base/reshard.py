@@ -8,8 +8,13 @@ A checkpoint of a W-worker run is W files, ``NAME-rank-{r}.pt``: the shared para
 keeps in its ``expert_ids`` buffer. Any one of them (or a one-file checkpoint) is read
 with its siblings, checked, and written again for M workers, for any M that divides the
 expert count: ``OUT.pt`` for M = 1, ``OUT-rank-{r}.pt`` for M > 1 (fairseq's suffix rule,
-so ``--path OUT.pt`` finds them on M workers). Nothing is written unless every check
-passes, and each file is written to a temporary name and renamed into place.
+so ``--path OUT.pt`` finds them on M workers).
+
+Files are read with ``weights_only=True`` and must hold finite tensors. Nothing is written
+unless every check passes, and writing is all or nothing: every output is written and
+flushed under a temporary name first, and the outputs replace the files at their names only
+when all are written (on a failure the temporaries go and the old files stay). Every failure
+is one line, ``fairseq-base-reshard: error: ...``, and exit code 1.
 """
 
 import argparse
@@ -23,6 +28,7 @@ from typing import List
 
 import torch
 
+from fairseq_base.checkpoints import check_finite, num_updates, provenance, read_checkpoint, stamp
 from fairseq_base.errors import BaseLayerConfigError
 
 SHARD_NAME = re.compile(r"^(?P<stem>.*)-rank-(?P<rank>\d+)\.pt$")
@@ -51,11 +57,6 @@ def shard_paths(path: str) -> List[str]:
     return [f"{stem}-rank-{r}.pt" for r in ranks]
 
 
-def _num_updates(state) -> int:
-    history = state.get("optimizer_history") or [{}]
-    return history[-1].get("num_updates", -1)
-
-
 def _expert_key(key: str, layers: List[str]):
     """(layer prefix, local expert index, rest of the key) for an expert parameter, else None."""
     for prefix in layers:
@@ -70,7 +71,9 @@ class Checkpoint:
 
     def __init__(self, paths: List[str]):
         self.paths = paths
-        self.states = [torch.load(p, map_location="cpu", weights_only=False) for p in paths]
+        self.states = [read_checkpoint(p) for p in paths]
+        for path, state in zip(paths, self.states):
+            check_finite(state, path)
         first = self.states[0]
         saved_for = first["cfg"]["distributed_training"]["distributed_world_size"]
         if saved_for != len(paths):
@@ -82,7 +85,8 @@ class Checkpoint:
         self.layers = [k[: -len(EXPERT_IDS)] for k in first["model"] if k.endswith(EXPERT_IDS)]
         if not self.layers:
             raise ReshardError(f"{paths[0]}: no BASE layer in this checkpoint (not a transformer_lm_base model)")
-        self.num_updates = _num_updates(first)
+        self.num_updates = num_updates(first)
+        self.run_id = provenance(first)["run_id"]
         # Every worker holds E / W experts (hash layers have no centroids to count them by).
         self.num_experts = {p: first["model"][p + EXPERT_IDS].numel() * len(paths) for p in self.layers}
         self._check_consistent()
@@ -115,10 +119,13 @@ class Checkpoint:
     def _check_consistent(self) -> None:
         first = self.states[0]
         for path, state in zip(self.paths[1:], self.states[1:]):
-            if _num_updates(state) != self.num_updates:
+            if num_updates(state) != self.num_updates:
                 raise ReshardError(
-                    f"{path} is at update {_num_updates(state)} but {self.paths[0]} at {self.num_updates}: "
+                    f"{path} is at update {num_updates(state)} but {self.paths[0]} at {self.num_updates}: "
                     f"shards from different updates")
+            if provenance(state)["run_id"] != self.run_id:
+                raise ReshardError(f"{path} comes from run {provenance(state)['run_id']} but {self.paths[0]} from "
+                                   f"run {self.run_id}: shards of different runs")
             if state["cfg"]["model"] != first["cfg"]["model"]:
                 raise ReshardError(f"{path} has another model configuration than {self.paths[0]}: a shard of another run")
             for key, value in first["model"].items():
@@ -154,11 +161,9 @@ class Checkpoint:
                 raise ReshardError(
                     f"--world-size {world_size} does not divide the {count} experts of {prefix.rstrip('.')}; "
                     f"use a divisor of {count}")
-        template = self.states[0]
-        outputs = [out] if world_size == 1 else [out[: -len(".pt")] + f"-rank-{r}.pt" for r in range(world_size)]
-        states = [self._shard(template, world_size, rank) for rank in range(world_size)]
-        for path, state in zip(outputs, states):
-            _atomic_save(state, path)
+        outputs = output_paths(out, world_size, self.paths)
+        states = [self._shard(self.states[0], world_size, rank) for rank in range(world_size)]
+        write_all_or_nothing(states, outputs)
         return outputs
 
     def _shard(self, template, world_size: int, rank: int):
@@ -188,6 +193,8 @@ class Checkpoint:
         # E must not depend on the world size once it is written down.
         state["cfg"]["model"]["base_experts"] = self.num_experts[self.layers[0]]
         state["last_optimizer_state"] = self._optimizer_shard(template, names_in_order)
+        state["extra_state"] = dict(template.get("extra_state") or {})
+        stamp(state, self.run_id, self.num_updates)
         return state
 
     def _optimizer_shard(self, template, names_in_order):
@@ -200,26 +207,86 @@ class Checkpoint:
         return {"state": {i: e for i, e in enumerate(entries) if e}, "param_groups": [group]}
 
 
-def _atomic_save(state, path: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+def output_paths(out: str, world_size: int, inputs: List[str]) -> List[str]:
+    """The files to write for ``--out``, refused where they would overwrite an input, name a
+    directory, sit in a directory that cannot be written, or leave a stale larger set behind."""
+    if os.path.isdir(out):
+        raise ReshardError(f"--out {out} is a directory; name a file, e.g. {os.path.join(out, 'model.pt')}")
+    if not out.endswith(".pt"):
+        raise ReshardError(f"--out {out!r} must end in .pt (fairseq adds -rank-N before it)")
+    stem = out[: -len(".pt")]
+    outputs = [out] if world_size == 1 else [f"{stem}-rank-{r}.pt" for r in range(world_size)]
+    for path in outputs:
+        clash = next((i for i in inputs if os.path.exists(path) and os.path.samefile(path, i)), None)
+        if clash:
+            raise ReshardError(f"--out {out} would overwrite the input {clash}; choose another --out")
+        if os.path.isdir(path):
+            raise ReshardError(f"{path} is a directory; choose another --out")
+    directory = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(directory):
+        raise ReshardError(f"--out {out}: directory {directory} does not exist; create it first")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ReshardError(f"--out {out}: directory {directory} is not writable; choose another --out")
+    stale = [p for p in sorted(glob.glob(glob.escape(stem) + "-rank-*.pt"))
+             if world_size > 1 and SHARD_NAME.match(p) and int(SHARD_NAME.match(p)["rank"]) >= world_size]
+    if stale:
+        raise ReshardError(f"{stale[0]} (and {len(stale) - 1} more) would be left beside the new files as shards of "
+                           f"another set; remove them or choose another --out")
+    return outputs
+
+
+def _file_mode() -> int:
+    """The mode fairseq's own checkpoints get: 0666 less the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def write_all_or_nothing(states, paths: List[str]) -> None:
+    """Write every state under a temporary name (flushed to disk), then move them all into place.
+
+    On any failure the temporaries are removed and the files that were at ``paths`` are
+    put back as they were (they are kept under a second name until all are in place)."""
+    temporaries, backups, replaced, current = [], {}, [], paths[0]
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
+        for state, current in zip(states, paths):
+            fd, tmp = tempfile.mkstemp(prefix=os.path.basename(current) + ".", suffix=".tmp",
+                                       dir=os.path.dirname(os.path.abspath(current)))
+            temporaries.append(tmp)
+            with os.fdopen(fd, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, _file_mode())
+        for current in paths:
+            if os.path.exists(current):
+                backups[current] = current + ".reshard-backup"
+                os.link(current, backups[current])
+        for tmp, current in zip(temporaries, paths):
+            os.replace(tmp, current)
+            replaced.append(current)
+    except BaseException as err:  # a full disk, or an interrupt: leave things as they were
+        for path in replaced:  # put the old files back
+            if path in backups:
+                os.replace(backups[path], path)
+            else:
+                os.unlink(path)
+        for tmp in temporaries:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        if isinstance(err, OSError):
+            raise ReshardError(f"cannot write {current}: {err.strerror or err}; nothing was changed "
+                               f"(free disk space or choose another --out)") from None
         raise
+    finally:
+        for backup in backups.values():
+            if os.path.exists(backup):
+                os.unlink(backup)
 
 
 def reshard(checkpoint: str, world_size: int, out: str) -> List[str]:
     if world_size < 1:
         raise ReshardError(f"--world-size must be >= 1, got {world_size}")
-    if not out.endswith(".pt"):
-        raise ReshardError(f"--out {out!r} must end in .pt (fairseq adds -rank-N before it)")
     ckpt = Checkpoint(shard_paths(checkpoint))
     outputs = ckpt.write(world_size, out)
     counts = ", ".join(f"{p.rstrip('.')}: {n} experts" for p, n in ckpt.num_experts.items())
@@ -241,7 +308,7 @@ def cli_main(argv=None) -> None:
     args = parser.parse_args(argv)
     try:
         reshard(args.checkpoint, args.world_size, args.out)
-    except ReshardError as err:
+    except BaseLayerConfigError as err:  # ReshardError and the checkpoint errors of checkpoints.py
         sys.exit(f"fairseq-base-reshard: error: {err}")
 
 

@@ -78,6 +78,7 @@ def test_dense_options_keep_working(data_dir):
     (["--base-experts", "-1"], "--base-experts must be >= 0"),
     (["--base-sublayers", "0"], "--base-sublayers must be >= 1"),
     (["--decoder-layerdrop", "0.1"], "--decoder-layerdrop"),
+    (["--base-shuffle", "2"], "--base-shuffle must be 0 or 1, got 2"),
 ])
 def test_bad_options_are_refused(data_dir, flags, match):
     with pytest.raises(BaseLayerConfigError, match=match):

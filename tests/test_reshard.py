@@ -3,6 +3,7 @@
 import os
 import re
 import shutil
+import stat
 import sys
 
 import pytest
@@ -135,3 +136,122 @@ def test_optimizer_state_that_cannot_be_mapped_is_dropped_with_a_notice(trained,
     reshard(str(shards / "checkpoint_last-rank-0.pt"), 1, str(tmp_path / "one.pt"))
     assert "resume training with --reset-optimizer" in capsys.readouterr().out
     assert torch.load(tmp_path / "one.pt", weights_only=False)["last_optimizer_state"] is None
+
+
+def _reshard_cli(*args):
+    result = run("fairseq-base-reshard", *map(str, args), check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith("fairseq-base-reshard: error: ")
+    return lines[0]
+
+
+class Payload:
+    """A pickle that runs a shell command when it is loaded with weights_only=False."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_code_in_a_sibling_shard_never_runs(trained, tmp_path):
+    shards = _copy(trained, tmp_path)
+    marker = tmp_path / "code-ran"
+    torch.save({"model": {}, "payload": Payload(marker)}, shards / "checkpoint_last-rank-1.pt")
+    line = _reshard_cli(shards / "checkpoint_last-rank-0.pt", "--world-size", "1", "--out", tmp_path / "one.pt")
+    assert "checkpoint_last-rank-1.pt holds objects other than tensors" in line
+    assert not marker.exists() and not (tmp_path / "one.pt").exists()
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda p: p.write_bytes(b""), "is empty (0 bytes)"),
+    (_truncate, "is truncated or corrupt"),
+    (lambda p: p.write_bytes(os.urandom(4096)), "is truncated or corrupt"),
+])
+def test_unreadable_input_is_one_line_naming_the_file(trained, tmp_path, damage, message):
+    shards = _copy(trained, tmp_path)
+    damage(shards / "checkpoint_last-rank-1.pt")
+    line = _reshard_cli(shards / "checkpoint_last-rank-0.pt", "--world-size", "1", "--out", tmp_path / "one.pt")
+    assert f"checkpoint_last-rank-1.pt {message}" in line
+    assert not (tmp_path / "one.pt").exists()
+
+
+@pytest.mark.parametrize("out,world_size,message", [
+    ("{tmp}", 1, "is a directory; name a file"),
+    ("/proc/fairseq_base_reshard_test.pt", 1, "cannot write /proc/fairseq_base_reshard_test.pt"),
+    ("{tmp}/missing/model.pt", 1, "does not exist; create it first"),
+    ("{shards}/checkpoint_last-rank-0.pt", 1, "would overwrite the input"),
+    ("{shards}/checkpoint_last.pt", 2, "would overwrite the input"),
+])
+def test_bad_output_is_one_line(trained, tmp_path, out, world_size, message):
+    shards = _copy(trained, tmp_path)
+    before = {p.name: p.read_bytes() for p in shards.iterdir()}
+    line = _reshard_cli(shards / "checkpoint_last-rank-0.pt", "--world-size", world_size,
+                        "--out", out.format(tmp=tmp_path, shards=shards))
+    assert message in line
+    assert {p.name: p.read_bytes() for p in shards.iterdir()} == before
+
+
+def test_a_stale_larger_set_at_the_output_is_refused(trained, tmp_path):
+    reshard(str(trained / "checkpoint_last-rank-0.pt"), 4, str(tmp_path / "model.pt"))
+    line = _reshard_cli(trained / "checkpoint_last-rank-0.pt", "--world-size", "2", "--out", tmp_path / "model.pt")
+    assert "model-rank-2.pt (and 1 more) would be left beside the new files" in line
+
+
+def test_outputs_get_the_mode_of_fairseqs_checkpoints(trained, tmp_path):
+    reshard(str(trained / "checkpoint_last-rank-0.pt"), 2, str(tmp_path / "two.pt"))
+    fairseq_mode = stat.S_IMODE(os.stat(trained / "checkpoint_last-rank-0.pt").st_mode)
+    for rank in range(2):
+        assert stat.S_IMODE(os.stat(tmp_path / f"two-rank-{rank}.pt").st_mode) == fairseq_mode
+
+
+@pytest.mark.parametrize("stage", ["write", "rename"])
+def test_a_failure_at_the_second_file_changes_nothing(trained, tmp_path, monkeypatch, stage):
+    """All or nothing: the old set at the output names stays as it was, no temporary is left."""
+    old = {f"two-rank-{r}.pt": f"old {r}".encode() for r in range(2)}
+    for name, data in old.items():
+        (tmp_path / name).write_bytes(data)
+    module, name = (torch, "save") if stage == "write" else (os, "replace")
+    real, calls = getattr(module, name), []
+
+    def second_call_fails(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, second_call_fails)
+    with pytest.raises(ReshardError, match="cannot write .*two-rank-1.pt: No space left on device; nothing was changed"):
+        reshard(str(trained / "checkpoint_last-rank-0.pt"), 2, str(tmp_path / "two.pt"))
+    monkeypatch.setattr(module, name, real)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == old
+
+
+def test_non_finite_values_stop_reshard_naming_the_tensor(trained, tmp_path):
+    shards = _copy(trained, tmp_path)
+    key = "decoder.layers.1.experts.0.0.ff1.weight"
+    _edit(shards / "checkpoint_last-rank-1.pt", lambda s: s["model"][key].view(-1)[3].fill_(float("inf")))
+    line = _reshard_cli(shards / "checkpoint_last-rank-0.pt", "--world-size", "1", "--out", tmp_path / "one.pt")
+    assert f"checkpoint_last-rank-1.pt: tensor model/{key} holds inf or NaN" in line
+
+
+def test_loading_a_checkpoint_with_nan_is_refused_naming_the_tensor(data_bin, trained, tmp_path):  # noqa: F811
+    reshard(str(trained / "checkpoint_last-rank-0.pt"), 1, str(tmp_path / "one.pt"))
+    key = "decoder.layers.0.fc1.weight"
+    _edit(tmp_path / "one.pt", lambda s: s["model"][key].view(-1)[0].fill_(float("nan")))
+    for cmd in (["fairseq-train", str(data_bin / "bin"), "--user-dir", "fairseq_base", "--cpu", *TINY_MODEL,
+                 "--base-experts", "4", "--restore-file", str(tmp_path / "one.pt"), "--save-dir",
+                 str(tmp_path / "resumed"), "--max-update", "24"],
+                ["fairseq-eval-lm", str(data_bin / "bin"), "--path", str(tmp_path / "one.pt"), *EVAL]):
+        result = run(*cmd, check=False)
+        assert result.returncode != 0
+        errors = [line for line in result.stderr.splitlines() if line.startswith("fairseq_base: error:")]
+        assert len(errors) == 1 and f"tensor model/{key} holds inf or NaN" in errors[0], result.stderr[-2000:]
+        assert "Traceback" not in result.stderr

@@ -75,3 +75,13 @@ def test_expert_count_not_divisible_by_workers_is_refused(data_bin, tmp_path):  
                             "--max-update", "2", check=False)
     assert result.returncode != 0
     assert "fairseq_base: error: --base-experts 3 cannot be split over 2 workers" in result.stderr
+
+
+def test_fully_sharded_with_experts_is_one_line(data_bin, tmp_path):  # noqa: F811
+    result = torchrun_train(2, data_bin, tmp_path, "--ddp-backend", "fully_sharded", "--max-update", "2",
+                            check=False)
+    assert result.returncode != 0
+    errors = {line.split("]: ", 1)[-1] for line in result.stderr.splitlines() if "fairseq_base: error:" in line}
+    assert errors == {"fairseq_base: error: --ddp-backend fully_sharded would shard the experts like shared "
+                      "parameters (and needs fairscale); use --ddp-backend legacy_ddp"}, result.stderr[-2000:]
+    assert "fairscale with: pip install" not in result.stderr  # fairseq's import error never comes

@@ -87,6 +87,8 @@ def check_options(args, num_experts: int) -> None:
     """Refuse option combinations that would build a different model than asked for."""
     if args.base_sublayers < 1:
         raise BaseLayerConfigError(f"--base-sublayers must be >= 1, got {args.base_sublayers}")
+    if args.base_shuffle not in (0, 1):
+        raise BaseLayerConfigError(f"--base-shuffle must be 0 or 1, got {args.base_shuffle}")
     if args.base_eval_routing not in EVAL_ROUTINGS:
         raise BaseLayerConfigError(
             f"--base-eval-routing must be one of {', '.join(EVAL_ROUTINGS)}; got {args.base_eval_routing!r}")

@@ -1,0 +1,140 @@
+"""Checkpoint files the plugin can trust: safe reading, finite tensors, and provenance.
+
+- ``read_checkpoint`` loads with ``weights_only=True`` (no code runs from a file) and turns
+  every unreadable file into one line naming it.
+- ``check_finite`` refuses a checkpoint with inf or NaN in any tensor, naming the tensor.
+- Every checkpoint the trainer writes carries ``extra_state["fairseq_base"]``: the run id
+  (kept across resumes) and the update. When W workers load per-worker files,
+  ``agree_across_workers`` compares the files' run ids and updates and a checksum of the
+  shared parameters on every worker, and all stop with one line if they differ.
+"""
+
+import os
+import pickle
+import uuid
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fairseq_base.errors import BaseLayerConfigError
+
+PROVENANCE = "fairseq_base"
+# Provenance of the checkpoint files this process has loaded, by path (see ``remember``).
+LOADED: Dict[str, dict] = {}
+
+
+class CheckpointError(BaseLayerConfigError):
+    """A checkpoint file that cannot be used; the message names it and the fix."""
+
+
+def read_checkpoint(path: str) -> dict:
+    """torch.load with weights_only=True; one line naming the file for anything else."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): an interrupted copy or save; restore it from its source")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # weights_only refuses any global it does not know; other unpickling errors are damage.
+        if "unsupported global" in str(err).lower():
+            raise CheckpointError(
+                f"{path} holds objects other than tensors and plain values, which could run code when loaded; "
+                f"it was not loaded (fairseq checkpoints never need that): use a checkpoint written by fairseq-train "
+                f"or fairseq-base-reshard") from None
+        raise CheckpointError(f"{path} is truncated or corrupt (not a readable checkpoint); "
+                              f"restore it from its source") from None
+    except Exception as err:  # damaged bytes make torch's readers raise almost anything
+        raise CheckpointError(f"{path} is truncated or corrupt ({type(err).__name__}: {_first_line(err)}); "
+                              f"restore it from its source") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"{path} is not a fairseq checkpoint (no 'model' entry)")
+    return state
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:200] if text else type(err).__name__
+
+
+def _tensors(value, name: str):
+    """(name, tensor) for every tensor inside nested dicts, lists and tuples."""
+    if torch.is_tensor(value):
+        yield name, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _tensors(item, f"{name}.{key}" if name else str(key))
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from _tensors(item, f"{name}[{i}]")
+
+
+def check_finite(state: dict, path: str) -> None:
+    """Refuse a checkpoint with inf or NaN in any tensor of its model or optimizer state."""
+    for part in ("model", "last_optimizer_state"):
+        for name, tensor in _tensors(state.get(part), ""):
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise CheckpointError(
+                    f"{path}: tensor {part}/{name} holds inf or NaN (a damaged file, or a run that diverged); "
+                    f"restore the file from its source or use an earlier checkpoint")
+
+
+def num_updates(state: dict) -> int:
+    history = state.get("optimizer_history") or [{}]
+    return history[-1].get("num_updates", -1)
+
+
+def provenance(state: dict) -> dict:
+    """{"run_id": ..., "num_updates": ...} of a checkpoint (run id None if written before the plugin stamped it)."""
+    stamp = (state.get("extra_state") or {}).get(PROVENANCE) or {}
+    return {"run_id": stamp.get("run_id"), "num_updates": num_updates(state)}
+
+
+def stamp(state: dict, run_id: Optional[str], updates: int) -> None:
+    state.setdefault("extra_state", {})[PROVENANCE] = {"run_id": run_id, "num_updates": updates}
+
+
+def remember(path: str, state: dict) -> None:
+    LOADED[os.path.abspath(path)] = provenance(state)
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def shared_checksum(model: nn.Module) -> List[float]:
+    """Two float64 sums over the shared (non-expert) parameters: the same on workers that
+    hold the same shared parameters, different (in practice) otherwise."""
+    total = torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad():
+        for param in model.parameters():
+            if not hasattr(param, "expert"):
+                # Cast inside the reductions: no float64 copy of the parameter.
+                total += torch.stack([param.sum(dtype=torch.float64),
+                                      torch.linalg.vector_norm(param, dtype=torch.float64) ** 2]).cpu()
+    return total.tolist()
+
+
+def agree_across_workers(record: dict, group=None) -> List[dict]:
+    """Gather every worker's ``record`` ({"file", "run_id", "num_updates", "checksum"}) and
+    raise the same CheckpointError on every worker if they differ. Returns the records."""
+    records = [None] * dist.get_world_size(group)
+    dist.all_gather_object(records, record, group=group)
+    first = records[0]
+    for other in records[1:]:
+        for key, what in (("run_id", "runs"), ("num_updates", "updates"), ("checksum", "shared parameters")):
+            if other[key] != first[key]:
+                raise CheckpointError(
+                    f"the workers loaded checkpoint files that do not belong together (different {what}): "
+                    f"{_describe(first)} and {_describe(other)}; give every worker files of one save "
+                    f"(fairseq-base-reshard checks a set and rewrites it for any number of workers)")
+    return records
+
+
+def _describe(record: dict) -> str:
+    run = record["run_id"] or "unstamped"
+    return f"{record['file'] or 'no file (fresh start)'} (run {run}, update {record['num_updates']})"

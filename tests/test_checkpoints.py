@@ -1,0 +1,92 @@
+"""Workers never train or score from per-worker checkpoint files that do not belong together
+(torchrun, 2 gloo workers): each file carries its run id and update, and the workers compare
+them, and a checksum of their shared parameters, before the first step."""
+
+import os
+import shutil
+import sys
+import time
+
+import pytest
+import torch
+
+from test_end_to_end import data_bin, run  # noqa: F401  (fixture)
+from test_reshard import EVAL
+from test_torchrun import BIN, torchrun_train
+
+COMMON = ["--base-experts", "4", "--ddp-backend", "legacy_ddp", "--log-interval", "5"]
+MISMATCH = "fairseq_base: error: the workers loaded checkpoint files that do not belong together"
+
+
+def stamp_of(path):
+    return torch.load(path, weights_only=True)["extra_state"]["fairseq_base"]
+
+
+@pytest.fixture(scope="module")
+def runs(data_bin, tmp_path_factory):  # noqa: F811
+    """Run A saved at update 10 (rank 1's file kept) and resumed to 20; run B (another seed) at 10."""
+    root = tmp_path_factory.mktemp("runs")
+    torchrun_train(2, data_bin, root / "a", *COMMON, "--max-update", "10")
+    shutil.copy(root / "a" / "checkpoint_last-rank-1.pt", root / "a10-rank-1.pt")
+    torchrun_train(2, data_bin, root / "a", *COMMON, "--max-update", "20")
+    torchrun_train(2, data_bin, root / "b", *COMMON, "--max-update", "10", "--seed", "4")
+    return root
+
+
+def test_every_saved_file_carries_its_run_and_update(runs):
+    a0, a1, a10 = (stamp_of(runs / "a" / "checkpoint_last-rank-0.pt"), stamp_of(runs / "a" / "checkpoint_last-rank-1.pt"),
+                   stamp_of(runs / "a10-rank-1.pt"))
+    b0 = stamp_of(runs / "b" / "checkpoint_last-rank-0.pt")
+    assert a0 == a1 and a0["num_updates"] == 20
+    assert a10 == {"run_id": a0["run_id"], "num_updates": 10}  # the resumed run keeps its id
+    assert b0["run_id"] != a0["run_id"] and b0["num_updates"] == 10
+
+
+def _mixed(runs, tmp_path, rank0, rank1, name="checkpoint_last"):
+    shutil.copy(rank0, tmp_path / f"{name}-rank-0.pt")
+    shutil.copy(rank1, tmp_path / f"{name}-rank-1.pt")
+
+
+def _assert_refused(result, started, *fragments):
+    assert result.returncode != 0
+    assert time.monotonic() - started < 60
+    # torchrun prefixes each worker's lines with "[rankN]: ".
+    errors = {line.split("]: ", 1)[-1] for line in result.stderr.splitlines() if MISMATCH in line}
+    assert len(errors) == 1, result.stderr[-3000:]  # the same one line from every worker
+    error = errors.pop()
+    for fragment in fragments:
+        assert fragment in error, error
+
+
+@pytest.mark.parametrize("case", ["updates 20 and 10", "two runs"])
+def test_resume_from_files_that_do_not_belong_together_is_refused(data_bin, runs, tmp_path, case):  # noqa: F811
+    a, b = runs / "a", runs / "b"
+    if case == "updates 20 and 10":
+        _mixed(runs, tmp_path, a / "checkpoint_last-rank-0.pt", runs / "a10-rank-1.pt")
+        reason = "(different updates)"
+    else:
+        _mixed(runs, tmp_path, b / "checkpoint_last-rank-0.pt", runs / "a10-rank-1.pt")
+        reason = "(different runs)"
+    started = time.monotonic()
+    result = torchrun_train(2, data_bin, tmp_path, *COMMON, "--max-update", "30", check=False)
+    _assert_refused(result, started, reason, "checkpoint_last-rank-0.pt", "checkpoint_last-rank-1.pt")
+    assert "num_updates=" not in result.stdout + result.stderr  # no step was taken
+
+
+def test_restore_file_from_two_runs_is_refused(data_bin, runs, tmp_path):  # noqa: F811
+    _mixed(runs, tmp_path, runs / "b" / "checkpoint_last-rank-0.pt", runs / "a10-rank-1.pt", name="mixed")
+    started = time.monotonic()
+    result = torchrun_train(2, data_bin, tmp_path / "save", *COMMON, "--max-update", "30",
+                            "--restore-file", str(tmp_path / "mixed.pt"), check=False)
+    _assert_refused(result, started, "(different runs)", "mixed-rank-0.pt", "mixed-rank-1.pt")
+
+
+def test_eval_lm_on_files_of_two_runs_is_refused(data_bin, runs, tmp_path):  # noqa: F811
+    _mixed(runs, tmp_path, runs / "b" / "checkpoint_last-rank-0.pt", runs / "a10-rank-1.pt", name="mixed")
+    started = time.monotonic()
+    os.environ["OMP_NUM_THREADS"] = "1"
+    result = run(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                 os.path.join(BIN, "fairseq-eval-lm"), str(data_bin / "bin"), "--path", str(tmp_path / "mixed.pt"),
+                 *EVAL, "--distributed-backend", "gloo", check=False)
+    _assert_refused(result, started, "(different runs)", "mixed-rank-0.pt", "mixed-rank-1.pt")
+    assert "Perplexity" not in result.stdout + result.stderr
