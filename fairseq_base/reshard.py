@@ -208,8 +208,9 @@ class Checkpoint:
 
 
 def output_paths(out: str, world_size: int, inputs: List[str]) -> List[str]:
-    """The files to write for ``--out``, refused where they would overwrite an input, name a
-    directory, sit in a directory that cannot be written, or leave a stale larger set behind."""
+    """The files to write for ``--out`` (its directory created if need be), refused where they
+    would overwrite an input, name a directory, sit in a directory that cannot be written, or
+    leave a stale larger set behind."""
     if os.path.isdir(out):
         raise ReshardError(f"--out {out} is a directory; name a file, e.g. {os.path.join(out, 'model.pt')}")
     if not out.endswith(".pt"):
@@ -223,8 +224,11 @@ def output_paths(out: str, world_size: int, inputs: List[str]) -> List[str]:
         if os.path.isdir(path):
             raise ReshardError(f"{path} is a directory; choose another --out")
     directory = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(directory):
-        raise ReshardError(f"--out {out}: directory {directory} does not exist; create it first")
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as err:
+        raise ReshardError(f"--out {out}: cannot create directory {directory} ({err.strerror}); "
+                           f"choose another --out") from None
     if not os.access(directory, os.W_OK | os.X_OK):
         raise ReshardError(f"--out {out}: directory {directory} is not writable; choose another --out")
     stale = [p for p in sorted(glob.glob(glob.escape(stem) + "-rank-*.pt"))

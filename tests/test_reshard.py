@@ -186,7 +186,7 @@ def test_unreadable_input_is_one_line_naming_the_file(trained, tmp_path, damage,
 @pytest.mark.parametrize("out,world_size,message", [
     ("{tmp}", 1, "is a directory; name a file"),
     ("/proc/fairseq_base_reshard_test.pt", 1, "cannot write /proc/fairseq_base_reshard_test.pt"),
-    ("{tmp}/missing/model.pt", 1, "does not exist; create it first"),
+    ("{shards}/checkpoint_last-rank-1.pt/model.pt", 1, "cannot create directory"),
     ("{shards}/checkpoint_last-rank-0.pt", 1, "would overwrite the input"),
     ("{shards}/checkpoint_last.pt", 2, "would overwrite the input"),
 ])
