@@ -1,5 +1,6 @@
 """Every Hydra config composes and builds; each small_* config trains a few updates."""
 
+import dataclasses
 import os
 import re
 
@@ -108,3 +109,14 @@ def test_paper_config_trains_in_bf16_on_cpu(data_bin, tmp_path):  # noqa: F811
     assert re.search(r"num_updates 3\b", log), log[-2000:]
     saved = torch.load(tmp_path / "checkpoint_last.pt", weights_only=False)
     assert saved["cfg"]["common"]["bf16"] and "loss_scale" not in saved["last_optimizer_state"]
+
+
+@pytest.mark.parametrize("name", sorted({**PAPER, **SMALL}))
+def test_every_config_holds_every_plugin_key(name):
+    """So that one plain override, model.KEY=VALUE, sets any option (Hydra refuses new keys)."""
+    from fairseq_base.models.transformer_lm_base import TransformerLanguageModelBaseConfig
+    plugin_keys = {f.name for f in dataclasses.fields(TransformerLanguageModelBaseConfig) if f.name.startswith("base_")}
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.1"):
+        cfg = compose(name, overrides=["task.data=unused", "model.base_router=sbase", "model.base_moe_freq=3"])
+    assert plugin_keys <= set(cfg.model), sorted(plugin_keys - set(cfg.model))
+    assert cfg.model.base_router == "sbase" and cfg.model.base_moe_freq == 3
