@@ -226,6 +226,8 @@ def _cpu_kernel():
             # Built with -march=native: name the build after the CPU so that a shared cache
             # never hands one machine's binary to another kind of CPU.
             cpu = hashlib.md5(_cpu_model().encode()).hexdigest()[:8]
+            logger.info("fairseq_base: loading the balanced-assignment kernel (the first time on a machine "
+                        "it is compiled, which takes about 30 s)")
             _KERNEL["auction"] = load(name=f"fairseq_base_auction_{cpu}", sources=[source],
                                       extra_cflags=["-O3", "-march=native", "-fopenmp"],
                                       extra_ldflags=["-fopenmp"], verbose=False)

@@ -198,3 +198,13 @@ def test_experts_start_from_their_global_id_and_the_seed():
     for j in range(2):
         for (name, mine), theirs in zip(last_two[j].named_parameters(), everything[2 + j].parameters()):
             assert torch.equal(mine, theirs), name
+
+
+def test_loading_the_kernel_says_so_in_one_line(monkeypatch, caplog):
+    import logging
+    from fairseq_base import assignment
+    monkeypatch.setattr(assignment, "_KERNEL", {})
+    with caplog.at_level(logging.INFO, logger="fairseq_base.assignment"):
+        assert assignment._cpu_kernel() is not None
+    lines = [r.getMessage() for r in caplog.records if "kernel" in r.getMessage()]
+    assert len(lines) == 1 and "compiled, which takes about 30 s" in lines[0]
