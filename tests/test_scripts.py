@@ -2,8 +2,11 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+
+import pytest
 
 from test_end_to_end import data_bin  # noqa: F401  (fixture)
 
@@ -58,3 +61,18 @@ def test_bench_layer_workers_compares_the_three_layers(tmp_path):
     assert set(saved["ms"]) == {"fairseq_base", "fairseq_builtin", "ffn_floor"}
     assert all(len(times) == 2 and min(times) > 0 for times in saved["times_s"].values())
     assert "| fairseq_base |" in result.stdout
+
+
+@pytest.mark.parametrize("command", [["python3", "scripts/prepare_brown.py", "--out", "{tmp}/brown"],
+                                     ["bash", "scripts/quickrun.sh"]])
+def test_missing_npm_is_one_line_saying_how_to_get_it(tmp_path, command):
+    tools = tmp_path / "bin"  # a PATH with Python and the shell tools, but no npm
+    tools.mkdir()
+    for name, target in [("python3", sys.executable)] + [(t, shutil.which(t)) for t in
+                                                          ("bash", "env", "mkdir", "dirname", "cat")]:
+        (tools / name).symlink_to(target)
+    result = subprocess.run([c.format(tmp=tmp_path) for c in command], cwd=REPO, capture_output=True, text=True,
+                            env={"PATH": str(tools), "OUT": str(tmp_path / "out")}, timeout=60)
+    assert result.returncode == 1
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "npm not found" in result.stderr and "apt-get install npm" in result.stderr
