@@ -14,7 +14,10 @@
 4. fairseq-eval-lm on W > 1 workers: ``--path NAME.pt`` loads ``NAME-rank-{r}.pt`` where only
    those exist (fairseq's suffix rule, which eval-lm does not apply by itself); workers run
    in lockstep, a worker out of batches joining the others' all-to-alls with a dummy batch;
-   and the perplexity printed is the one of all workers' tokens together.
+   and the perplexity printed is the one of all workers' tokens together. Without
+   --tokens-per-sample it scores blocks of the checkpoint's length (fairseq's default skips
+   every longer block), and a run that scored 0 tokens stops with one line instead of
+   printing "Perplexity: 1.00".
 5. Gradient norm with experts under every optimizer (fp32, ``--fp16``,
    ``--memory-efficient-fp16``, ``--bf16``, ``--amp``): the norm that clips and that fairseq
    compares across workers covers the shared parameters only, also in fp16's flat fp32 copy
@@ -35,7 +38,9 @@
 """
 
 import importlib.util
+import logging
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -51,6 +56,7 @@ from fairseq_base import checkpoints
 from fairseq_base.errors import BaseLayerConfigError
 from fairseq_base.grad_norm import clip_grad_norm_with_experts, mark_flat_expert_slices
 
+logger = logging.getLogger(__name__)
 TORCHRUN_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK")
 EXPERT_SAFE_DDP_BACKENDS = ("legacy_ddp", "no_c10d")  # both skip params tagged ``expert``
 
@@ -170,26 +176,54 @@ def lockstep(batches, models):
                     model(dummy)
 
 
+def counting(batches, counts):
+    """Yield ``batches``, appending each one's token count to ``counts``."""
+    for sample in batches:
+        counts.append(sample["ntokens"])
+        yield sample
+
+
+def refuse_zero_tokens(count: float) -> None:
+    if count == 0:
+        raise BaseLayerConfigError(
+            "fairseq-eval-lm scored 0 tokens (fairseq skips every block longer than the model's positions); "
+            "pass --tokens-per-sample no larger than the one the model was trained with")
+
+
 def eval_lm_on_all_workers(fairseq_eval, models, source_dictionary, batch_iterator, **kwargs):
     """fairseq's eval_lm over this worker's batches in lockstep, then one global perplexity."""
     if kwargs.get("post_process") is not None:
         raise BaseLayerConfigError("--post-process is not supported by fairseq-eval-lm on several workers; "
                                    "score on one worker (after fairseq-base-reshard --world-size 1)")
-    counted = []
-
-    def counting(batches):
-        for sample in batches:
-            counted.append(sample["ntokens"])
-            yield sample
-
     agree_on_evaluated_checkpoints(models)
-    local = fairseq_eval(models, source_dictionary, counting(lockstep(batch_iterator, models)), **kwargs)
+    counts = []
+    local = fairseq_eval(models, source_dictionary, counting(lockstep(batch_iterator, models), counts), **kwargs)
     device = next(models[0].parameters()).device
-    count = float(sum(counted))
+    count = float(sum(counts))
     totals = torch.tensor([local["loss"] * count, count], dtype=torch.float64, device=device)
     dist.all_reduce(totals)
-    loss = (totals[0] / totals[1]).item() if totals[1] > 0 else 0.0
+    refuse_zero_tokens(totals[1].item())
+    loss = (totals[0] / totals[1]).item()
     return {"loss": loss, "perplexity": 2 ** loss}
+
+
+def tokens_per_sample_from_checkpoint(cfg, argv) -> None:
+    """fairseq-eval-lm: unless --tokens-per-sample is given, score blocks as long as the ones the
+    transformer_lm_base checkpoint was trained on (fairseq's default, 1024, skips every block
+    longer than the model's positions)."""
+    if any(arg.startswith("--tokens-per-sample") for arg in argv) or not cfg.common_eval.path:
+        return
+    path = cfg.common_eval.path.split(os.pathsep)[0]
+    if cfg.checkpoint.checkpoint_suffix:
+        path = path[: -len(".pt")] + cfg.checkpoint.checkpoint_suffix + ".pt"
+    if not os.path.isfile(path):
+        return  # fairseq reports the missing file
+    saved = torch.load(path, map_location="cpu", mmap=True, weights_only=True)["cfg"]
+    if saved["model"].get("_name") == "transformer_lm_base" and "tokens_per_sample" in saved["task"]:
+        if cfg.task.tokens_per_sample != saved["task"]["tokens_per_sample"]:
+            cfg.task.tokens_per_sample = saved["task"]["tokens_per_sample"]
+            logger.info(f"fairseq_base: --tokens-per-sample {cfg.task.tokens_per_sample}, as the checkpoint was "
+                        f"trained (pass --tokens-per-sample to choose)")
 
 
 def install() -> None:
@@ -199,6 +233,7 @@ def install() -> None:
     fairseq_distributed_init = distributed_utils.distributed_init
     fairseq_wrap_model = models.DistributedFairseqModel
     fairseq_eval = fairseq_eval_lm.eval_lm
+    fairseq_eval_main = fairseq_eval_lm.main
     fairseq_trainer_init = Trainer.__init__
     fairseq_should_save = Trainer.should_save_checkpoint_on_current_rank
     fairseq_call_main = distributed_utils.call_main
@@ -223,7 +258,14 @@ def install() -> None:
     def eval_lm(models, source_dictionary, batch_iterator, **kwargs):
         if dist.is_initialized() and dist.get_world_size() > 1:
             return eval_lm_on_all_workers(fairseq_eval, models, source_dictionary, batch_iterator, **kwargs)
-        return fairseq_eval(models, source_dictionary, batch_iterator, **kwargs)
+        counts = []
+        results = fairseq_eval(models, source_dictionary, counting(batch_iterator, counts), **kwargs)
+        refuse_zero_tokens(sum(counts))
+        return results
+
+    def eval_lm_main(cfg, **kwargs):
+        tokens_per_sample_from_checkpoint(cfg, sys.argv)
+        return fairseq_eval_main(cfg, **kwargs)
 
     # The trainer, not distributed_init: fairseq's spawn path runs that before the plugin is imported.
     def trainer_init(self, cfg, *args, **kwargs):
@@ -268,6 +310,7 @@ def install() -> None:
     distributed_utils.distributed_init = distributed_init
     models.DistributedFairseqModel = wrap_model
     fairseq_eval_lm.eval_lm = eval_lm
+    fairseq_eval_lm.main = eval_lm_main
     Trainer.__init__ = trainer_init
     Trainer.should_save_checkpoint_on_current_rank = property(should_save_checkpoint_on_current_rank)
     distributed_utils.call_main = call_main

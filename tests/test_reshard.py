@@ -255,3 +255,20 @@ def test_loading_a_checkpoint_with_nan_is_refused_naming_the_tensor(data_bin, tr
         errors = [line for line in result.stderr.splitlines() if line.startswith("fairseq_base: error:")]
         assert len(errors) == 1 and f"tensor model/{key} holds inf or NaN" in errors[0], result.stderr[-2000:]
         assert "Traceback" not in result.stderr
+
+
+def test_eval_lm_takes_the_checkpoints_block_length_and_never_reports_zero_tokens(data_bin, trained, tmp_path):  # noqa: F811,E501
+    reshard(str(trained / "checkpoint_last-rank-0.pt"), 1, str(tmp_path / "one.pt"))
+    without = [a for a in EVAL if a not in ("--tokens-per-sample", "64")]
+    assert len(without) == len(EVAL) - 2
+    result = run("fairseq-eval-lm", str(data_bin / "bin"), "--path", str(tmp_path / "one.pt"), *without)
+    log = result.stdout + result.stderr
+    assert "--tokens-per-sample 64, as the checkpoint was trained" in log
+    assert float(re.search(r"Loss \(base 2\): ([0-9.]+)", log).group(1)) == pytest.approx(
+        eval_loss(data_bin, tmp_path / "one.pt"), abs=1e-4)  # the same as with --tokens-per-sample 64
+    # Blocks longer than the model's positions are all skipped: one line, not "Perplexity: 1.00".
+    result = run("fairseq-eval-lm", str(data_bin / "bin"), "--path", str(tmp_path / "one.pt"), *without,
+                 "--tokens-per-sample", "1024", check=False)
+    assert result.returncode != 0 and "Perplexity" not in result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("fairseq_base: error:")]
+    assert len(errors) == 1 and "scored 0 tokens" in errors[0] and "--tokens-per-sample" in errors[0]
