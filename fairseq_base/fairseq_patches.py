@@ -35,13 +35,18 @@
    shared parameters before the first step and all stop with one line if they differ.
    ``--ddp-backend fully_sharded`` with experts stops with one line (it needs fairscale, and
    would shard experts as if they were shared).
+8. numpy 2: fairseq 0.12's TokenBlockDataset uses ``np.compat.long``, which numpy 2 removed,
+   so fairseq-interactive and the hub's ``sample`` and ``score`` fail on language models.
+   Under numpy 2 the plugin restores that one name (``int``, as numpy 1 defined it).
 """
 
 import importlib.util
 import logging
 import os
 import sys
+from types import SimpleNamespace
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from fairseq import checkpoint_utils, models
@@ -59,6 +64,11 @@ from fairseq_base.grad_norm import clip_grad_norm_with_experts, mark_flat_expert
 logger = logging.getLogger(__name__)
 TORCHRUN_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK")
 EXPERT_SAFE_DDP_BACKENDS = ("legacy_ddp", "no_c10d")  # both skip params tagged ``expert``
+
+
+def numpy_compat_long() -> None:
+    if not hasattr(np, "compat"):
+        np.compat = SimpleNamespace(long=int)
 
 
 def bf16_without_tpu(cfg) -> None:
@@ -305,6 +315,7 @@ def install() -> None:
     def clip_grad_norm(self, max_norm, aggregate_norm_fn=None):
         return clip_grad_norm_with_experts(self.params, max_norm, aggregate_norm_fn)
 
+    numpy_compat_long()
     infer_init_method.fairseq_base = True
     distributed_utils.infer_init_method = infer_init_method
     distributed_utils.distributed_init = distributed_init

@@ -18,8 +18,8 @@ def char_lines(lines):
     return [" ".join("_" if c == " " else c for c in line) for line in lines]
 
 
-def run(*cmd, cwd=REPO, check=True):
-    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
+def run(*cmd, cwd=REPO, check=True, input=None):
+    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, input=input)
     if check and result.returncode != 0:
         raise AssertionError(f"{cmd[0]} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result

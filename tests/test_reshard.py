@@ -272,3 +272,13 @@ def test_eval_lm_takes_the_checkpoints_block_length_and_never_reports_zero_token
     assert result.returncode != 0 and "Perplexity" not in result.stdout + result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("fairseq_base: error:")]
     assert len(errors) == 1 and "scored 0 tokens" in errors[0] and "--tokens-per-sample" in errors[0]
+
+
+def test_a_resharded_two_worker_checkpoint_samples_and_decodes_incrementally(data_bin, trained, tmp_path):  # noqa: F811,E501
+    from test_generation import (assert_incremental_decoding_matches_full_scoring, assert_samples_and_scores, hub,
+                                 interactive)
+    reshard(str(trained / "checkpoint_last-rank-0.pt"), 1, str(tmp_path / "one.pt"))
+    lm = hub(tmp_path / "one.pt", data_bin)
+    assert_samples_and_scores(lm)
+    assert_incremental_decoding_matches_full_scoring(lm)
+    interactive(tmp_path / "one.pt", data_bin, "--sampling", "--sampling-topk", "5", "--beam", "1")

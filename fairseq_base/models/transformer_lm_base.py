@@ -2,12 +2,12 @@
 
 import contextlib
 from dataclasses import dataclass, field
-from functools import partial
 
 import torch.distributed as dist
 from fairseq.dataclass import ChoiceEnum
 from fairseq.distributed import utils as distributed_utils
 from fairseq.models import register_model
+from fairseq.models.transformer import TransformerDecoder
 from fairseq.models.transformer_lm import TransformerLanguageModel, TransformerLanguageModelConfig
 from omegaconf import II
 from torch import Tensor, nn
@@ -144,11 +144,9 @@ class TransformerLanguageModelBase(TransformerLanguageModel):
                 layers.append(layer)
         decoder.layers = nn.ModuleList(layers)
         decoder.num_layers = len(layers)
-        if args.base_router == "hash":
-            decoder.register_forward_pre_hook(_give_hash_layers_token_ids, with_kwargs=True)
-        shuffling = [layer for layer in decoder.modules() if isinstance(layer, BaseLayer) and layer.shuffle]
-        if shuffling:
-            decoder.register_forward_pre_hook(partial(_start_token_count_exchange, shuffling), with_kwargs=True)
+        if type(decoder) is not TransformerDecoder:
+            raise TypeError(f"transformer_lm_base expects fairseq's TransformerDecoder, got {type(decoder).__name__}")
+        decoder.__class__ = TransformerDecoderWithExperts
         _divide_expert_grads_like_ddp(model, world_size(group))
         return model
 
@@ -179,28 +177,28 @@ class ExpertFeedForwardLayer(nn.Module):
         return self.moe(x)[0], attn, state
 
 
-def _decoder_tokens(args, kwargs) -> Tensor:
-    """The token ids [B, T] a decoder forward pre-hook sees."""
-    return args[0] if args else kwargs["prev_output_tokens"]
+class TransformerDecoderWithExperts(TransformerDecoder):
+    """fairseq's decoder, which first tells its expert layers what they need to know about the
+    input: hash layers the token ids, shuffling BASE layers every worker's token count (an
+    exchange that runs in the background while the layers below them run).
 
+    In ``extract_features``, which every path calls, training and generation alike (fairseq's
+    SequenceGenerator calls ``decoder.forward`` directly, bypassing forward hooks)."""
 
-def _give_hash_layers_token_ids(decoder, args, kwargs):
-    tokens = _decoder_tokens(args, kwargs)
-    if kwargs.get("incremental_state") is not None:
-        tokens = tokens[:, -1:]  # as fairseq's decoder does: one new position per step
-    for module in decoder.modules():
-        if isinstance(module, BaseLayer) and module.router == "hash":
-            module.token_ids = tokens
-
-
-def _start_token_count_exchange(layers, decoder, args, kwargs):
-    """Start the exchange of token counts that shuffling needs, in the background while the
-    layers below the first BASE layer run; the BASE layers wait for it."""
-    if decoder.training:
-        tokens = _decoder_tokens(args, kwargs)
-        exchange = SizeExchange(tokens.numel(), tokens.device, layers[0].dispatcher.group)
-        for layer in layers:
-            layer.token_count_exchange = exchange
+    def extract_features(self, prev_output_tokens, encoder_out=None, incremental_state=None, **kwargs):
+        # As fairseq's decoder does: with an incremental state, only the last position is new.
+        tokens = prev_output_tokens if incremental_state is None else prev_output_tokens[:, -1:]
+        expert_layers = [m for m in self.modules() if isinstance(m, BaseLayer)]
+        for layer in expert_layers:
+            if layer.router == "hash":
+                layer.token_ids = tokens
+        shuffling = [layer for layer in expert_layers if layer.shuffle]
+        if self.training and shuffling:
+            exchange = SizeExchange(tokens.numel(), tokens.device, shuffling[0].dispatcher.group)
+            for layer in shuffling:
+                layer.token_count_exchange = exchange
+        return super().extract_features(prev_output_tokens, encoder_out=encoder_out,
+                                        incremental_state=incremental_state, **kwargs)
 
 
 def _divide_expert_grads_like_ddp(model, workers: int) -> None:

@@ -1,0 +1,86 @@
+"""Sampling and scoring from BASE language models, for every router: the hub interface
+(from_pretrained, sample, score) and fairseq-interactive (sampling and beam search), and
+incremental decoding that gives the same log-probabilities as scoring the whole sequence."""
+
+import os
+
+import pytest
+import torch
+
+from test_end_to_end import data_bin, run  # noqa: F401  (fixture)
+from test_torchrun import BIN, TINY_MODEL
+
+from fairseq_base.models.transformer_lm_base import TransformerLanguageModelBase
+
+PROMPT = "T h e _ k i n g"
+ROUTERS = {
+    "balanced": ["--base-layers", "1"],
+    "sbase": ["--base-layers", "1", "--base-router", "sbase"],
+    "switch": ["--base-layers", "0", "--base-moe-freq", "2", "--base-router", "switch",
+               "--criterion", "base_cross_entropy"],
+    "top2": ["--base-layers", "1", "--base-router", "top2", "--criterion", "base_cross_entropy"],
+    "hash": ["--base-layers", "1", "--base-router", "hash"],
+}
+
+
+@pytest.fixture(scope="module")
+def models(data_bin, tmp_path_factory):  # noqa: F811
+    """One-process checkpoints of every router (a few updates: enough to be no longer uniform)."""
+    root = tmp_path_factory.mktemp("routers")
+    for name, flags in ROUTERS.items():
+        run(os.path.join(BIN, "fairseq-train"), str(data_bin / "bin"), "--user-dir", "fairseq_base", "--cpu",
+            *TINY_MODEL, "--base-experts", "4", *flags, "--max-update", "5", "--save-dir", str(root / name))
+    return root
+
+
+def hub(checkpoint, data):
+    lm = TransformerLanguageModelBase.from_pretrained(os.path.dirname(checkpoint), os.path.basename(checkpoint),
+                                                      data_name_or_path=str(data / "bin"))
+    return lm.eval()
+
+
+def assert_incremental_decoding_matches_full_scoring(lm, text=PROMPT):
+    """Each token's log-probability given the ones before it, from one forward pass over the
+    whole sequence and from fairseq's incremental decoding, one token at a time."""
+    model = lm.models[0]
+    tokens = lm.encode(text)[None, :-1]  # without the final </s>
+    with torch.no_grad():
+        full = model.get_normalized_probs(model(tokens), log_probs=True)[0]
+        state, steps = {}, []
+        for t in range(tokens.size(1)):
+            out = model.decoder(tokens[:, : t + 1], incremental_state=state)
+            steps.append(model.get_normalized_probs(out, log_probs=True)[0, -1])
+    assert torch.allclose(torch.stack(steps), full, atol=1e-5), (torch.stack(steps) - full).abs().max()
+
+
+def assert_samples_and_scores(lm):
+    torch.manual_seed(0)
+    sampled = lm.sample(PROMPT, beam=1, sampling=True, sampling_topk=5, max_len_b=12)
+    searched = lm.sample(PROMPT, beam=2, max_len_b=12)
+    for text in (sampled, searched):
+        assert text.startswith(PROMPT) and len(text.split()) > len(PROMPT.split()), text
+    scores = lm.score(PROMPT)["positional_scores"]
+    assert scores.numel() == len(PROMPT.split()) and bool(torch.isfinite(scores).all()) and bool((scores < 0).all())
+
+
+@pytest.mark.parametrize("router", list(ROUTERS))
+def test_hub_samples_and_scores_and_decodes_incrementally(data_bin, models, router):  # noqa: F811
+    lm = hub(models / router / "checkpoint_last.pt", data_bin)
+    assert_samples_and_scores(lm)
+    assert_incremental_decoding_matches_full_scoring(lm)
+
+
+def interactive(checkpoint, data, *flags):
+    result = run(os.path.join(BIN, "fairseq-interactive"), str(data / "bin"), "--task", "language_modeling",
+                 "--user-dir", "fairseq_base", "--path", str(checkpoint), "--cpu", "--max-len-b", "12", *flags,
+                 input=PROMPT + "\n")
+    hypotheses = [line for line in result.stdout.splitlines() if line.startswith("H-0")]
+    assert len(hypotheses) == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    return hypotheses[0]
+
+
+@pytest.mark.parametrize("router", ["balanced", "hash"])
+def test_interactive_samples_and_searches(data_bin, models, router):  # noqa: F811
+    checkpoint = models / router / "checkpoint_last.pt"
+    interactive(checkpoint, data_bin, "--sampling", "--sampling-topk", "5", "--beam", "1", "--seed", "1")
+    interactive(checkpoint, data_bin, "--beam", "2")
