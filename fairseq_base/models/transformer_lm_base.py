@@ -144,6 +144,7 @@ class TransformerLanguageModelBase(TransformerLanguageModel):
                 layers.append(layer)
         decoder.layers = nn.ModuleList(layers)
         decoder.num_layers = len(layers)
+        # fairseq built the decoder; make it the subclass that prepares the expert layers.
         if type(decoder) is not TransformerDecoder:
             raise TypeError(f"transformer_lm_base expects fairseq's TransformerDecoder, got {type(decoder).__name__}")
         decoder.__class__ = TransformerDecoderWithExperts
