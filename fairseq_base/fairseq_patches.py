@@ -226,9 +226,10 @@ def tokens_per_sample_from_checkpoint(cfg, argv) -> None:
     path = cfg.common_eval.path.split(os.pathsep)[0]
     if cfg.checkpoint.checkpoint_suffix:
         path = path[: -len(".pt")] + cfg.checkpoint.checkpoint_suffix + ".pt"
-    if not os.path.isfile(path):
-        return  # fairseq reports the missing file
-    saved = torch.load(path, map_location="cpu", mmap=True, weights_only=True)["cfg"]
+    try:  # only the config is read: mmap leaves the tensors on disk
+        saved = torch.load(path, map_location="cpu", mmap=True, weights_only=True)["cfg"]
+    except Exception:
+        return  # a missing or unreadable file: fairseq's own loading reports it
     if saved["model"].get("_name") == "transformer_lm_base" and "tokens_per_sample" in saved["task"]:
         if cfg.task.tokens_per_sample != saved["task"]["tokens_per_sample"]:
             cfg.task.tokens_per_sample = saved["task"]["tokens_per_sample"]
