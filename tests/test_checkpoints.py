@@ -42,7 +42,7 @@ def test_every_saved_file_carries_its_run_and_update(runs):
     assert b0["run_id"] != a0["run_id"] and b0["num_updates"] == 10
 
 
-def _mixed(runs, tmp_path, rank0, rank1, name="checkpoint_last"):
+def _mixed(tmp_path, rank0, rank1, name="checkpoint_last"):
     shutil.copy(rank0, tmp_path / f"{name}-rank-0.pt")
     shutil.copy(rank1, tmp_path / f"{name}-rank-1.pt")
 
@@ -62,10 +62,10 @@ def _assert_refused(result, started, *fragments):
 def test_resume_from_files_that_do_not_belong_together_is_refused(data_bin, runs, tmp_path, case):  # noqa: F811
     a, b = runs / "a", runs / "b"
     if case == "updates 20 and 10":
-        _mixed(runs, tmp_path, a / "checkpoint_last-rank-0.pt", runs / "a10-rank-1.pt")
+        _mixed(tmp_path, a / "checkpoint_last-rank-0.pt", runs / "a10-rank-1.pt")
         reason = "(different updates)"
     else:
-        _mixed(runs, tmp_path, b / "checkpoint_last-rank-0.pt", runs / "a10-rank-1.pt")
+        _mixed(tmp_path, b / "checkpoint_last-rank-0.pt", runs / "a10-rank-1.pt")
         reason = "(different runs)"
     started = time.monotonic()
     result = torchrun_train(2, data_bin, tmp_path, *COMMON, "--max-update", "30", check=False)
@@ -74,7 +74,7 @@ def test_resume_from_files_that_do_not_belong_together_is_refused(data_bin, runs
 
 
 def test_restore_file_from_two_runs_is_refused(data_bin, runs, tmp_path):  # noqa: F811
-    _mixed(runs, tmp_path, runs / "b" / "checkpoint_last-rank-0.pt", runs / "a10-rank-1.pt", name="mixed")
+    _mixed(tmp_path, runs / "b" / "checkpoint_last-rank-0.pt", runs / "a10-rank-1.pt", name="mixed")
     started = time.monotonic()
     result = torchrun_train(2, data_bin, tmp_path / "save", *COMMON, "--max-update", "30",
                             "--restore-file", str(tmp_path / "mixed.pt"), check=False)
@@ -82,7 +82,7 @@ def test_restore_file_from_two_runs_is_refused(data_bin, runs, tmp_path):  # noq
 
 
 def test_eval_lm_on_files_of_two_runs_is_refused(data_bin, runs, tmp_path):  # noqa: F811
-    _mixed(runs, tmp_path, runs / "b" / "checkpoint_last-rank-0.pt", runs / "a10-rank-1.pt", name="mixed")
+    _mixed(tmp_path, runs / "b" / "checkpoint_last-rank-0.pt", runs / "a10-rank-1.pt", name="mixed")
     started = time.monotonic()
     os.environ["OMP_NUM_THREADS"] = "1"
     result = run(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
