@@ -74,6 +74,7 @@ def _sum_over_workers(value: Tensor) -> Tensor:
 def clip_grad_norm_with_experts(params, max_norm: float, aggregate_norm_fn=None) -> Tensor:
     """fairseq's ``clip_grad_norm_`` over the shared gradients, rescaling expert gradients by
     the same factor; inf on every worker if any worker has a non-finite expert gradient."""
+    params = list(params)  # fairseq's optimizers hand over a generator
     shared, experts = shared_and_expert_grads(params)
     if not experts:
         return utils.clip_grad_norm_(params, max_norm, aggregate_norm_fn)

@@ -194,3 +194,22 @@ def test_base_layer_on_cuda_matches_cpu_float32(dtype):
     out = layer.cuda().to(dtype)(x.cuda().to(dtype))[0]
     assert out.dtype == dtype
     assert torch.allclose(out.float().cpu(), reference, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("with_experts", [False, True])
+def test_fp32_optimizer_clips_models_with_and_without_experts(with_experts):
+    """fairseq's optimizers pass their parameters as a generator; every gradient must still be
+    seen and clipped (a dense model once got norm 0 and no clipping at all)."""
+    from fairseq import optim
+    torch.manual_seed(0)
+    model = TinyModel() if with_experts else nn.Linear(4, 4)
+    optimizer = optim.build_optimizer(fairseq_cfg("fp16").optimizer, list(model.parameters()))
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 3.0 if getattr(p, "expert", False) else 0.5)
+    shared = [p for p in model.parameters() if not getattr(p, "expert", False)]
+    expected = 0.5 * sum(p.numel() for p in shared) ** 0.5
+    norm = optimizer.clip_grad_norm(1.0)
+    assert norm.item() == pytest.approx(expected, rel=1e-5)
+    for p in model.parameters():
+        value = 3.0 if getattr(p, "expert", False) else 0.5
+        assert torch.allclose(p.grad, torch.full_like(p, value / expected), rtol=1e-4)
