@@ -119,11 +119,17 @@ def shared_checksum(model: nn.Module) -> List[float]:
     return total.tolist()
 
 
+def gather(record: dict, group=None) -> List[dict]:
+    """Every worker's ``record``, by rank."""
+    records = [None] * dist.get_world_size(group)
+    dist.all_gather_object(records, record, group=group)
+    return records
+
+
 def agree_across_workers(record: dict, group=None) -> List[dict]:
     """Gather every worker's ``record`` ({"file", "run_id", "num_updates", "checksum"}) and
     raise the same CheckpointError on every worker if they differ. Returns the records."""
-    records = [None] * dist.get_world_size(group)
-    dist.all_gather_object(records, record, group=group)
+    records = gather(record, group)
     first = records[0]
     for other in records[1:]:
         for key, what in (("run_id", "runs"), ("num_updates", "updates"), ("checksum", "shared parameters")):

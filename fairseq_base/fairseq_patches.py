@@ -101,17 +101,15 @@ def agree_on_loaded_checkpoint(trainer, filename: str) -> str:
     0's). With W > 1 workers that each load their own file, the files must agree."""
     loaded = checkpoints.LOADED.get(os.path.abspath(filename)) if os.path.isfile(filename) else None
     record = {"file": filename if loaded else None, "run_id": loaded["run_id"] if loaded else None,
-              "num_updates": loaded["num_updates"] if loaded else 0,
-              "checksum": checkpoints.shared_checksum(trainer.get_model()), "new_run_id": checkpoints.new_run_id()}
+              "num_updates": loaded["num_updates"] if loaded else 0, "new_run_id": checkpoints.new_run_id()}
     if trainer.data_parallel_world_size == 1:
         return record["run_id"] or record["new_run_id"]
-    group = trainer.data_parallel_process_group
-    if has_experts(trainer.get_model()):  # every worker read its own file
+    group, model = trainer.data_parallel_process_group, trainer.get_model()
+    if has_experts(model):  # every worker read its own file: they must agree
+        record["checksum"] = checkpoints.shared_checksum(model)
         first = checkpoints.agree_across_workers(record, group)[0]
     else:  # rank 0 read the file and sent it to the others
-        first = [None] * dist.get_world_size(group)
-        dist.all_gather_object(first, record, group=group)
-        first = first[0]
+        first = checkpoints.gather(record, group)[0]
     return first["run_id"] or first["new_run_id"]
 
 
