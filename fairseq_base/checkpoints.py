@@ -3,6 +3,8 @@
 - ``read_checkpoint`` loads with ``weights_only=True`` (no code runs from a file) and turns
   every unreadable file into one line naming it.
 - ``check_finite`` refuses a checkpoint with inf or NaN in any tensor, naming the tensor.
+- Before the trainer writes a checkpoint, ``check_replicas_agree`` makes sure that the
+  workers holding the same experts hold the same bits (only one of them writes the file).
 - Every checkpoint the trainer writes carries ``extra_state["fairseq_base"]``: the run id
   (kept across resumes) and the update. When W workers load per-worker files,
   ``agree_across_workers`` compares the files' run ids and updates and a checksum of the
@@ -16,11 +18,12 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 
 from fairseq_base.errors import BaseLayerConfigError
 
 PROVENANCE = "fairseq_base"
+INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 # Provenance of the checkpoint files this process has loaded, by path (see ``remember``).
 LOADED: Dict[str, dict] = {}
 
@@ -117,6 +120,37 @@ def shared_checksum(model: nn.Module) -> List[float]:
                 total += torch.stack([param.sum(dtype=torch.float64),
                                       torch.linalg.vector_norm(param, dtype=torch.float64) ** 2]).cpu()
     return total.tolist()
+
+
+def bit_fingerprint(params) -> Tensor:
+    """Two int64 sums over the bits of ``params`` (plain and position-weighted, modulo 2**64, so
+    that summation order does not matter): equal for equal bits, and unequal, in practice,
+    when a single bit differs."""
+    total = None
+    for param in params:
+        bits = param.detach().reshape(-1).view(INT_OF_WIDTH[param.element_size()]).long()
+        weights = torch.arange(1, bits.numel() + 1, device=bits.device) % 65521 + 1
+        sums = torch.stack([bits.sum(), (bits * weights).sum()])
+        total = sums if total is None else total + sums
+    return total if total is not None else torch.zeros(2, dtype=torch.long)
+
+
+def check_replicas_agree(layout, params) -> None:
+    """Every worker's expert ``params`` must be bit-identical to those of the other workers of
+    its expert-parallel rank. One all-gather of two numbers; every worker reaches the same
+    verdict, so all stop together."""
+    if layout.replicas == 1:
+        return
+    mine = bit_fingerprint(params)
+    every = [torch.empty_like(mine) for _ in range(layout.world_size)]
+    dist.all_gather(every, mine)
+    size = layout.expert_parallel_size
+    for rank in range(size, layout.world_size):
+        if not torch.equal(every[rank], every[rank % size]):
+            raise CheckpointError(
+                f"worker {rank}'s experts differ from those of worker {rank % size}, which holds the same experts "
+                f"(--base-expert-parallel-size {size}): their gradients were not reduced alike; nothing was saved "
+                f"(please report this with your command line)")
 
 
 def gather(record: dict, group=None) -> List[dict]:

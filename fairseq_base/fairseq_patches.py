@@ -4,16 +4,19 @@
    ``torch.cuda.device_count()`` (0) and, with the default --distributed-world-size of 1, never
    looks at torchrun's environment. Here that case takes the world size and rank from the
    environment; every other case is left to fairseq.
-2. A DDP backend that all-reduces every gradient would average the experts of different
-   workers. Wrapping a model that holds BASE layers in such a backend is refused, before the
-   first update, with the option to use instead.
-3. Per-rank checkpoints for expert FFNs: fairseq saves and loads a checkpoint per rank
-   (``-rank-{r}``) when ``--base-layers`` > 0 only; a model whose experts are all in expert
-   FFNs (``--base-layers 0 --base-moe-freq K``) gets the same, or every rank but the first
-   would lose its experts.
-4. fairseq-eval-lm on W > 1 workers: ``--path NAME.pt`` loads ``NAME-rank-{r}.pt`` where only
-   those exist (fairseq's suffix rule, which eval-lm does not apply by itself); workers run
-   in lockstep, a worker out of batches joining the others' all-to-alls with a dummy batch;
+2. DDP backends with experts: torch's DDP (``c10d``, ``pytorch_ddp``) leaves the expert
+   parameters (and ``expert_ids`` buffers) out of its bucketed all-reduce, and runs on CPU
+   modules too (fairseq passes a device id, which torch refuses for a module on the CPU);
+   ``legacy_ddp`` skips parameters tagged ``expert`` by itself. Every other backend with
+   experts is refused before the first update, with the option to use instead.
+3. One checkpoint file per expert-parallel rank (``groups.py``): worker r of a model with
+   experts reads ``NAME-rank-{r % P}.pt``, the first P workers write them (their replicas
+   hold the same experts), for BASE layers and expert FFNs alike; the saved configuration
+   records E and P as numbers (not 0), so that files never depend on the world size.
+   Before a save, replicas of each expert must agree bit for bit (``checkpoints.py``).
+4. fairseq-eval-lm on W > 1 workers: ``--path NAME.pt`` saved as K files ``NAME-rank-{k}.pt``
+   loads ``NAME-rank-{r % K}.pt`` on worker r (fairseq's suffix rule, which eval-lm does not
+   apply by itself; K must divide W); workers run in lockstep, a worker out of batches joining the others' all-to-alls with a dummy batch;
    and the perplexity printed is the one of all workers' tokens together. Without
    --tokens-per-sample it scores blocks of the checkpoint's length (fairseq's default skips
    every longer block), and a run that scored 0 tokens stops with one line instead of
@@ -38,8 +41,12 @@
 8. numpy 2: fairseq 0.12's TokenBlockDataset uses ``np.compat.long``, which numpy 2 removed,
    so fairseq-interactive and the hub's ``sample`` and ``score`` fail on language models.
    Under numpy 2 the plugin restores that one name (``int``, as numpy 1 defined it).
+9. Expert gradients, under every DDP backend and optimizer: after fairseq's all-reduce of the
+   shared gradients, each expert's gradient is summed over its W/P replicas and divided by
+   W, as DDP divides the shared ones (``ExpertLayout.reduce_expert_grads``).
 """
 
+import glob
 import importlib.util
 import logging
 import os
@@ -50,20 +57,25 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from fairseq import checkpoint_utils, models
+from fairseq.models import distributed_fairseq_model
 from fairseq.optim import FairseqOptimizer
 from fairseq.optim.fp16_optimizer import _FP16OptimizerMixin
 from fairseq.trainer import Trainer
 from fairseq.distributed import utils as distributed_utils
 from fairseq_cli import eval_lm as fairseq_eval_lm
 from omegaconf import DictConfig
+from torch.nn.parallel import DistributedDataParallel
 
 from fairseq_base import checkpoints
 from fairseq_base.errors import BaseLayerConfigError
+from fairseq_base.groups import resolve_expert_parallel_size, resolve_num_experts
+from fairseq_base.layer import experts_by_layout, reduce_expert_grads
 from fairseq_base.grad_norm import clip_grad_norm_with_experts, mark_flat_expert_slices
 
 logger = logging.getLogger(__name__)
 TORCHRUN_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK")
-EXPERT_SAFE_DDP_BACKENDS = ("legacy_ddp", "no_c10d")  # both skip params tagged ``expert``
+TORCH_DDP_BACKENDS = ("c10d", "pytorch_ddp")  # told to ignore the experts (``ignore_experts_in_torch_ddp``)
+EXPERT_SAFE_DDP_BACKENDS = ("legacy_ddp", "no_c10d") + TORCH_DDP_BACKENDS  # legacy_ddp skips params tagged ``expert``
 
 
 def numpy_compat_long() -> None:
@@ -140,28 +152,60 @@ def check_ddp_backend(args, model) -> None:
     if has_experts(model) and args.ddp_backend not in EXPERT_SAFE_DDP_BACKENDS:
         raise BaseLayerConfigError(
             f"--ddp-backend {args.ddp_backend} would average the experts of different workers; "
-            f"use --ddp-backend legacy_ddp")
+            f"use --ddp-backend c10d or legacy_ddp")
 
 
-def has_experts_beyond_base_layers(model_cfg) -> bool:
-    return getattr(model_cfg, "base_moe_freq", 0) > 0 and getattr(model_cfg, "base_layers", 0) <= 0
+def ignore_experts_in_torch_ddp(args, model) -> None:
+    """torch's DDP would average the experts of different workers (and overwrite them with rank 0's
+    at start); leave them, and the buffers naming them, to ``reduce_expert_grads``."""
+    if args.ddp_backend in TORCH_DDP_BACKENDS and has_experts(model):
+        names = [name for name, param in model.named_parameters() if hasattr(param, "expert")]
+        names += [name for name, _ in model.named_buffers() if name.endswith("expert_ids")]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
 
 
-def per_rank_checkpoints(cfg) -> None:
-    """What fairseq does for --base-layers > 0, for models with expert FFNs only."""
+def torch_ddp(module, device_ids=None, output_device=None, **kwargs):
+    """torch's DDP as fairseq builds it, for modules on the CPU too (fairseq always passes a device id)."""
+    if next(module.parameters()).device.type == "cpu":
+        device_ids = output_device = None
+    return DistributedDataParallel(module, device_ids=device_ids, output_device=output_device, **kwargs)
+
+
+def is_expert_model(model_cfg) -> bool:
+    """transformer_lm_base with experts (fairseq's own --base-layers models are left to fairseq)."""
+    return has_expert_options(model_cfg) and getattr(model_cfg, "base_expert_parallel_size", None) is not None
+
+
+def expert_parallel_checkpoints(cfg) -> None:
+    """Write E and P into the configuration that checkpoints save and, on W > 1 workers, name
+    worker r's checkpoint NAME-rank-{r % P}.pt (which only workers r < P write)."""
+    if not is_expert_model(cfg.model):
+        return
     workers = cfg.distributed_training.distributed_world_size
-    if has_experts_beyond_base_layers(cfg.model) and workers > 1:
-        cfg.checkpoint.checkpoint_suffix = f"-rank-{cfg.distributed_training.distributed_rank}"
+    size = resolve_expert_parallel_size(cfg.model.base_expert_parallel_size, workers)
+    cfg.model.base_experts = resolve_num_experts(cfg.model.base_experts, size)
+    cfg.model.base_expert_parallel_size = size
+    if workers > 1:
+        cfg.checkpoint.checkpoint_suffix = f"-rank-{cfg.distributed_training.distributed_rank % size}"
         cfg.checkpoint.load_checkpoint_on_all_dp_ranks = True
 
 
-def rank_suffix_for_eval(cfg, rank: int) -> None:
-    """Under fairseq-eval-lm on several workers, load NAME-rank-{r}.pt for --path NAME.pt if it exists."""
+def rank_suffix_for_eval(cfg, rank: int, workers: int) -> None:
+    """Under fairseq-eval-lm on W workers, for --path NAME.pt saved as K files NAME-rank-{0..K-1}.pt,
+    load NAME-rank-{r % K}.pt (the file of worker r's expert-parallel rank); K must divide W."""
     paths = cfg.common_eval.path.split(os.pathsep) if cfg.get("common_eval") and cfg.common_eval.path else []
-    suffix = f"-rank-{rank}"
-    if paths and not cfg.checkpoint.checkpoint_suffix and all(
-            not os.path.exists(p) and os.path.exists(p[: -len(".pt")] + suffix + ".pt") for p in paths):
-        cfg.checkpoint.checkpoint_suffix = suffix
+    if not paths or cfg.checkpoint.checkpoint_suffix or any(os.path.exists(p) for p in paths):
+        return
+    counts = {len(glob.glob(glob.escape(p[: -len(".pt")]) + "-rank-*.pt")) for p in paths}
+    files = counts.pop() if len(counts) == 1 else 0
+    if files == 0:
+        return  # fairseq's own loading reports the missing file
+    if workers % files != 0:
+        raise BaseLayerConfigError(
+            f"--path {paths[0]} is a checkpoint of {files} files (one per expert-parallel rank), which {workers} "
+            f"workers cannot share; run on a multiple of {files} workers, or rewrite it with fairseq-base-reshard "
+            f"--world-size {workers} --expert-parallel-size Q (Q a divisor of {workers})")
+    cfg.checkpoint.checkpoint_suffix = f"-rank-{rank % files}"
 
 
 def lockstep(batches, models):
@@ -250,6 +294,8 @@ def install() -> None:
     fairseq_load_checkpoint_to_cpu = checkpoint_utils.load_checkpoint_to_cpu
     fairseq_trainer_load_checkpoint = Trainer.load_checkpoint
     fairseq_trainer_state_dict = Trainer.state_dict
+    fairseq_all_reduce_grads = FairseqOptimizer.all_reduce_grads
+    fairseq_save_checkpoint = checkpoint_utils.save_checkpoint
 
     def infer_init_method(cfg, force_distributed=False):
         if not infer_cpu_torchrun_init(cfg):
@@ -257,11 +303,12 @@ def install() -> None:
 
     def distributed_init(cfg):
         rank = fairseq_distributed_init(cfg)
-        rank_suffix_for_eval(cfg, rank)
+        rank_suffix_for_eval(cfg, rank, cfg.distributed_training.distributed_world_size)
         return rank
 
     def wrap_model(args, model, process_group, device):
         check_ddp_backend(args, model)
+        ignore_experts_in_torch_ddp(args, model)
         return fairseq_wrap_model(args, model, process_group, device)
 
     def eval_lm(models, source_dictionary, batch_iterator, **kwargs):
@@ -278,11 +325,13 @@ def install() -> None:
 
     # The trainer, not distributed_init: fairseq's spawn path runs that before the plugin is imported.
     def trainer_init(self, cfg, *args, **kwargs):
-        per_rank_checkpoints(cfg)
+        expert_parallel_checkpoints(cfg)
         fairseq_trainer_init(self, cfg, *args, **kwargs)
 
     def should_save_checkpoint_on_current_rank(self) -> bool:
-        return fairseq_should_save.fget(self) or has_experts_beyond_base_layers(self.cfg.model)
+        if is_expert_model(self.cfg.model) and self.data_parallel_world_size > 1:
+            return self.data_parallel_rank < self.cfg.model.base_expert_parallel_size
+        return fairseq_should_save.fget(self)
 
     def call_main(cfg, main, **kwargs):
         bf16_without_tpu(cfg)
@@ -294,6 +343,11 @@ def install() -> None:
         checkpoints.check_finite(state, path)
         checkpoints.remember(path, state)
         return state
+
+    def save_checkpoint(cfg, trainer, *args, **kwargs):  # on every worker
+        for layout, params in experts_by_layout(trainer.get_model()):
+            checkpoints.check_replicas_agree(layout, params)
+        return fairseq_save_checkpoint(cfg, trainer, *args, **kwargs)
 
     def trainer_load_checkpoint(self, filename, *args, **kwargs):
         extra_state = fairseq_trainer_load_checkpoint(self, filename, *args, **kwargs)
@@ -314,6 +368,10 @@ def install() -> None:
     def clip_grad_norm(self, max_norm, aggregate_norm_fn=None):
         return clip_grad_norm_with_experts(self.params, max_norm, aggregate_norm_fn)
 
+    def all_reduce_grads(self, module):
+        fairseq_all_reduce_grads(self, module)
+        reduce_expert_grads(module)
+
     numpy_compat_long()
     infer_init_method.fairseq_base = True
     distributed_utils.infer_init_method = infer_init_method
@@ -326,6 +384,9 @@ def install() -> None:
     distributed_utils.call_main = call_main
     _FP16OptimizerMixin.build_fp32_params = classmethod(build_fp32_params)
     FairseqOptimizer.clip_grad_norm = clip_grad_norm
+    FairseqOptimizer.all_reduce_grads = all_reduce_grads
+    distributed_fairseq_model.DistributedDataParallel = torch_ddp
     checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
+    checkpoint_utils.save_checkpoint = save_checkpoint
     Trainer.load_checkpoint = trainer_load_checkpoint
     Trainer.state_dict = trainer_state_dict

@@ -9,13 +9,15 @@ from torch import Tensor, nn
 from fairseq_base.dispatcher import SizeExchange, TokenDispatcher, all_to_all, even_split, world_rank
 from fairseq_base.errors import BaseLayerConfigError
 from fairseq_base.experts import LocalExperts
+from fairseq_base.groups import ExpertLayout, expert_layout
 from fairseq_base.router import (BASE_ROUTERS, DEFAULT_CAPACITY_FACTOR, ROUTERS, Routing, hash_routing,
                                  random_hash, routing_stats, sigmoid_gated)
 
 
 class BaseLayer(nn.Module):
     """A BASE layer (Lewis et al., 2021) over ``num_experts`` experts spread across the workers of
-    ``group``; with another ``router``, the expert layer of the MoE baselines (see ``router.py``).
+    an expert-parallel group (``layout``; default: all workers); with another ``router``, the
+    expert layer of the MoE baselines (see ``router.py``).
 
     Token t with hidden state h_t goes to expert a(t): the balanced assignment during
     training, ``eval_routing`` otherwise. Its output is
@@ -30,11 +32,12 @@ class BaseLayer(nn.Module):
 
     def __init__(self, embed_dim: int, ffn_dim: int, num_experts: int, num_sublayers: int = 1,
                  activation_fn: str = "relu", eval_routing: str = "greedy", shuffle: bool = True,
-                 group: Optional[object] = None, name: str = "base", router: str = "balanced",
+                 layout: Optional[ExpertLayout] = None, name: str = "base", router: str = "balanced",
                  capacity_factor: Optional[float] = None, balance_loss_weight: float = 0.0,
                  vocab_size: int = 0, dropout: float = 0.0):
         super().__init__()
-        self.dispatcher = TokenDispatcher(num_experts, group)
+        self.layout = layout or expert_layout()
+        self.dispatcher = TokenDispatcher(num_experts, self.layout.expert_parallel_group)
         self.num_experts = num_experts
         self.router = router
         self.eval_routing = eval_routing
@@ -52,7 +55,7 @@ class BaseLayer(nn.Module):
         else:
             self.centroids = nn.Parameter(nn.init.orthogonal_(torch.empty(num_experts, embed_dim), gain=0.1))
         local = self.dispatcher.num_local_experts
-        first = world_rank(group) * local
+        first = self.layout.expert_parallel_rank * local
         # Drawn from the global generator, like every other initial weight, so that it follows
         # --seed; the experts are then built from it and their global ids alone.
         experts_seed = int(torch.randint(2**62, ()))
@@ -205,3 +208,19 @@ class BaseLayer(nn.Module):
                 if key.startswith(source):
                     state_dict[f"{expert_prefix}{j}.{key[len(source):]}"] = value
         state_dict[prefix + "expert_ids"] = self.expert_ids.clone()
+
+
+def experts_by_layout(model: nn.Module):
+    """[(layout, expert parameters of every expert layer of that layout)] of ``model``."""
+    layers = {}
+    for layer in model.modules():
+        if isinstance(layer, BaseLayer):
+            layers.setdefault(id(layer.layout), (layer.layout, []))[1].extend(layer.experts.parameters())
+    return list(layers.values())
+
+
+def reduce_expert_grads(model: nn.Module) -> None:
+    """After the backward pass: sum every expert's gradient over its replicas and divide it by
+    W (``ExpertLayout.reduce_expert_grads``), one all-reduce per layout."""
+    for layout, params in experts_by_layout(model):
+        layout.reduce_expert_grads(params)

@@ -13,8 +13,11 @@ from test_torchrun import BIN, TINY_MODEL, losses, torchrun_train
 
 # No dropout and no shuffled routing: every worker's batch is then one micro-batch of the
 # single process (fairseq gives worker r batches r, r + W, ...; --update-freq W groups them).
-SAME_MATH = ["--base-shuffle", "0", "--dropout", "0", "--attention-dropout", "0", "--base-experts", "4",
-             "--max-update", "10", "--log-interval", "1", "--no-save-optimizer-state", "--ddp-backend", "legacy_ddp"]
+SAME_MATH = ["--base-shuffle", "0", "--dropout", "0", "--attention-dropout", "0",
+             "--max-update", "10", "--log-interval", "1", "--no-save-optimizer-state",
+             # Adam divides by sqrt(v) + eps: with fairseq's 1e-8 an element whose gradient is rounding noise
+             # moves by up to lr either way, which turns 4-worker summation order into 1e-4 differences.
+             "--adam-eps", "1e-6"]
 
 
 def one_process_train(data, save_dir, *flags):
@@ -22,18 +25,18 @@ def one_process_train(data, save_dir, *flags):
                "--save-dir", str(save_dir), *flags)
 
 
-def global_parameters(save_dir, workers, num_experts=4):
-    """{name: tensor} of the whole model, with expert j of worker r under its global id."""
-    if workers == 1:
+def global_parameters(save_dir, files, num_experts=4):
+    """{name: tensor} of the whole model, with expert j of file r under its global id."""
+    if files == 1:
         return torch.load(save_dir / "checkpoint_last.pt", weights_only=False)["model"]
     shards = [torch.load(save_dir / f"checkpoint_last-rank-{r}.pt", weights_only=False)["model"]
-              for r in range(workers)]
+              for r in range(files)]
     merged = {}
     for rank, shard in enumerate(shards):
         for key, value in shard.items():
             match = re.match(r"(.*\.experts\.)(\d+)(\..*)", key)
             if match:
-                global_id = rank * (num_experts // workers) + int(match.group(2))
+                global_id = rank * (num_experts // files) + int(match.group(2))
                 merged[f"{match.group(1)}{global_id}{match.group(3)}"] = value
             elif not key.endswith("expert_ids"):
                 assert torch.equal(value, shards[0][key]), key  # shared parameters agree on every worker
@@ -53,14 +56,44 @@ def assert_same_parameters(one, many, tolerance):
     assert worst <= tolerance, worst
 
 
-def test_two_workers_match_one_process_with_the_same_global_batch(data_bin, tmp_path):  # noqa: F811
-    """Adam and --clip-norm 0.5 (in TINY_MODEL), 10 updates. Fails if expert gradients are not
-    divided by W (parameters then differ by about 4e-3), if the clip norm covers experts, or
-    if the two layouts start from different experts."""
-    single = losses(one_process_train(data_bin, tmp_path / "one", *SAME_MATH, "--cpu", "--update-freq", "2"))
-    double = losses(torchrun_train(2, data_bin, tmp_path / "two", *SAME_MATH))
-    assert_same_losses(single, double, loss_tolerance=1e-3)  # logged with 3 decimals
-    assert_same_parameters(global_parameters(tmp_path / "one", 1), global_parameters(tmp_path / "two", 2), 1e-4)
+# (workers W, expert-parallel size P, experts E, DDP backend)
+LAYOUTS = [(2, 2, 4, "legacy_ddp"), (2, 2, 4, "c10d"), (4, 2, 2, "c10d"), (4, 2, 4, "legacy_ddp"),
+           (4, 4, 4, "c10d")]
+
+
+@pytest.fixture(scope="module")
+def one_process_runs(data_bin, tmp_path_factory):  # noqa: F811
+    """One process with --update-freq W and E experts, once per (W, E): {(W, E): (losses, save_dir)}."""
+    runs = {}
+
+    def run_for(workers, num_experts):
+        if (workers, num_experts) not in runs:
+            save_dir = tmp_path_factory.mktemp(f"one-{workers}-{num_experts}")
+            result = one_process_train(data_bin, save_dir, *SAME_MATH, "--cpu", "--update-freq", str(workers),
+                                       "--base-experts", str(num_experts))
+            runs[workers, num_experts] = losses(result), save_dir
+        return runs[workers, num_experts]
+    return run_for
+
+
+@pytest.mark.parametrize("workers,parallel,num_experts,backend", LAYOUTS,
+                         ids=[f"W{w}-P{p}-E{e}-{b}" for w, p, e, b in LAYOUTS])
+def test_workers_match_one_process_with_the_same_global_batch(data_bin, one_process_runs, tmp_path,  # noqa: F811
+                                                              workers, parallel, num_experts, backend):
+    """W workers in groups of P, under legacy_ddp and torch's DDP (c10d), against one process with
+    --update-freq W: Adam and --clip-norm 0.5 (in TINY_MODEL), 10 updates. Fails if expert
+    gradients are not summed over their W/P replicas or not divided by W (parameters then
+    differ by about 4e-3), if DDP averages experts, if the clip norm covers experts, or if the
+    layouts start from different experts. Only the first P workers write files, and replicas
+    agree bit for bit (checked through their gradients' all-reduce by comparing every worker's
+    experts in the checkpoint the P writers share)."""
+    single, single_dir = one_process_runs(workers, num_experts)
+    many = losses(torchrun_train(workers, data_bin, tmp_path, *SAME_MATH, "--ddp-backend", backend,
+                                 "--base-experts", str(num_experts), "--base-expert-parallel-size", str(parallel)))
+    assert_same_losses(single, many, loss_tolerance=1e-3)  # logged with 3 decimals
+    assert sorted(p.name for p in tmp_path.glob("checkpoint_last*.pt")) == (
+        [f"checkpoint_last-rank-{r}.pt" for r in range(parallel)])
+    assert_same_parameters(global_parameters(single_dir, 1), global_parameters(tmp_path, parallel, num_experts), 1e-4)
 
 
 @pytest.mark.cuda

@@ -2,6 +2,7 @@ import os
 
 import pytest
 import torch
+from torch import nn
 from fairseq import options, tasks
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from hydra import compose, initialize_config_dir
@@ -127,13 +128,16 @@ def test_gradient_clipping_takes_the_norm_over_shared_parameters_and_rescales_al
 
 
 def test_expert_gradients_are_divided_by_the_worker_count():
-    from fairseq_base.models.transformer_lm_base import _divide_expert_grads_like_ddp
+    """With P = W there are no replicas: reduce_expert_grads divides expert gradients by W only."""
+    from fairseq_base.groups import ExpertLayout
+    from fairseq_base.layer import reduce_expert_grads
     x = torch.randn(6, 1, 4)
     layers = [BaseLayer(4, 8, num_experts=2).train() for _ in range(2)]
     layers[1].load_state_dict(layers[0].state_dict())
-    _divide_expert_grads_like_ddp(layers[1], workers=4)
     for layer in layers:
         layer(x)[0].pow(2).sum().backward()
+    layers[1].layout = ExpertLayout(world_size=4, expert_parallel_size=4)
+    reduce_expert_grads(nn.Sequential(*layers))
     plain, divided = (dict(layer.named_parameters()) for layer in layers)
     for name, p in plain.items():
         scale = 4.0 if getattr(p, "expert", False) else 1.0

@@ -3,17 +3,16 @@
 import contextlib
 from dataclasses import dataclass, field
 
-import torch.distributed as dist
 from fairseq.dataclass import ChoiceEnum
-from fairseq.distributed import utils as distributed_utils
 from fairseq.models import register_model
 from fairseq.models.transformer import TransformerDecoder
 from fairseq.models.transformer_lm import TransformerLanguageModel, TransformerLanguageModelConfig
 from omegaconf import II
 from torch import Tensor, nn
 
-from fairseq_base.dispatcher import SizeExchange, world_size
+from fairseq_base.dispatcher import SizeExchange
 from fairseq_base.errors import BaseLayerConfigError
+from fairseq_base.groups import expert_layout, resolve_num_experts
 from fairseq_base.layer import BaseLayer
 from fairseq_base.placement import base_layer_positions
 from fairseq_base.router import DEFAULT_CAPACITY_FACTOR
@@ -30,7 +29,12 @@ class TransformerLanguageModelBaseConfig(TransformerLanguageModelConfig):
     base_shuffle: int = field(
         default=1, metadata={"help": "1: send tokens to random workers before routing, as in the paper"})
     base_experts: int = field(
-        default=0, metadata={"help": "experts per BASE layer; 0: one per distributed worker (the paper)"})
+        default=0, metadata={"help": "experts per BASE layer; 0: one per worker of an expert-parallel group "
+                                     "(the paper: one per worker)"})
+    base_expert_parallel_size: int = field(
+        default=0,
+        metadata={"help": "P: each group of P consecutive workers holds all experts, E/P each, and routes its "
+                          "tokens inside itself; W/P workers hold each expert. 0: all workers (the paper)"})
     base_positions: str = field(
         default="",
         metadata={"help": "comma-separated decoder layers after which BASE layers go ('L' = last); "
@@ -72,17 +76,6 @@ def _without_fairseq_base_layers(cfg):
         cfg.base_layers = saved
 
 
-def resolve_num_experts(base_experts: int, workers: int) -> int:
-    if base_experts < 0:
-        raise BaseLayerConfigError(f"--base-experts must be >= 0 (0: one per worker), got {base_experts}")
-    num_experts = base_experts or workers
-    if num_experts % workers != 0:
-        raise BaseLayerConfigError(
-            f"--base-experts {num_experts} cannot be split over {workers} workers; "
-            f"use a multiple of {workers} (or 0 for one expert per worker)")
-    return num_experts
-
-
 def check_options(args, num_experts: int) -> None:
     """Refuse option combinations that would build a different model than asked for."""
     if args.base_sublayers < 1:
@@ -113,8 +106,8 @@ def check_options(args, num_experts: int) -> None:
 class TransformerLanguageModelBase(TransformerLanguageModel):
     @classmethod
     def build_model(cls, args, task):
-        group = distributed_utils.get_data_parallel_group() if dist.is_initialized() else None
-        num_experts = resolve_num_experts(args.base_experts, world_size(group))
+        layout = expert_layout(getattr(args, "base_expert_parallel_size", 0))
+        num_experts = resolve_num_experts(args.base_experts, layout.expert_parallel_size)
         check_options(args, num_experts)
 
         with _without_fairseq_base_layers(args):
@@ -127,7 +120,7 @@ class TransformerLanguageModelBase(TransformerLanguageModel):
             return BaseLayer(
                 args.decoder_embed_dim, args.decoder_ffn_embed_dim, num_experts, num_sublayers=num_sublayers,
                 activation_fn=args.activation_fn, eval_routing=args.base_eval_routing,
-                shuffle=bool(args.base_shuffle), group=group, name=name, router=args.base_router,
+                shuffle=bool(args.base_shuffle), layout=layout, name=name, router=args.base_router,
                 capacity_factor=args.base_capacity_factor, balance_loss_weight=args.base_balance_loss,
                 vocab_size=len(task.source_dictionary), dropout=dropout)
 
@@ -148,7 +141,6 @@ class TransformerLanguageModelBase(TransformerLanguageModel):
         if type(decoder) is not TransformerDecoder:
             raise TypeError(f"transformer_lm_base expects fairseq's TransformerDecoder, got {type(decoder).__name__}")
         decoder.__class__ = TransformerDecoderWithExperts
-        _divide_expert_grads_like_ddp(model, world_size(group))
         return model
 
 
@@ -201,16 +193,3 @@ class TransformerDecoderWithExperts(TransformerDecoder):
         return super().extract_features(prev_output_tokens, encoder_out=encoder_out,
                                         incremental_state=incremental_state, **kwargs)
 
-
-def _divide_expert_grads_like_ddp(model, workers: int) -> None:
-    """Divide expert gradients by the number of workers, as DDP divides the shared ones.
-
-    fairseq's trainer multiplies every gradient by W / (global sample size) after the
-    all-reduce, which legacy_ddp performs on shared parameters only. An expert's gradient
-    already sums over every worker's tokens (they reach it by all-to-all), so without this
-    it would end up W times too large.
-    """
-    if workers > 1:
-        for param in model.parameters():
-            if getattr(param, "expert", False):
-                param.register_hook(lambda grad: grad / workers)
