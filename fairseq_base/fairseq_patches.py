@@ -16,11 +16,11 @@
    Before a save, replicas of each expert must agree bit for bit (``checkpoints.py``).
 4. fairseq-eval-lm on W > 1 workers: ``--path NAME.pt`` saved as K files ``NAME-rank-{k}.pt``
    loads ``NAME-rank-{r % K}.pt`` on worker r (fairseq's suffix rule, which eval-lm does not
-   apply by itself; K must divide W); workers run in lockstep, a worker out of batches joining the others' all-to-alls with a dummy batch;
-   and the perplexity printed is the one of all workers' tokens together. Without
-   --tokens-per-sample it scores blocks of the checkpoint's length (fairseq's default skips
-   every longer block), and a run that scored 0 tokens stops with one line instead of
-   printing "Perplexity: 1.00".
+   apply by itself; K must divide W); workers run in lockstep, a worker out of batches
+   joining the others' all-to-alls with a dummy batch; and the perplexity printed is the one
+   of all workers' tokens together. Without --tokens-per-sample it scores blocks of the
+   checkpoint's length (fairseq's default skips every longer block), and a run that scored
+   0 tokens stops with one line instead of printing "Perplexity: 1.00".
 5. Gradient norm with experts under every optimizer (fp32, ``--fp16``,
    ``--memory-efficient-fp16``, ``--bf16``, ``--amp``): the norm that clips and that fairseq
    compares across workers covers the shared parameters only, also in fp16's flat fp32 copy
@@ -101,7 +101,7 @@ def check_sharding(cfg) -> None:
     if cfg.distributed_training.ddp_backend == "fully_sharded" and has_expert_options(cfg.model):
         raise BaseLayerConfigError(
             "--ddp-backend fully_sharded would shard the experts like shared parameters (and needs fairscale); "
-            "use --ddp-backend legacy_ddp")
+            "use --ddp-backend c10d or legacy_ddp")
 
 
 def has_experts(model) -> bool:

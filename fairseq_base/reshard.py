@@ -1,14 +1,18 @@
-"""fairseq-base-reshard: rewrite a BASE checkpoint for another number of workers.
+"""fairseq-base-reshard: rewrite a BASE checkpoint for another layout of workers.
 
     fairseq-base-reshard save_dir/checkpoint_best-rank-0.pt --world-size 1 --out model.pt
     fairseq-base-reshard model.pt --world-size 4 --out model4.pt   # model4-rank-{0..3}.pt
+    fairseq-base-reshard model.pt --world-size 16 --expert-parallel-size 8 --out m.pt  # m-rank-{0..7}.pt
 
-A checkpoint of a W-worker run is W files, ``NAME-rank-{r}.pt``: the shared parameters
-(identical in every file) and the experts of worker r, whose global ids each BASE layer
-keeps in its ``expert_ids`` buffer. Any one of them (or a one-file checkpoint) is read
-with its siblings, checked, and written again for M workers, for any M that divides the
-expert count: ``OUT.pt`` for M = 1, ``OUT-rank-{r}.pt`` for M > 1 (fairseq's suffix rule,
-so ``--path OUT.pt`` finds them on M workers).
+A checkpoint of a run on W workers in expert-parallel groups of P is P files,
+``NAME-rank-{p}.pt``: the shared parameters (identical in every file) and the experts of
+expert-parallel rank p, whose global ids each BASE layer keeps in its ``expert_ids`` buffer
+(with P = W, the default, one file per worker). A set of W files, replicas included, is read
+too, and its replicas must agree bit for bit. Any one file (or a one-file checkpoint) is
+read with its siblings, checked, and written again for M workers in groups of Q (default:
+Q = M), for any Q that divides M and the expert count: ``OUT.pt`` for M = 1,
+``OUT-rank-{q}.pt`` for q < Q otherwise (fairseq's suffix rule, so that ``--path OUT.pt``
+finds them on M workers).
 
 Files are read with ``weights_only=True`` and must hold finite tensors. Nothing is written
 unless every check passes, and writing is all or nothing: every output is written and
@@ -76,20 +80,24 @@ class Checkpoint:
             check_finite(state, path)
         first = self.states[0]
         saved_for = first["cfg"]["distributed_training"]["distributed_world_size"]
-        if saved_for != len(paths):
+        parallel = first["cfg"]["model"].get("base_expert_parallel_size") or saved_for
+        if len(paths) not in (parallel, saved_for):
             match = SHARD_NAME.match(paths[0])
             stem = match["stem"] if match else paths[0][: -len(".pt")]
-            missing = [f"{stem}-rank-{r}.pt" for r in range(len(paths), saved_for)]
-            raise ReshardError(f"{paths[0]} was saved by {saved_for} workers but {len(paths)} shard(s) are there; "
-                               f"missing shard(s): {', '.join(missing) or 'none (extra shards?)'}")
+            missing = [f"{stem}-rank-{r}.pt" for r in range(len(paths), parallel)]
+            raise ReshardError(f"{paths[0]} was saved by {saved_for} workers in expert-parallel groups of {parallel} "
+                               f"but {len(paths)} shard(s) are there; missing shard(s): "
+                               f"{', '.join(missing) or 'none (extra shards?)'}")
         self.layers = [k[: -len(EXPERT_IDS)] for k in first["model"] if k.endswith(EXPERT_IDS)]
         if not self.layers:
             raise ReshardError(f"{paths[0]}: no BASE layer in this checkpoint (not a transformer_lm_base model)")
         self.num_updates = num_updates(first)
         self.run_id = provenance(first)["run_id"]
-        # Every worker holds E / W experts (hash layers have no centroids to count them by).
-        self.num_experts = {p: first["model"][p + EXPERT_IDS].numel() * len(paths) for p in self.layers}
+        # Every file holds E / P experts (hash layers have no centroids to count them by).
+        self.num_experts = {p: first["model"][p + EXPERT_IDS].numel() * parallel for p in self.layers}
         self._check_consistent()
+        self._check_replicas(parallel)
+        self.paths, self.states = self.paths[:parallel], self.states[:parallel]
         self.experts = {p: {} for p in self.layers}  # prefix -> global id -> {rest: tensor}
         self.expert_optim = {}  # (prefix, global id, rest) -> optimizer state
         optim = [self._optimizer_state_by_name(s) for s in self.states]
@@ -136,6 +144,18 @@ class Checkpoint:
                             f"shared parameter {key} differs between {self.paths[0]} and {path}: "
                             f"a shard of another run (or not trained with --ddp-backend legacy_ddp)")
 
+    def _check_replicas(self, parallel: int) -> None:
+        """File r of a set of W files holds the experts of file r % P: they must be the same bits."""
+        for rank in range(parallel, len(self.paths)):
+            mine, theirs = self.states[rank]["model"], self.states[rank % parallel]["model"]
+            for key, value in theirs.items():
+                if _expert_key(key, self.layers) or key.endswith(EXPERT_IDS):
+                    if key not in mine or not torch.equal(mine[key], value):
+                        raise ReshardError(
+                            f"{self.paths[rank]} and {self.paths[rank % parallel]} hold the same experts (expert-parallel "
+                            f"size {parallel}) but {key} differs: replicas that drifted apart; use a checkpoint "
+                            f"saved by fairseq-train with this plugin")
+
     @staticmethod
     def _optimizer_state_by_name(state):
         """Optimizer state per parameter name, or None where it cannot be mapped safely."""
@@ -155,18 +175,22 @@ class Checkpoint:
             by_name[name] = entry
         return by_name
 
-    def write(self, world_size: int, out: str) -> List[str]:
+    def write(self, world_size: int, parallel: int, out: str) -> List[str]:
+        if world_size % parallel != 0:
+            raise ReshardError(f"--expert-parallel-size {parallel} does not divide --world-size {world_size}; "
+                               f"use a divisor of {world_size}")
         for prefix, count in self.num_experts.items():
-            if count % world_size != 0:
+            if count % parallel != 0:
+                option = "--expert-parallel-size" if parallel != world_size else "--world-size"
                 raise ReshardError(
-                    f"--world-size {world_size} does not divide the {count} experts of {prefix.rstrip('.')}; "
-                    f"use a divisor of {count}")
-        outputs = output_paths(out, world_size, self.paths)
-        states = [self._shard(self.states[0], world_size, rank) for rank in range(world_size)]
+                    f"{option} {parallel} does not divide the {count} experts of {prefix.rstrip('.')}; use a divisor "
+                    f"of {count}" + ("" if parallel != world_size else " (or --expert-parallel-size with one)"))
+        outputs = output_paths(out, world_size, parallel, self.paths)
+        states = [self._shard(self.states[0], world_size, parallel, rank) for rank in range(len(outputs))]
         write_all_or_nothing(states, outputs)
         return outputs
 
-    def _shard(self, template, world_size: int, rank: int):
+    def _shard(self, template, world_size: int, parallel: int, rank: int):
         model, names_in_order = OrderedDict(), []
         emitted = set()
         for key, value in template["model"].items():
@@ -179,7 +203,7 @@ class Checkpoint:
             if prefix in emitted:
                 continue
             emitted.add(prefix)
-            local = self.num_experts[prefix] // world_size
+            local = self.num_experts[prefix] // parallel
             ids = list(range(rank * local, (rank + 1) * local))
             model[prefix + EXPERT_IDS] = torch.tensor(ids)
             for j, global_id in enumerate(ids):
@@ -190,8 +214,9 @@ class Checkpoint:
         state["cfg"] = dict(template["cfg"], model=dict(template["cfg"]["model"]),
                             distributed_training=dict(template["cfg"]["distributed_training"]))
         state["cfg"]["distributed_training"]["distributed_world_size"] = world_size
-        # E must not depend on the world size once it is written down.
+        # E and P must not depend on the world size once they are written down.
         state["cfg"]["model"]["base_experts"] = self.num_experts[self.layers[0]]
+        state["cfg"]["model"]["base_expert_parallel_size"] = parallel
         state["last_optimizer_state"] = self._optimizer_shard(template, names_in_order)
         state["extra_state"] = dict(template.get("extra_state") or {})
         stamp(state, self.run_id, self.num_updates)
@@ -207,7 +232,7 @@ class Checkpoint:
         return {"state": {i: e for i, e in enumerate(entries) if e}, "param_groups": [group]}
 
 
-def output_paths(out: str, world_size: int, inputs: List[str]) -> List[str]:
+def output_paths(out: str, world_size: int, parallel: int, inputs: List[str]) -> List[str]:
     """The files to write for ``--out`` (its directory created if need be), refused where they
     would overwrite an input, name a directory, sit in a directory that cannot be written, or
     leave a stale larger set behind."""
@@ -216,7 +241,7 @@ def output_paths(out: str, world_size: int, inputs: List[str]) -> List[str]:
     if not out.endswith(".pt"):
         raise ReshardError(f"--out {out!r} must end in .pt (fairseq adds -rank-N before it)")
     stem = out[: -len(".pt")]
-    outputs = [out] if world_size == 1 else [f"{stem}-rank-{r}.pt" for r in range(world_size)]
+    outputs = [out] if world_size == 1 else [f"{stem}-rank-{r}.pt" for r in range(parallel)]
     for path in outputs:
         clash = next((i for i in inputs if os.path.exists(path) and os.path.samefile(path, i)), None)
         if clash:
@@ -232,7 +257,7 @@ def output_paths(out: str, world_size: int, inputs: List[str]) -> List[str]:
     if not os.access(directory, os.W_OK | os.X_OK):
         raise ReshardError(f"--out {out}: directory {directory} is not writable; choose another --out")
     stale = [p for p in sorted(glob.glob(glob.escape(stem) + "-rank-*.pt"))
-             if world_size > 1 and SHARD_NAME.match(p) and int(SHARD_NAME.match(p)["rank"]) >= world_size]
+             if world_size > 1 and SHARD_NAME.match(p) and int(SHARD_NAME.match(p)["rank"]) >= parallel]
     if stale:
         raise ReshardError(f"{stale[0]} (and {len(stale) - 1} more) would be left beside the new files as shards of "
                            f"another set; remove them or choose another --out")
@@ -288,11 +313,13 @@ def write_all_or_nothing(states, paths: List[str]) -> None:
                 os.unlink(backup)
 
 
-def reshard(checkpoint: str, world_size: int, out: str) -> List[str]:
+def reshard(checkpoint: str, world_size: int, out: str, expert_parallel_size: int = 0) -> List[str]:
     if world_size < 1:
         raise ReshardError(f"--world-size must be >= 1, got {world_size}")
+    if expert_parallel_size < 0:
+        raise ReshardError(f"--expert-parallel-size must be >= 1 (0: --world-size), got {expert_parallel_size}")
     ckpt = Checkpoint(shard_paths(checkpoint))
-    outputs = ckpt.write(world_size, out)
+    outputs = ckpt.write(world_size, expert_parallel_size or world_size, out)
     counts = ", ".join(f"{p.rstrip('.')}: {n} experts" for p, n in ckpt.num_experts.items())
     print(f"| read {len(ckpt.paths)} shard(s) at update {ckpt.num_updates} ({counts})")
     if ckpt.shared_optim is None:
@@ -308,10 +335,13 @@ def cli_main(argv=None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="one shard (NAME-rank-R.pt) or a one-file checkpoint")
     parser.add_argument("--world-size", type=int, required=True, help="number of workers to write for (M)")
+    parser.add_argument("--expert-parallel-size", type=int, default=0,
+                        help="workers in each expert-parallel group (Q); one file is written per group rank "
+                             "(default: --world-size)")
     parser.add_argument("--out", required=True, help="output name, e.g. model.pt (M > 1: model-rank-R.pt)")
     args = parser.parse_args(argv)
     try:
-        reshard(args.checkpoint, args.world_size, args.out)
+        reshard(args.checkpoint, args.world_size, args.out, args.expert_parallel_size)
     except BaseLayerConfigError as err:  # ReshardError and the checkpoint errors of checkpoints.py
         sys.exit(f"fairseq-base-reshard: error: {err}")
 

@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""End to end: words/s of fairseq-train on 2 gloo workers (CPU) for four identical trunks.
+"""End to end: words/s of fairseq-train on gloo workers (CPU) for four identical trunks, or
+for our BASE model under two DDP backends.
 
     python scripts/bench_e2e.py [--workers 2 --updates 60 --rounds 3 --tokens-per-sample 128]
                                 [--malloc tuned|default]
                                 [--bind-cores] [--json runs/bench/e2e.json]
+    python scripts/bench_e2e.py --ddp --workers 2 4 [--json runs/bench/e2e_ddp.json]
 
 - fairseq_base: --arch transformer_lm_base --base-layers 1 (one expert per worker, E = W)
 - fairseq built-in: --arch transformer_lm --base-layers 1 (fairseq's BaseLayer and libbase)
@@ -14,6 +16,10 @@
 All four share the trunk (pre-LayerNorm, d = 256, 4 layers, FFN 1024) and the data (the
 Brown corpus, prepared by scripts/prepare_brown.py). Runs alternate over --rounds; words/s
 is the median of fairseq's train_inner wps after the first logging interval.
+
+--ddp instead runs fairseq_base's model under --ddp-backend legacy_ddp (one all-reduce
+after the backward pass) and c10d (torch's DDP, bucketed all-reduces that overlap the
+backward pass; experts are left out of it), alternating, on each --workers count.
 
 --malloc tuned (the default) runs every model with glibc tunables that keep freed memory
 in the process. With glibc's defaults, the 32 MB logits buffers are returned to the
@@ -42,7 +48,7 @@ TRUNK = ["--task", "language_modeling", "--sample-break-mode", "none",
          "--decoder-ffn-embed-dim", "1024", "--decoder-attention-heads", "4", "--decoder-input-dim", "256",
          "--decoder-output-dim", "256", "--decoder-normalize-before", "--share-decoder-input-output-embed",
          "--optimizer", "adam", "--lr", "0.001", "--no-save", "--disable-validation", "--cpu",
-         "--distributed-backend", "gloo", "--ddp-backend", "legacy_ddp", "--num-workers", "0",
+         "--distributed-backend", "gloo", "--num-workers", "0",
          "--log-format", "simple", "--seed", "1"]
 # Keep large freed blocks in the heap (mmap threshold at glibc's 32 MiB maximum) and never trim it.
 TUNED_MALLOC = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296"
@@ -51,13 +57,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 USER_DIR = os.path.join(REPO, "fairseq_base")
 FFN_FLOOR_TRAIN = os.path.join(REPO, "scripts", "ffn_floor_train.py")
 BASE_LAYER = ["--arch", "transformer_lm_base", "--base-layers", "1"]
+LEGACY_DDP = ["--ddp-backend", "legacy_ddp"]
 # name: (training script, model flags)
 MODELS = {
-    "fairseq_base": (FAIRSEQ_TRAIN, BASE_LAYER),
-    "fairseq_builtin": (FAIRSEQ_TRAIN, ["--arch", "transformer_lm", "--base-layers", "1"]),
-    "dense": (FAIRSEQ_TRAIN, ["--arch", "transformer_lm_base", "--base-layers", "0"]),
-    "dense_plus_ffn": (FFN_FLOOR_TRAIN, BASE_LAYER),
+    "fairseq_base": (FAIRSEQ_TRAIN, BASE_LAYER + LEGACY_DDP),
+    "fairseq_builtin": (FAIRSEQ_TRAIN, ["--arch", "transformer_lm", "--base-layers", "1"] + LEGACY_DDP),
+    "dense": (FAIRSEQ_TRAIN, ["--arch", "transformer_lm_base", "--base-layers", "0"] + LEGACY_DDP),
+    "dense_plus_ffn": (FFN_FLOOR_TRAIN, BASE_LAYER + LEGACY_DDP),
 }
+DDP_BACKENDS = {backend: (FAIRSEQ_TRAIN, BASE_LAYER + ["--ddp-backend", backend]) for backend in ("legacy_ddp", "c10d")}
 
 
 def run_on_own_cores(train, *train_args):
@@ -93,7 +101,7 @@ def words_per_second(name, data, workers, updates, tokens_per_sample, train, mod
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="data-bin/brown")
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, nargs="+", default=[2])
     parser.add_argument("--updates", type=int, default=60)
     parser.add_argument("--tokens-per-sample", type=int, default=128,
                         help=f"sequence length; each worker's batch holds {SEQUENCES_PER_BATCH} sequences")
@@ -102,35 +110,48 @@ def main():
                         help="glibc allocator settings for every run (see above)")
     parser.add_argument("--bind-cores", action="store_true",
                         help="pin each worker to its own cores (every model alike; see above)")
-    parser.add_argument("--json", default="runs/bench/e2e.json")
+    parser.add_argument("--ddp", action="store_true", help="compare DDP backends instead of models (see above)")
+    parser.add_argument("--json", default=None, help="default: runs/bench/e2e.json (--ddp: e2e_ddp.json)")
     args = parser.parse_args()
     if not os.path.exists(os.path.join(args.data, "train.bin")):
         subprocess.run([sys.executable, "scripts/prepare_brown.py", "--out", args.data], check=True)
+    models, reference = (DDP_BACKENDS, "legacy_ddp") if args.ddp else (MODELS, "fairseq_base")
+    results = {workers: compare(models, reference, workers, args) for workers in args.workers}
+    json_path = args.json or f"runs/bench/e2e{'_ddp' if args.ddp else ''}.json"
+    os.makedirs(os.path.dirname(json_path) or ".", exist_ok=True)
+    with open(json_path, "w") as f:
+        json.dump({"args": vars(args), "machine": platform.platform(), "results_by_workers": results}, f, indent=2)
+    print(f"\nwrote {json_path}")
 
-    wps = {name: [] for name in MODELS}
+
+def compare(models, reference, workers, args):
+    """Alternating rounds of every model on ``workers`` workers; prints and returns the table."""
+    wps = {name: [] for name in models}
     for round_ in range(args.rounds):
-        for name in MODELS:
-            wps[name].append(words_per_second(name, args.data, args.workers, args.updates, args.tokens_per_sample,
-                                              *MODELS[name], args.malloc, args.bind_cores))
-            print(f"| round {round_ + 1}/{args.rounds}: {name} {wps[name][-1]:,.0f} words/s", flush=True)
+        for name in models:
+            wps[name].append(words_per_second(name, args.data, workers, args.updates, args.tokens_per_sample,
+                                              *models[name], args.malloc, args.bind_cores))
+            print(f"| {workers} workers, round {round_ + 1}/{args.rounds}: {name} {wps[name][-1]:,.0f} words/s",
+                  flush=True)
     median = {name: statistics.median(v) for name, v in wps.items()}
     # Ratios within each round too: the machine's speed drifts between rounds.
-    paired = {name: [a / b for a, b in zip(wps["fairseq_base"], v)] for name, v in wps.items()}
-    paired_dense = {name: [a / b for a, b in zip(v, wps["dense"])] for name, v in wps.items()}
+    def ratios(numerator, denominator):
+        return {name: [a / b for a, b in zip(numerator(name), denominator(name))] for name in wps}
+    if "dense" in models:  # how much faster fairseq_base is, and what each model costs over dense
+        columns = {f"{reference} / this": ratios(lambda _: wps[reference], wps.get),
+                   "this / dense": ratios(wps.get, lambda _: wps["dense"])}
+    else:  # the speed-up of each backend over the reference
+        columns = {f"this / {reference}": ratios(wps.get, lambda _: wps[reference])}
     tokens_per_step = SEQUENCES_PER_BATCH * args.tokens_per_sample
-    print(f"\nfairseq-train words/s, {args.workers} gloo workers, {tokens_per_step} tokens per worker and step, "
+    print(f"\nfairseq-train words/s, {workers} gloo workers, {tokens_per_step} tokens per worker and step, "
           f"on {platform.processor() or platform.machine()} ({os.cpu_count()} cores), "
           f"{args.malloc} malloc{', cores bound' if args.bind_cores else ''}, "
           f"median of {args.rounds} alternating rounds (per-round ratios: median [min, max])")
-    print("| model | words/s | fairseq_base / this | this / dense |\n|---|---|---|---|")
+    print(f"| {'model' if 'dense' in models else 'DDP backend'} | words/s | " + " | ".join(columns)
+          + " |\n|---|---|" + "---|" * len(columns))
     for name, value in median.items():
-        print(f"| {name} | {value:,.0f} | {_ratios(paired[name])} | {_ratios(paired_dense[name])} |")
-    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump({"args": vars(args), "machine": platform.platform(), "words_per_second": wps,
-                   "median": median, "per_round_vs_fairseq_base": paired, "per_round_vs_dense": paired_dense},
-                  f, indent=2)
-    print(f"\nwrote {args.json}")
+        print(f"| {name} | {value:,.0f} | " + " | ".join(_ratios(c[name]) for c in columns.values()) + " |")
+    return {"words_per_second": wps, "median": median, "per_round": columns}
 
 
 def _ratios(values):

@@ -1,18 +1,20 @@
 """Workers never train or score from per-worker checkpoint files that do not belong together
 (torchrun, 2 gloo workers): each file carries its run id and update, and the workers compare
-them, and a checksum of their shared parameters, before the first step."""
+them, and a checksum of their shared parameters, before the first step; a run that resumes from
+its files continues as the uninterrupted run."""
 
 import os
 import shutil
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from test_end_to_end import data_bin, run  # noqa: F401  (fixture)
+from test_end_to_end import data_bin, run, run_two_at_a_time  # noqa: F401  (fixture)
 from test_reshard import EVAL
-from test_torchrun import BIN, torchrun_train
+from test_torchrun import BIN, losses, torchrun_command, torchrun_train
 
 COMMON = ["--base-experts", "4", "--ddp-backend", "legacy_ddp", "--log-interval", "5"]
 MISMATCH = "fairseq_base: error: the workers loaded checkpoint files that do not belong together"
@@ -24,13 +26,26 @@ def stamp_of(path):
 
 @pytest.fixture(scope="module")
 def runs(data_bin, tmp_path_factory):  # noqa: F811
-    """Run A saved at update 10 (rank 1's file kept) and resumed to 20; run B (another seed) at 10."""
+    """Run A saved at update 10 (rank 1's file kept) and resumed to 20; run B (another seed) at 10;
+    run "straight", A's run without the interruption. root.resumed: the resumed run's output."""
     root = tmp_path_factory.mktemp("runs")
-    torchrun_train(2, data_bin, root / "a", *COMMON, "--max-update", "10")
+    run_two_at_a_time([torchrun_command(2, data_bin, root / "a", *COMMON, "--max-update", "10"),
+                       torchrun_command(2, data_bin, root / "b", *COMMON, "--max-update", "10", "--seed", "4")])
     shutil.copy(root / "a" / "checkpoint_last-rank-1.pt", root / "a10-rank-1.pt")
-    torchrun_train(2, data_bin, root / "a", *COMMON, "--max-update", "20")
-    torchrun_train(2, data_bin, root / "b", *COMMON, "--max-update", "10", "--seed", "4")
+    resumed, straight = run_two_at_a_time([torchrun_command(2, data_bin, root / "a", *COMMON, "--max-update", "20"),
+                                           torchrun_command(2, data_bin, root / "straight", *COMMON,
+                                                            "--max-update", "20")])
+    (root / "resumed.log").write_text(resumed.stdout + resumed.stderr)
+    (root / "straight.log").write_text(straight.stdout + straight.stderr)
     return root
+
+
+def test_resume_matches_uninterrupted_run(runs):
+    resumed, straight = (losses(SimpleNamespace(stdout=(runs / name).read_text(), stderr=""))
+                         for name in ("resumed.log", "straight.log"))
+    assert sorted(resumed) == [15, 20] and sorted(straight) == [5, 10, 15, 20]
+    for update, loss in resumed.items():
+        assert abs(loss - straight[update]) <= 1e-3 * straight[update], (update, loss, straight[update])
 
 
 def test_every_saved_file_carries_its_run_and_update(runs):

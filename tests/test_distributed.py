@@ -9,7 +9,8 @@ from torch import nn
 from distributed_utils import run_workers
 from fairseq_base.assignment import balanced_assignment
 from fairseq_base.dispatcher import TokenDispatcher
-from fairseq_base.layer import BaseLayer
+from fairseq_base.groups import expert_layout
+from fairseq_base.layer import BaseLayer, reduce_expert_grads
 from test_layer import Scale
 
 
@@ -60,33 +61,37 @@ def _run_layer(layer, x, weights):
     return out.detach(), x.grad
 
 
-def _equivalence_worker(rank, world_size, centroids, expert_states, dim, ffn, total):
+def _equivalence_worker(rank, world_size, parallel, centroids, expert_states, dim, ffn, total):
     num_experts = len(expert_states)
-    layer = BaseLayer(dim, ffn, num_experts, num_sublayers=2, eval_routing="greedy")
-    local = num_experts // world_size
+    layout = expert_layout(parallel)
+    layer = BaseLayer(dim, ffn, num_experts, num_sublayers=2, eval_routing="greedy", layout=layout)
+    local, first = num_experts // parallel, layout.expert_parallel_rank * num_experts // parallel
     with torch.no_grad():
         layer.centroids.copy_(centroids)
         for j in range(local):
-            layer.experts[j].load_state_dict(expert_states[rank * local + j])
+            layer.experts[j].load_state_dict(expert_states[first + j])
     layer.eval()  # greedy routing
     x, weights = _global_batch(total, dim)
     mine = slice(rank * total // world_size, (rank + 1) * total // world_size)
     out, x_grad = _run_layer(layer, x[mine], weights[mine])
     centroid_grad = layer.centroids.grad.clone()
     torch.distributed.all_reduce(centroid_grad)  # shared parameter: DDP would sum it
-    expert_grads = {rank * local + j: [p.grad for p in layer.experts[j].parameters()] for j in range(local)}
+    reduce_expert_grads(layer)  # summed over replicas, divided by W
+    expert_grads = {first + j: [p.grad * world_size for p in layer.experts[j].parameters()] for j in range(local)}
     return out, x_grad, centroid_grad, expert_grads, layer.expert_ids.tolist()
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
-def test_same_outputs_and_gradients_as_one_worker(world_size):
+@pytest.mark.parametrize("world_size,parallel", [(2, 2), (4, 4), (4, 2)])
+def test_same_outputs_and_gradients_as_one_worker(world_size, parallel):
+    """W workers in expert-parallel groups of P against one process: outputs, input gradients, and
+    every expert's gradient summed over its W/P replicas (equal on every replica)."""
     num_experts, dim, ffn, total = 4, 8, 16, 30
     reference = _reference_layer(num_experts, dim, ffn, seed=7).eval()
     x, weights = _global_batch(total, dim)
     ref_out, ref_x_grad = _run_layer(reference, x, weights)
 
     expert_states = [expert.state_dict() for expert in reference.experts]
-    results = run_workers(_equivalence_worker, world_size, reference.centroids.detach(), expert_states,
+    results = run_workers(_equivalence_worker, world_size, parallel, reference.centroids.detach(), expert_states,
                           dim, ffn, total)
     out = torch.cat([r[0] for r in results])
     x_grad = torch.cat([r[1] for r in results])
@@ -94,12 +99,16 @@ def test_same_outputs_and_gradients_as_one_worker(world_size):
     assert torch.allclose(x_grad, ref_x_grad, atol=1e-5)
     for r in results:
         assert torch.allclose(r[2], reference.centroids.grad, atol=1e-5)
+    for rank, r in enumerate(results):
+        replica = results[rank % parallel][3]
+        assert all(torch.equal(a, b) for e in r[3] for a, b in zip(r[3][e], replica[e]))
     expert_grads = {e: g for r in results for e, g in r[3].items()}
     assert sorted(expert_grads) == list(range(num_experts))
     for e, grads in expert_grads.items():
         for got, want in zip(grads, [p.grad for p in reference.experts[e].parameters()]):
             assert torch.allclose(got, want, atol=1e-5)
-    assert [r[4] for r in results] == [list(range(w * num_experts // world_size, (w + 1) * num_experts // world_size))
+    local = num_experts // parallel
+    assert [r[4] for r in results] == [list(range(w % parallel * local, (w % parallel + 1) * local))
                                        for w in range(world_size)]
 
 

@@ -2,6 +2,7 @@
 (tiny Shakespeare from ../shared, or the Brown corpus that scripts/setup.sh fetches)."""
 
 import collections
+import concurrent.futures
 import math
 import os
 import re
@@ -24,6 +25,12 @@ def run(*cmd, cwd=REPO, check=True, input=None):
     if check and result.returncode != 0:
         raise AssertionError(f"{cmd[0]} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
+
+
+def run_two_at_a_time(commands):
+    """``run`` each command, two at once: their start-up (imports) is single-threaded."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        return list(pool.map(lambda cmd: run(*cmd), commands))
 
 
 # Where ../shared is not beside the clone (a user's machine), scripts/setup.sh fetches the

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from test_end_to_end import data_bin, run  # noqa: F401  (fixture)
+from test_end_to_end import data_bin, run, run_two_at_a_time  # noqa: F401  (fixture)
 from test_torchrun import BIN, TINY_MODEL
 
 from fairseq_base.models.transformer_lm_base import TransformerLanguageModelBase
@@ -27,9 +27,9 @@ ROUTERS = {
 def models(data_bin, tmp_path_factory):  # noqa: F811
     """One-process checkpoints of every router (a few updates: enough to be no longer uniform)."""
     root = tmp_path_factory.mktemp("routers")
-    for name, flags in ROUTERS.items():
-        run(os.path.join(BIN, "fairseq-train"), str(data_bin / "bin"), "--user-dir", "fairseq_base", "--cpu",
-            *TINY_MODEL, "--base-experts", "4", *flags, "--max-update", "5", "--save-dir", str(root / name))
+    run_two_at_a_time([os.path.join(BIN, "fairseq-train"), str(data_bin / "bin"), "--user-dir", "fairseq_base",
+                       "--cpu", *TINY_MODEL, "--base-experts", "4", *flags, "--max-update", "5",
+                       "--save-dir", str(root / name)] for name, flags in ROUTERS.items())
     return root
 
 

@@ -80,6 +80,8 @@ def test_dense_options_keep_working(data_dir):
     (["--base-sublayers", "0"], "--base-sublayers must be >= 1"),
     (["--decoder-layerdrop", "0.1"], "--decoder-layerdrop"),
     (["--base-shuffle", "2"], "--base-shuffle must be 0 or 1, got 2"),
+    (["--base-expert-parallel-size", "-1"], "--base-expert-parallel-size must be >= 0"),
+    (["--base-expert-parallel-size", "2"], "--base-expert-parallel-size 2 does not divide the 1 worker"),
 ])
 def test_bad_options_are_refused(data_dir, flags, match):
     with pytest.raises(BaseLayerConfigError, match=match):

@@ -1,4 +1,5 @@
-"""Checkpoints across world sizes: fairseq-base-reshard and fairseq-eval-lm on 1, 2 and 4 workers."""
+"""Checkpoints across layouts: fairseq-base-reshard and fairseq-eval-lm on 1, 2 and 4 workers, with and
+without replicated experts."""
 
 import os
 import re
@@ -9,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from test_end_to_end import data_bin, run  # noqa: F401  (fixture)
+from test_end_to_end import data_bin, run, run_two_at_a_time  # noqa: F401  (fixture)
 from test_torchrun import BIN, TINY_MODEL, losses, torchrun_train
 
 from fairseq_base.reshard import ReshardError, reshard
@@ -20,43 +21,50 @@ EVAL = ["--user-dir", "fairseq_base", "--cpu", "--tokens-per-sample", "64", "--b
 
 @pytest.fixture(scope="module")
 def trained(data_bin, tmp_path_factory):  # noqa: F811
-    """A W = 2, E = 4 run: save_dir/checkpoint_last-rank-{0,1}.pt."""
-    save_dir = tmp_path_factory.mktemp("w2")
-    torchrun_train(2, data_bin, save_dir, "--base-experts", "4", "--ddp-backend", "legacy_ddp",
-                   "--max-update", "20", "--log-interval", "10")
+    """A run on W = 4 workers in expert-parallel groups of P = 2, E = 4: one file per expert-parallel
+    rank, save_dir/checkpoint_last-rank-{0,1}.pt."""
+    save_dir = tmp_path_factory.mktemp("w4p2")
+    torchrun_train(4, data_bin, save_dir, "--base-experts", "4", "--base-expert-parallel-size", "2",
+                   "--ddp-backend", "legacy_ddp", "--max-update", "20", "--log-interval", "10")
     return save_dir
 
 
-def eval_loss(data, path, workers=1):
+def eval_command(data, path, workers=1):
     if workers == 1:
-        cmd = ["fairseq-eval-lm", str(data / "bin"), "--path", str(path), *EVAL]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(workers),
-               os.path.join(BIN, "fairseq-eval-lm"), str(data / "bin"), "--path", str(path), *EVAL,
-               "--distributed-backend", "gloo"]
-    result = run(*cmd)
+        return ["fairseq-eval-lm", str(data / "bin"), "--path", str(path), *EVAL]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(workers),
+            os.path.join(BIN, "fairseq-eval-lm"), str(data / "bin"), "--path", str(path), *EVAL,
+            "--distributed-backend", "gloo"]
+
+
+def eval_result_loss(result):
     found = re.findall(r"Loss \(base 2\): ([0-9.]+), Perplexity: ([0-9.]+)", result.stdout + result.stderr)
     assert len(found) == 1, result.stderr[-3000:]  # one global perplexity, not one per worker
     return float(found[0][0])
 
 
-def test_same_perplexity_on_1_2_and_4_workers(data_bin, trained, tmp_path):  # noqa: F811
+def eval_loss(data, path, workers=1):
+    return eval_result_loss(run(*eval_command(data, path, workers)))
+
+
+def test_same_perplexity_on_every_layout(data_bin, trained, tmp_path):  # noqa: F811
     reshard(str(trained / "checkpoint_last-rank-1.pt"), 1, str(tmp_path / "one.pt"))
     reshard(str(trained / "checkpoint_last-rank-0.pt"), 4, str(tmp_path / "four.pt"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["four-rank-0.pt", "four-rank-1.pt", "four-rank-2.pt",
                                                           "four-rank-3.pt", "one.pt"]
-    one = eval_loss(data_bin, tmp_path / "one.pt")
-    # 2 workers read the training shards by fairseq's suffix rule; 4 workers get uneven batch counts.
-    two = eval_loss(data_bin, trained / "checkpoint_last.pt", workers=2)
-    four = eval_loss(data_bin, tmp_path / "four.pt", workers=4)
-    one_file_on_two = eval_loss(data_bin, tmp_path / "one.pt", workers=2)
-    for loss in (two, four, one_file_on_two):
-        assert abs(2 ** loss - 2 ** one) <= 1e-4 * 2 ** one, (one, two, four, one_file_on_two)
+    one, two, four_with_replicas, four = map(eval_result_loss, run_two_at_a_time([
+        eval_command(data_bin, tmp_path / "one.pt"),
+        # The training files (P = 2) by fairseq's suffix rule: on 2 workers, and on 4 with each expert twice.
+        eval_command(data_bin, trained / "checkpoint_last.pt", workers=2),
+        eval_command(data_bin, trained / "checkpoint_last.pt", workers=4),
+        eval_command(data_bin, tmp_path / "four.pt", workers=4)]))  # 4 workers get uneven batch counts
+    for loss in (two, four_with_replicas, four):
+        assert abs(2 ** loss - 2 ** one) <= 1e-4 * 2 ** one, (one, two, four_with_replicas, four)
 
 
-def test_round_trip_2_1_2_is_identical(trained, tmp_path):
+def test_round_trip_to_one_file_and_back_is_identical(trained, tmp_path):
     reshard(str(trained / "checkpoint_last-rank-0.pt"), 1, str(tmp_path / "one.pt"))
-    reshard(str(tmp_path / "one.pt"), 2, str(tmp_path / "two.pt"))
+    reshard(str(tmp_path / "one.pt"), 4, str(tmp_path / "two.pt"), expert_parallel_size=2)
     for rank in range(2):
         before = torch.load(trained / f"checkpoint_last-rank-{rank}.pt", weights_only=False)
         after = torch.load(tmp_path / f"two-rank-{rank}.pt", weights_only=False)
@@ -68,6 +76,46 @@ def test_round_trip_2_1_2_is_identical(trained, tmp_path):
         for index, entry in optim_before["state"].items():
             for name, value in entry.items():
                 assert torch.equal(torch.as_tensor(value), torch.as_tensor(optim_after["state"][index][name]))
+        assert before["cfg"]["model"] == after["cfg"]["model"]  # E = 4 and P = 2 written down
+        assert after["cfg"]["distributed_training"]["distributed_world_size"] == 4
+    assert not (tmp_path / "two-rank-2.pt").exists()  # one file per expert-parallel rank
+
+
+def test_a_set_with_replicas_is_read_if_they_agree_and_refused_if_they_differ(trained, tmp_path):
+    shards = _copy(trained, tmp_path)
+    for rank in (2, 3):  # every worker's file: 2 and 3 are replicas of 0 and 1
+        shutil.copy(shards / f"checkpoint_last-rank-{rank - 2}.pt", shards / f"checkpoint_last-rank-{rank}.pt")
+    reshard(str(shards / "checkpoint_last-rank-3.pt"), 1, str(tmp_path / "from_four.pt"))
+    reshard(str(trained / "checkpoint_last-rank-0.pt"), 1, str(tmp_path / "from_two.pt"))
+    from_four, from_two = (torch.load(tmp_path / name, weights_only=False)["model"]
+                           for name in ("from_four.pt", "from_two.pt"))
+    assert all(torch.equal(value, from_two[key]) for key, value in from_four.items())
+    expert = next(k for k in from_two if ".experts.1." in k)
+    _edit(shards / "checkpoint_last-rank-3.pt", lambda s: s["model"][expert].view(-1)[0].add_(1e-6))
+    with pytest.raises(ReshardError, match="replicas that drifted apart"):
+        reshard(str(shards / "checkpoint_last-rank-0.pt"), 1, str(tmp_path / "bad.pt"))
+
+
+def test_a_layout_that_does_not_fit_is_one_line(trained, tmp_path):
+    line = _reshard_cli(trained / "checkpoint_last-rank-0.pt", "--world-size", "4", "--expert-parallel-size", "3",
+                        "--out", tmp_path / "x.pt")
+    assert line == ("fairseq-base-reshard: error: --expert-parallel-size 3 does not divide --world-size 4; "
+                    "use a divisor of 4")
+    assert not list(tmp_path.iterdir())
+
+
+def test_eval_lm_on_workers_that_cannot_share_the_files_is_one_line(trained):
+    from omegaconf import OmegaConf
+
+    from fairseq_base.errors import BaseLayerConfigError
+    from fairseq_base.fairseq_patches import rank_suffix_for_eval
+    cfg = OmegaConf.create({"common_eval": {"path": str(trained / "checkpoint_last.pt")},
+                            "checkpoint": {"checkpoint_suffix": ""}})
+    rank_suffix_for_eval(cfg, rank=3, workers=4)
+    assert cfg.checkpoint.checkpoint_suffix == "-rank-1"  # worker 3 holds the experts of expert-parallel rank 1
+    cfg.checkpoint.checkpoint_suffix = ""
+    with pytest.raises(BaseLayerConfigError, match="a checkpoint of 2 files .* which 3 workers cannot share"):
+        rank_suffix_for_eval(cfg, rank=0, workers=3)
 
 
 def test_training_resumes_on_another_world_size(data_bin, trained, tmp_path):  # noqa: F811
@@ -113,7 +161,7 @@ def test_world_size_must_divide_the_experts(trained, tmp_path):
                  "--out", str(tmp_path / "x.pt"), check=False)
     assert result.returncode == 1
     assert result.stderr.strip() == ("fairseq-base-reshard: error: --world-size 3 does not divide the 4 experts "
-                                     "of decoder.layers.1; use a divisor of 4")
+                                     "of decoder.layers.1; use a divisor of 4 (or --expert-parallel-size with one)")
     assert not list(tmp_path.iterdir())
 
 
