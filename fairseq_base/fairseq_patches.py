@@ -44,6 +44,9 @@
 9. Expert gradients, under every DDP backend and optimizer: after fairseq's all-reduce of the
    shared gradients, each expert's gradient is summed over its W/P replicas and divided by
    W, as DDP divides the shared ones (``ExpertLayout.reduce_expert_grads``).
+10. Routing churn: at the start of every validation the trainer marks each expert layer's
+    next batch as its probe (``BaseLayer.probe_next_batch``), so that the layers can log the
+    share of probe tokens whose expert changed since the last validation.
 """
 
 import glob
@@ -69,7 +72,7 @@ from torch.nn.parallel import DistributedDataParallel
 from fairseq_base import checkpoints
 from fairseq_base.errors import BaseLayerConfigError
 from fairseq_base.groups import resolve_expert_parallel_size, resolve_num_experts
-from fairseq_base.layer import experts_by_layout, reduce_expert_grads
+from fairseq_base.layer import BaseLayer, experts_by_layout, reduce_expert_grads
 from fairseq_base.grad_norm import clip_grad_norm_with_experts, mark_flat_expert_slices
 
 logger = logging.getLogger(__name__)
@@ -296,6 +299,7 @@ def install() -> None:
     fairseq_trainer_state_dict = Trainer.state_dict
     fairseq_all_reduce_grads = FairseqOptimizer.all_reduce_grads
     fairseq_save_checkpoint = checkpoint_utils.save_checkpoint
+    fairseq_begin_valid_epoch = Trainer.begin_valid_epoch
 
     def infer_init_method(cfg, force_distributed=False):
         if not infer_cpu_torchrun_init(cfg):
@@ -349,6 +353,12 @@ def install() -> None:
             checkpoints.check_replicas_agree(layout, params)
         return fairseq_save_checkpoint(cfg, trainer, *args, **kwargs)
 
+    def begin_valid_epoch(self, epoch):
+        for layer in self.get_model().modules():
+            if isinstance(layer, BaseLayer):
+                layer.probe_next_batch = True
+        return fairseq_begin_valid_epoch(self, epoch)
+
     def trainer_load_checkpoint(self, filename, *args, **kwargs):
         extra_state = fairseq_trainer_load_checkpoint(self, filename, *args, **kwargs)
         self.fairseq_base_run_id = agree_on_loaded_checkpoint(self, filename)
@@ -388,5 +398,6 @@ def install() -> None:
     distributed_fairseq_model.DistributedDataParallel = torch_ddp
     checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
     checkpoint_utils.save_checkpoint = save_checkpoint
+    Trainer.begin_valid_epoch = begin_valid_epoch
     Trainer.load_checkpoint = trainer_load_checkpoint
     Trainer.state_dict = trainer_state_dict

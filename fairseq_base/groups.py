@@ -28,6 +28,7 @@ class ExpertLayout:
     world_size: int
     expert_parallel_size: int
     rank: int = 0
+    world_group: Optional[object] = None  # all W workers (fairseq's data-parallel group); None: one process
     expert_parallel_group: Optional[object] = None  # None: one process
     replica_group: Optional[object] = None  # None: no replicas
 
@@ -105,6 +106,6 @@ def expert_layout(expert_parallel_size: int = 0) -> ExpertLayout:
                 group = dist.new_group(list(range(ep_rank, world_size, size)))
                 if rank % size == ep_rank:
                     replica_group = group
-        _LAYOUTS[key] = ExpertLayout(world_size, size, rank, ep_group, replica_group)
+        _LAYOUTS[key] = ExpertLayout(world_size, size, rank, world, ep_group, replica_group)
     return _LAYOUTS[key]
 

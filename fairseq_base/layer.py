@@ -3,6 +3,7 @@
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from fairseq import metrics
 from torch import Tensor, nn
 
@@ -11,7 +12,7 @@ from fairseq_base.errors import BaseLayerConfigError
 from fairseq_base.experts import LocalExperts
 from fairseq_base.groups import ExpertLayout, expert_layout
 from fairseq_base.router import (BASE_ROUTERS, DEFAULT_CAPACITY_FACTOR, ROUTERS, Routing, hash_routing,
-                                 random_hash, routing_stats, sigmoid_gated)
+                                 random_hash, routing_counts, sigmoid_gated, stats_from_counts)
 
 
 class BaseLayer(nn.Module):
@@ -67,6 +68,10 @@ class BaseLayer(nn.Module):
         # The weighted balance loss of the last forward, until the criterion takes it.
         self.balance_loss: Optional[Tensor] = None
         self.criterion_takes_balance_loss = False
+        # Routing churn: the first batch after ``probe_next_batch`` is set (at every validation) is
+        # the probe; its first-choice experts are compared with those of the previous probe.
+        self.probe_next_batch = False
+        self.probe_expert_ids: Optional[Tensor] = None
 
     def forward(self, x: Tensor, *args, **kwargs):
         tokens = x.reshape(-1, x.size(-1))
@@ -101,6 +106,9 @@ class BaseLayer(nn.Module):
         routing, scores = self.route(tokens)
         self._keep_balance_loss(routing.balance_loss)
         self._log_stats(routing, None if scores is None else scores.detach())
+        if self.probe_next_batch and not self.training:
+            self.probe_next_batch = False
+            self._log_churn(routing.expert_ids[:, 0])
         return routing
 
     def _route_shuffled(self, tokens: Tensor):
@@ -170,8 +178,27 @@ class BaseLayer(nn.Module):
         self.balance_loss = self.balance_loss_weight * balance_loss
 
     def _log_stats(self, routing: Routing, scores: Optional[Tensor]) -> None:
-        for key, value in routing_stats(routing, scores, self.num_experts).items():
+        """Log the routing statistics of the whole batch: every worker's counts, summed (one small
+        all-reduce; every worker routes in every forward, so all of them take part)."""
+        counts = routing_counts(routing, scores, self.num_experts)
+        if self.layout.world_size > 1:
+            dist.all_reduce(counts, group=self.layout.world_group)
+        for key, value in stats_from_counts(counts, self.num_experts).items():
             metrics.log_scalar(f"{self.name}_{key}", value, weight=1, priority=250, round=3)
+
+    def _log_churn(self, expert_ids: Tensor) -> None:
+        """Log ``churn``, the share of the probe's tokens whose first-choice expert changed since the
+        previous probe, over all workers (each worker's probe is its first validation batch)."""
+        previous, self.probe_expert_ids = self.probe_expert_ids, expert_ids.detach().clone()
+        comparable = previous is not None and previous.shape == expert_ids.shape
+        counts = torch.zeros(2, device=expert_ids.device)
+        if comparable:
+            counts[0], counts[1] = (previous != expert_ids).sum(), expert_ids.numel()
+        if self.layout.world_size > 1:  # every worker probes at the same validation
+            dist.all_reduce(counts, group=self.layout.world_group)
+        if previous is not None:
+            metrics.log_scalar(f"{self.name}_churn", counts[0] / counts[1].clamp_min(1), weight=1, priority=250,
+                               round=3)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):

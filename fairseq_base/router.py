@@ -124,32 +124,44 @@ ROUTERS = {"balanced": balanced_routing, "sbase": sbase_routing, "greedy": greed
            "switch": switch_routing, "top2": top2_routing}
 
 
-def routing_stats(routing: Routing, scores: Optional[Tensor], num_experts: int) -> Dict[str, Tensor]:
-    """What the logs show for every router (per worker, over its tokens):
+def routing_counts(routing: Routing, scores: Optional[Tensor], num_experts: int) -> Tensor:
+    """[E + 4] float32 sums over this worker's tokens, which add up across workers: the (token,
+    choice) pairs routed to each expert before capacity (E numbers), then the tokens whose kept
+    first choice is their top-1 expert, the kept pairs, the sum of the tokens' routing entropies
+    (nats) and the tokens."""
+    ids = routing.expert_ids
+    load = torch.bincount(ids.reshape(-1), minlength=num_experts).float()
+    kept = routing.kept_mask()
+    first_kept = kept[:, 0]
+    if scores is None:  # hash: a token's only expert is its top-1
+        top1, entropy = first_kept.sum(), load.new_zeros(())
+    else:
+        top1 = (first_kept & (ids[:, 0] == greedy_assignment(scores))).sum()
+        log_probs = F.log_softmax(scores.float(), dim=1)
+        entropy = -(log_probs.exp() * log_probs).sum()
+    tokens = torch.tensor(float(ids.size(0)), device=load.device)
+    return torch.cat([load, torch.stack([top1.float(), kept.sum().float(), entropy, tokens])])
+
+
+def stats_from_counts(counts: Tensor, num_experts: int) -> Dict[str, Tensor]:
+    """What the logs show for every router, from ``routing_counts`` (of one worker, or summed over
+    all workers for the batch's):
 
     top1      share of tokens whose update comes from their top-1 expert
     load_max  (token, choice) pairs routed to the busiest expert over the mean, before capacity
     load_min  the same for the idlest expert
     dropped   share of (token, choice) pairs over capacity
     entropy   mean entropy (nats) of a token's routing distribution: softmax(scores); 0 for hash
+
+    All 0 for no tokens.
     """
-    ids = routing.expert_ids
-    if ids.numel() == 0:
-        zero = ids.new_zeros((), dtype=torch.float32)
-        return dict.fromkeys(("top1", "load_max", "load_min", "dropped", "entropy"), zero)
-    load = torch.bincount(ids.reshape(-1), minlength=num_experts).float()
-    kept = routing.kept_mask()
-    first_kept = kept[:, 0]
-    if scores is None:  # hash: a token's only expert is its top-1
-        top1, entropy = first_kept.float().mean(), load.new_zeros(())
-    else:
-        top1 = (first_kept & (ids[:, 0] == greedy_assignment(scores))).float().mean()
-        log_probs = F.log_softmax(scores.float(), dim=1)
-        entropy = -(log_probs.exp() * log_probs).sum(1).mean()
+    load, (top1, kept, entropy, tokens) = counts[:num_experts], counts[num_experts:]
+    pairs, mean_load = load.sum(), load.mean().clamp_min(1e-12)
     return {
-        "top1": top1,
-        "load_max": load.max() / load.mean(),
-        "load_min": load.min() / load.mean(),
-        "dropped": 1.0 - kept.float().mean(),
-        "entropy": entropy,
+        "top1": top1 / tokens.clamp_min(1),
+        "load_max": load.max() / mean_load,
+        "load_min": load.min() / mean_load,
+        "dropped": (pairs - kept) / pairs.clamp_min(1),
+        "entropy": entropy / tokens.clamp_min(1),
     }
+

@@ -1,15 +1,27 @@
 #!/usr/bin/env python3
 """The paper's language-model comparison at laptop scale: dense, BASE, BASE x 3, BASE Top, and the
-routing baselines Switch, top-2 MoE and Hash layers.
+routing baselines Switch, top-2 MoE and Hash layers, each with several seeds.
 
-    python scripts/reproduce_small.py [--minutes 3] [--out runs/reproduce_small]
+    python scripts/reproduce_small.py [--minutes 3] [--seeds 3] [--out runs/reproduce_small]
+    python scripts/reproduce_small.py --models dense,BASE,Hash --experts 1,2,4,8,16   # the expert-count sweep
 
 Each model trains from its configs/small_*.yaml on the Brown corpus for the same wall-clock
-budget on this machine (the paper compares at equal GPUs and time), validating every 50
-updates; then fairseq-eval-lm scores it on the test split. Written to --out:
-results.md and results.json (the table), valid_ppl.png (validation perplexity against
-wall-clock time and against updates, as the paper's figures) and expert_load.png (the share
-of validation tokens each expert receives under inference routing, the paper's Figure 8).
+budget on this machine (the paper compares at equal GPUs and time), once per seed,
+validating every 50 updates; then fairseq-eval-lm scores it on the test split. The table
+gives each model's mean, standard deviation and range over its seeds at equal wall-clock
+(test perplexity) and at equal updates (validation perplexity at the last update every run
+reached), and marks the models whose range does not overlap the reference's (BASE, or dense
+in a sweep): only those differences exceed the seed-to-seed spread.
+
+``--experts`` runs every routed model of ``--models`` at each expert count (the compute per
+token does not change with E: every token goes through one expert per layer, two for top-2).
+
+Written to --out: results.md and results.json (the table), valid_ppl.png (validation
+perplexity against wall-clock time and against updates, as the paper's figures, every seed),
+expert_load.png (the share of validation tokens each expert receives under inference
+routing, the paper's Figure 8, first seed), churn.png (the share of a fixed probe set of
+validation tokens whose expert changed since the previous validation, per layer) and, with
+--experts, experts.png (test perplexity against E, mean and range over seeds).
 ``--models`` picks some of them (e.g. --models dense,Switch).
 """
 
@@ -19,6 +31,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 
@@ -26,6 +39,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = {"dense": "small_dense", "BASE": "small_base", "BASE x 3": "small_base_x3", "BASE Top": "small_base_top",
           "Switch": "small_switch", "MoE top-2": "small_moe_top2", "Hash": "small_hash"}
 DROPPED = re.compile(r"\b\w+_dropped=([0-9.]+)")
+CHURN = re.compile(r"\b(\w+)_churn ([0-9.]+)")
 STAMP = re.compile(r"^(?:\[)?(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)")
 
 
@@ -34,14 +48,19 @@ def log_time(line):
     return datetime.datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S") if match else None
 
 
-def train(config, data, minutes, out):
-    save_dir = os.path.join(out, config)
-    log_path = os.path.join(out, f"{config}.log")
+def run_name(config, experts, seed):
+    return f"{config}{f'-e{experts}' if experts else ''}-seed{seed}"
+
+
+def train(config, data, minutes, out, seed, experts=None, validate_every=50):
+    name = run_name(config, experts, seed)
+    save_dir = os.path.join(out, name)
+    log_path = os.path.join(out, f"{name}.log")
     cmd = ["fairseq-hydra-train", "--config-dir", os.path.join(REPO, "configs"), "--config-name", config,
            f"task.data={data}", f"checkpoint.save_dir={save_dir}", f"hydra.run.dir={save_dir}/hydra",
            "optimization.max_update=100000", f"optimization.stop_time_hours={minutes / 60}",
-           "dataset.validate_interval_updates=50", "checkpoint.save_interval_updates=100000",
-           "common.log_interval=25"]
+           f"dataset.validate_interval_updates={validate_every}", "checkpoint.save_interval_updates=100000",
+           "common.log_interval=25", f"common.seed={seed}"] + ([f"model.base_experts={experts}"] if experts else [])
     curve, start, dropped = [], None, 0.0
     env = dict(os.environ, PYTHONUNBUFFERED="1")  # progress lines as they come
     with open(log_path, "w") as log, subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, env=env,
@@ -56,10 +75,11 @@ def train(config, data, minutes, out):
                 ppl = float(re.search(r"\| ppl ([0-9.]+)", line).group(1))
                 updates = int(re.search(r"\| num_updates (\d+)", line).group(1))
                 seconds = (log_time(line) - start).total_seconds()
-                curve.append({"updates": updates, "seconds": seconds, "valid_ppl": ppl})
-                print(f"|   {config}: update {updates}, {seconds:.0f}s, valid ppl {ppl:.2f}", flush=True)
+                curve.append({"updates": updates, "seconds": seconds, "valid_ppl": ppl,
+                              "churn": {layer: float(v) for layer, v in CHURN.findall(line)}})
+                print(f"|   {name}: update {updates}, {seconds:.0f}s, valid ppl {ppl:.2f}", flush=True)
     if proc.returncode != 0:
-        sys.exit(f"reproduce_small: {config} failed; see {log_path}")
+        sys.exit(f"reproduce_small: {name} failed; see {log_path}")
     return save_dir, curve, dropped
 
 
@@ -108,6 +128,45 @@ def expert_load(data, save_dir):
     return {layer.name: sorted((c / c.sum()).tolist(), reverse=True) for layer, c in zip(layers, counts)}
 
 
+def spread(values):
+    """Mean, standard deviation (0 for one value) and range of ``values``."""
+    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values), "n": len(values)}
+
+
+def separated(a, b):
+    """Whether the ranges of two ``spread``s do not overlap (needs two seeds or more on each side)."""
+    return min(a["n"], b["n"]) > 1 and (a["max"] < b["min"] or b["max"] < a["min"])
+
+
+def summarize(results):
+    """Per model: its test perplexity at equal wall-clock and its validation perplexity at equal
+    updates (the last update at which every run of every model validated; None if there is
+    none), each as a ``spread``. Returns that update."""
+    runs = [run for r in results.values() for run in r["runs"]]
+    common = max(set.intersection(*({p["updates"] for p in run["curve"]} for run in runs)), default=None)
+    for r in results.values():
+        r["test_ppl"] = spread([run["test_ppl"] for run in r["runs"]])
+        r["valid_ppl_at_common_updates"] = common and spread(
+            [next(p["valid_ppl"] for p in run["curve"] if p["updates"] == common) for run in r["runs"]])
+        r["updates"] = statistics.mean(run["curve"][-1]["updates"] for run in r["runs"])
+    return common
+
+
+def describe(s):
+    return f"{s['mean']:.2f} ± {s['std']:.2f} [{s['min']:.2f}, {s['max']:.2f}]" if s else "-"
+
+
+def versus(r, reference):
+    if r is reference:
+        return "reference"
+    difference = r["test_ppl"]["mean"] - reference["test_ppl"]["mean"]
+    if min(r["test_ppl"]["n"], reference["test_ppl"]["n"]) < 2:
+        return f"{difference:+.2f} (one seed: no spread)"
+    beyond = "beyond the spread" if separated(r["test_ppl"], reference["test_ppl"]) else "within the spread"
+    return f"{difference:+.2f} ({beyond})"
+
+
 def plot(results, out):
     import logging
 
@@ -116,70 +175,145 @@ def plot(results, out):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name, r in results.items():
-        axes[0].plot([p["seconds"] / 60 for p in r["curve"]], [p["valid_ppl"] for p in r["curve"]], label=name)
-        axes[1].plot([p["updates"] for p in r["curve"]], [p["valid_ppl"] for p in r["curve"]], label=name)
+    for i, (name, r) in enumerate(results.items()):
+        for j, run in enumerate(r["runs"]):
+            label = name if j == 0 else None
+            color = colors[i % len(colors)]
+            axes[0].plot([p["seconds"] / 60 for p in run["curve"]], [p["valid_ppl"] for p in run["curve"]],
+                         label=label, color=color, linewidth=1)
+            axes[1].plot([p["updates"] for p in run["curve"]], [p["valid_ppl"] for p in run["curve"]], label=label,
+                         color=color, linewidth=1)
     for ax, xlabel in zip(axes, ["wall-clock (minutes)", "updates"]):
         ax.set_xlabel(xlabel)
         ax.set_ylabel("validation perplexity")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle("Small-scale comparison of routers (Brown corpus, 2 CPU cores)")
+        ax.legend(fontsize=7)
+    fig.suptitle("Small-scale comparison of routers (Brown corpus, 2 CPU cores; one line per seed)")
     fig.tight_layout()
     fig.savefig(os.path.join(out, "valid_ppl.png"), dpi=120)
 
-    routed = {n: r for n, r in results.items() if r["expert_load"]}
-    columns = min(len(routed), 3)
-    rows = -(-len(routed) // columns)
+    routed = {n: r for n, r in results.items() if r["runs"][0]["expert_load"]}
+    if not routed:
+        return
+    grid(plt, routed, out, "expert_load.png", plot_load)
+    grid(plt, routed, out, "churn.png", plot_churn)
+    swept = {}
+    for name, r in results.items():
+        if r["experts"]:
+            swept.setdefault(r["model"], []).append((r["experts"], r["test_ppl"]))
+    if swept:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for model, points in swept.items():
+            points.sort()
+            ax.errorbar([e for e, _ in points], [p["mean"] for _, p in points], marker="o", capsize=3, label=model,
+                        yerr=[[p["mean"] - p["min"] for _, p in points], [p["max"] - p["mean"] for _, p in points]])
+        dense = results.get("dense")
+        if dense:
+            ax.axhline(dense["test_ppl"]["mean"], color="k", linestyle="--", linewidth=1, label="dense")
+            ax.axhspan(dense["test_ppl"]["min"], dense["test_ppl"]["max"], color="k", alpha=0.1)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("experts per expert layer (E)")
+        ax.set_ylabel("test perplexity (mean, range over seeds)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "experts.png"), dpi=120)
+
+
+def grid(plt, results, out, filename, draw):
+    columns = min(len(results), 3)
+    rows = -(-len(results) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3.5 * rows), squeeze=False)
-    for ax in axes.flat[len(routed):]:
+    for ax in axes.flat[len(results):]:
         ax.axis("off")
-    for ax, (name, r) in zip(axes.flat, routed.items()):
-        loads = r["expert_load"]
-        for i, (layer, load) in enumerate(loads.items()):
-            ax.bar([x + 0.8 * i / len(loads) for x in range(len(load))], load, width=0.8 / len(loads), label=layer)
-        ax.axhline(1 / len(next(iter(loads.values()))), color="k", linestyle="--", linewidth=1, label="balanced")
+    for ax, (name, r) in zip(axes.flat, results.items()):
+        draw(ax, r)
         ax.set_title(name)
-        ax.set_xlabel("expert (busiest first)")
-        ax.set_ylabel("share of tokens at inference")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "expert_load.png"), dpi=120)
+    fig.savefig(os.path.join(out, filename), dpi=120)
 
 
-def write_results(results, minutes, out):
+def plot_load(ax, r):
+    loads = r["runs"][0]["expert_load"]
+    for i, (layer, load) in enumerate(loads.items()):
+        ax.bar([x + 0.8 * i / len(loads) for x in range(len(load))], load, width=0.8 / len(loads), label=layer)
+    ax.axhline(1 / len(next(iter(loads.values()))), color="k", linestyle="--", linewidth=1, label="balanced")
+    ax.set_xlabel("expert (busiest first)")
+    ax.set_ylabel("share of tokens at inference")
+
+
+def plot_churn(ax, r):
+    for run_index, run in enumerate(r["runs"]):
+        points = [p for p in run["curve"] if p["churn"]]
+        for i, layer in enumerate(points[0]["churn"] if points else []):
+            ax.plot([p["updates"] for p in points], [p["churn"][layer] for p in points], color=f"C{i}", linewidth=1,
+                    marker=".", label=layer if run_index == 0 else None)
+    ax.set_xlabel("updates")
+    ax.set_ylabel("probe tokens whose expert changed")
+    ax.set_ylim(0, 1)
+
+
+def write_results(results, args):
+    common = summarize(results)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU"
-    lines = [f"Small-scale reproduction: {minutes:g} minutes of training per model on {machine}.", "",
-             "| model | config | updates | best valid ppl | test ppl | busiest expert's share at inference "
-             "| dropped in training (last log) |",
-             "|---|---|---|---|---|---|---|"]
+    reference = results.get("dense" if args.experts else "BASE") or next(iter(results.values()))
+    lines = [f"Small-scale reproduction: {args.minutes:g} minutes of training per run, {args.seeds} seed(s) per "
+             f"model, on {machine}.", f"Command: `{' '.join(['python', 'scripts/reproduce_small.py'] + args.argv)}`",
+             "", f"Perplexities: mean ± standard deviation [min, max] over seeds. Validation at equal updates: at "
+             f"update {common}, the last every run reached. \"vs {reference['label']}\": test perplexity difference; "
+             "beyond the spread where the two ranges do not overlap.", "",
+             f"| model | config | seeds | updates (mean) | test ppl (equal wall-clock) | valid ppl at update {common} "
+             f"| vs {reference['label']} | busiest expert's share at inference (first seed) | dropped in training |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
-        busiest = ", ".join(f"{load[0]:.2f} of 1/{len(load)}" for load in r["expert_load"].values()) or "-"
-        lines.append(f"| {name} | {r['config']} | {r['curve'][-1]['updates']} | "
-                     f"{min(p['valid_ppl'] for p in r['curve']):.2f} | {r['test_ppl']:.2f} | {busiest} | "
-                     f"{r['train_dropped']:.1%} |")
-    with open(os.path.join(out, "results.md"), "w") as f:
+        first = r["runs"][0]
+        busiest = ", ".join(f"{load[0]:.2f} of 1/{len(load)}" for load in first["expert_load"].values()) or "-"
+        dropped = statistics.mean(run["train_dropped"] for run in r["runs"])
+        lines.append(f"| {name} | {r['config']} | {len(r['runs'])} | {r['updates']:.0f} | {describe(r['test_ppl'])} | "
+                     f"{describe(r['valid_ppl_at_common_updates'])} | {versus(r, reference)} | {busiest} | "
+                     f"{dropped:.1%} |")
+    with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({"minutes": minutes, "machine": machine, "models": results}, f, indent=2)
-    plot(results, out)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"minutes": args.minutes, "seeds": args.seeds, "machine": machine, "command": args.argv,
+                   "common_updates": common, "models": results}, f, indent=2)
+    plot(results, args.out)
     print("\n".join(lines))
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--minutes", type=float, default=3.0, help="training budget per model")
+    parser.add_argument("--minutes", type=float, default=3.0, help="training budget per run")
+    parser.add_argument("--seeds", type=int, default=3, help="runs per model, with seeds 1..N")
     parser.add_argument("--data", default=os.path.join(REPO, "data-bin", "brown"))
     parser.add_argument("--out", default=os.path.join(REPO, "runs", "reproduce_small"))
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated, from: " + ", ".join(MODELS))
+    parser.add_argument("--experts", default="", help="comma-separated expert counts: run every routed model at each")
+    parser.add_argument("--validate-every", type=int, default=50, help="validation interval in updates")
     args = parser.parse_args()
+    args.argv = sys.argv[1:]
     unknown = set(args.models.split(",")) - set(MODELS)
     if unknown:
         parser.error(f"--models: unknown {sorted(unknown)}; choose from {', '.join(MODELS)}")
-    models = {name: MODELS[name] for name in args.models.split(",")}
-    used = [os.path.join(args.out, c) for c in models.values() if os.path.exists(os.path.join(args.out, c))]
+    if args.seeds < 1:
+        parser.error(f"--seeds must be >= 1, got {args.seeds}")
+    try:
+        experts = [int(e) for e in args.experts.split(",")] if args.experts else []
+    except ValueError:
+        parser.error(f"--experts {args.experts!r} is not a comma-separated list of expert counts")
+    if any(e < 1 for e in experts) or ("MoE top-2" in args.models.split(",") and 1 in experts):
+        parser.error(f"--experts {args.experts}: counts must be >= 1 (>= 2 for MoE top-2)")
+    plan = {}  # label -> (model, config, experts)
+    for name in args.models.split(","):
+        for count in experts if experts and name != "dense" else [None]:
+            plan[name if count is None else f"{name} E={count}"] = (name, MODELS[name], count)
+    runs = [(label, seed) for seed in range(1, args.seeds + 1) for label in plan]  # seeds outermost: alternating
+    used = [run_name(plan[label][1], plan[label][2], seed) for label, seed in runs]
+    used = [os.path.join(args.out, name) for name in used if os.path.exists(os.path.join(args.out, name))]
     if used:  # fairseq would resume from them, and the curves would not start at update 0
         parser.error(f"--out {args.out} already holds runs ({', '.join(used)}); pass a new --out or remove them")
     os.makedirs(args.out, exist_ok=True)
@@ -187,17 +321,19 @@ def main():
         subprocess.run([sys.executable, os.path.join(REPO, "scripts", "prepare_brown.py"), "--out", args.data],
                        check=True)
 
-    results = {}
-    for i, (name, config) in enumerate(models.items()):
-        print(f"== [{i + 1}/{len(models)}] {name} ({config}), {args.minutes:g} minutes", flush=True)
-        save_dir, curve, dropped = train(config, args.data, args.minutes, args.out)
-        results[name] = {"config": config, "curve": curve, "test_ppl": evaluate(args.data, save_dir),
-                         "train_dropped": dropped,
-                         "expert_load": expert_load(args.data, save_dir) if name != "dense" else {}}
-        print(f"|   {name}: test perplexity {results[name]['test_ppl']:.2f}", flush=True)
+    results = {label: {"label": label, "model": model, "config": config, "experts": count, "runs": []}
+               for label, (model, config, count) in plan.items()}
+    for i, (label, seed) in enumerate(runs):
+        model, config, count = plan[label]
+        print(f"== [{i + 1}/{len(runs)}] {label} ({config}), seed {seed}, {args.minutes:g} minutes", flush=True)
+        save_dir, curve, dropped = train(config, args.data, args.minutes, args.out, seed, count, args.validate_every)
+        run = {"seed": seed, "curve": curve, "test_ppl": evaluate(args.data, save_dir), "train_dropped": dropped,
+               "expert_load": expert_load(args.data, save_dir) if model != "dense" else {}}
+        results[label]["runs"].append(run)
+        print(f"|   {label}, seed {seed}: test perplexity {run['test_ppl']:.2f}", flush=True)
 
-    write_results(results, args.minutes, args.out)
-    print(f"\nwrote {args.out}/results.md, results.json, valid_ppl.png, expert_load.png")
+    write_results(results, args)
+    print(f"\nwrote {args.out}/results.md, results.json and plots")
 
 
 if __name__ == "__main__":

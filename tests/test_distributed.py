@@ -4,6 +4,7 @@ import queue
 
 import pytest
 import torch
+from fairseq import metrics
 from torch import nn
 
 from distributed_utils import run_workers
@@ -110,6 +111,49 @@ def test_same_outputs_and_gradients_as_one_worker(world_size, parallel):
     local = num_experts // parallel
     assert [r[4] for r in results] == [list(range(w % parallel * local, (w % parallel + 1) * local))
                                        for w in range(world_size)]
+
+
+def _logged_stats(layer, x):
+    with metrics.aggregate(new_root=True) as agg:
+        layer(x)
+    return agg.get_smoothed_values()
+
+
+def _churn(layer, x, centroids):
+    """The churn a layer logs when its centroids become ``centroids`` between two validations."""
+    layer.probe_next_batch = True
+    layer(x)
+    with torch.no_grad():
+        layer.centroids.copy_(centroids)
+    layer.probe_next_batch = True
+    return _logged_stats(layer, x)["base1_churn"]
+
+
+def _stats_worker(rank, world_size, state, x, router, centroids):
+    layer = BaseLayer(8, 16, num_experts=4, router=router, name="base1").eval()
+    layer.load_state_dict(state)
+    mine = x.chunk(world_size)[rank]
+    return _logged_stats(layer, mine), _churn(layer, mine, centroids)
+
+
+@pytest.mark.parametrize("router", ["balanced", "top2"])
+def test_routing_statistics_are_the_whole_batchs_on_every_worker(router):
+    """Greedy (BASE) and top-2 routing outside training decide token by token, so the batch's
+    statistics and routing churn on 2 workers must be those of one process that routes the
+    whole batch."""
+    torch.manual_seed(0)
+    one = BaseLayer(8, 16, num_experts=4, router=router, name="base1").eval()
+    state = {k: v.clone() for k, v in one.state_dict().items()}
+    x = torch.randn(24, 1, 8) + torch.linspace(-2, 2, 24)[:, None, None]  # halves route differently
+    centroids = one.centroids.detach() + 0.3 * torch.randn(4, 8)  # moves some tokens to other experts
+    whole = _logged_stats(one, x)
+    halves = [_logged_stats(one, half) for half in x.chunk(2)]
+    assert any(abs(halves[0][k] - whole[k]) > 0.01 for k in whole)  # rank 0's own values would differ
+    churn = _churn(one, x, centroids)
+    one.load_state_dict(state)
+    assert 0 < churn < 1 and _churn(one, x.chunk(2)[0], centroids) != churn
+    for stats, worker_churn in run_workers(_stats_worker, 2, state, x, router, centroids):
+        assert stats == whole and worker_churn == churn
 
 
 def _uneven_batches_worker(rank, world_size, sizes):

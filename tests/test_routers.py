@@ -11,8 +11,8 @@ from fairseq_base.assignment import balanced_assignment, greedy_assignment, sink
 from fairseq_base.criterions.base_cross_entropy import take_balance_loss
 from fairseq_base.errors import BaseLayerConfigError
 from fairseq_base.layer import BaseLayer
-from fairseq_base.router import (Routing, hash_routing, random_hash, routing_stats, switch_balance_loss,
-                                 switch_routing, top2_routing, within_capacity)
+from fairseq_base.router import (Routing, hash_routing, random_hash, routing_counts, stats_from_counts,
+                                 switch_balance_loss, switch_routing, top2_routing, within_capacity)
 from test_end_to_end import data_bin, run  # noqa: F401  (fixture)
 from test_layer import Scale
 from test_torchrun import TINY_MODEL, losses, torchrun_train
@@ -149,6 +149,10 @@ def test_top2_layer_mixes_both_experts():
     assert torch.allclose(layer(x)[0].reshape(-1, 8), expected, atol=1e-6)
 
 
+def routing_stats(routing, scores, num_experts):
+    return stats_from_counts(routing_counts(routing, scores, num_experts), num_experts)
+
+
 def test_routing_stats_on_a_hand_made_example():
     scores = torch.zeros(4, 2)  # uniform: entropy log 2
     routing = Routing(torch.tensor([[0], [0], [0], [1]]), torch.ones(4, 1),
@@ -226,20 +230,24 @@ ROUTER_RUN = ["--base-layers", "1", "--base-moe-freq", "2", "--base-experts", "4
 def test_router_trains_in_one_process_and_logs_its_statistics(data_bin, tmp_path, router):  # noqa: F811
     result = run("fairseq-train", str(data_bin / "bin"), "--user-dir", "fairseq_base", *TINY_MODEL, "--cpu",
                  "--save-dir", str(tmp_path), "--base-router", router, *ROUTER_RUN, "--max-update", "30",
-                 "--log-interval", "5", "--validate-interval-updates", "30", "--max-valid-steps", "2",
+                 "--log-interval", "5", "--validate-interval-updates", "15", "--max-valid-steps", "2",
                  "--tensorboard-logdir", str(tmp_path / "tb"))
     log = result.stdout + result.stderr
     curve = losses(result)
     assert curve[30] < curve[5] - 0.3, curve
     train = [line for line in log.splitlines() if "| train_inner |" in line][-1]
-    valid = next(line for line in log.splitlines() if "valid on 'valid' subset" in line)
+    first_valid, valid = [line for line in log.splitlines() if "valid on 'valid' subset" in line]
     for layer in ("base1", "moe1"):
         for stat in ("top1", "load_max", "load_min", "dropped", "entropy"):
             assert f"{layer}_{stat}=" in train and f"{layer}_{stat} " in valid, (layer, stat)
+        # Churn since the previous validation: from the second one on.
+        assert f"{layer}_churn" not in first_valid
+        churn = float(re.search(rf"{layer}_churn ([0-9.]+)", valid).group(1))
+        assert churn == 0 if router == "hash" else 0 <= churn <= 1  # hash: a token's expert never changes
     assert ("balance_loss" in train) == (router in ("switch", "top2"))
     assert re.search(r"moe1_dropped 0 ", valid)  # nothing dropped outside training
     events = b"".join(p.read_bytes() for p in (tmp_path / "tb").rglob("events*"))
-    assert b"moe1_entropy" in events and b"base1_load_min" in events
+    assert b"moe1_entropy" in events and b"base1_load_min" in events and b"base1_churn" in events
     run("fairseq-eval-lm", str(data_bin / "bin"), "--user-dir", "fairseq_base", "--path",
         str(tmp_path / "checkpoint_last.pt"), "--cpu", "--tokens-per-sample", "64", "--max-valid-steps", "2",
         "--gen-subset", "valid")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import runpy
 import shutil
 import subprocess
 import sys
@@ -35,7 +36,7 @@ def test_launch_paper_refuses_a_gpu_count_that_does_not_fill_nodes():
     assert result.stderr.strip() == "launch_paper.sh: GPUS=12 is not a multiple of GPUS_PER_NODE=8"
 
 
-def test_reproduce_small_compares_routers(data_bin, tmp_path):  # noqa: F811
+def test_reproduce_small_runs_seeds_and_an_expert_sweep(data_bin, tmp_path):  # noqa: F811
     data = tmp_path / "bin"  # the script scores the test split, which data_bin lacks
     text = data_bin / "valid.txt"
     subprocess.run(["fairseq-preprocess", "--only-source", "--trainpref", str(data_bin / "train.txt"),
@@ -43,12 +44,28 @@ def test_reproduce_small_compares_routers(data_bin, tmp_path):  # noqa: F811
                     "--workers", "1"], check=True, capture_output=True)
     out = tmp_path / "out"
     result = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "reproduce_small.py"), "--minutes", "0.1",
-                             "--models", "Switch,Hash", "--data", str(data), "--out", str(out)],
-                            capture_output=True, text=True, cwd=REPO)
+                             "--models", "Hash", "--experts", "4", "--seeds", "2", "--validate-every", "1",
+                             "--data", str(data), "--out", str(out)], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    rows = [line for line in (out / "results.md").read_text().splitlines() if line.startswith("| ")][1:]
-    assert [row.split(" | ")[1] for row in rows] == ["small_switch", "small_hash"]
-    assert (out / "valid_ppl.png").stat().st_size > 0 and (out / "expert_load.png").stat().st_size > 0
+    rows = [line.split(" | ") for line in (out / "results.md").read_text().splitlines() if line.startswith("| ")][1:]
+    assert [row[:3] for row in rows] == [["| Hash E=4", "small_hash", "2"]]
+    saved = json.loads((out / "results.json").read_text())
+    runs = saved["models"]["Hash E=4"]["runs"]
+    assert [run["seed"] for run in runs] == [1, 2] and len(runs[0]["expert_load"]["moe1"]) == 4
+    churn = [p["churn"] for p in runs[0]["curve"][1:]]
+    assert churn and all(c == {"moe1": 0.0, "moe2": 0.0} for c in churn)  # a token's hash expert never changes
+    for plot in ("valid_ppl", "expert_load", "churn", "experts"):
+        assert (out / f"{plot}.png").stat().st_size > 0
+
+
+def test_reproduce_small_says_which_differences_exceed_the_spread():
+    script = runpy.run_path(os.path.join(REPO, "scripts", "reproduce_small.py"))
+    spread, versus = script["spread"], script["versus"]
+    reference = {"test_ppl": spread([100.0, 101.0, 102.0])}
+    assert reference["test_ppl"]["std"] == 1.0
+    assert versus({"test_ppl": spread([103.5, 104.0, 105.0])}, reference) == "+3.17 (beyond the spread)"
+    assert versus({"test_ppl": spread([101.5, 103.0, 104.0])}, reference) == "+1.83 (within the spread)"
+    assert versus({"test_ppl": spread([90.0])}, reference) == "-11.00 (one seed: no spread)"
 
 
 def test_bench_layer_workers_compares_the_three_layers(tmp_path):
