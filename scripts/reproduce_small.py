@@ -296,6 +296,8 @@ def main():
     parser.add_argument("--validate-every", type=int, default=50, help="validation interval in updates")
     args = parser.parse_args()
     args.argv = sys.argv[1:]
+    # Hydra runs each training in its own working directory.
+    args.out, args.data = os.path.abspath(args.out), os.path.abspath(args.data)
     unknown = set(args.models.split(",")) - set(MODELS)
     if unknown:
         parser.error(f"--models: unknown {sorted(unknown)}; choose from {', '.join(MODELS)}")
