@@ -15,7 +15,9 @@ def install_excepthook() -> None:
 
     def hook(exc_type, exc, tb):
         if issubclass(exc_type, BaseLayerConfigError):
-            print(f"fairseq_base: error: {exc}", file=sys.stderr)
+            # One write, line and newline together: workers sharing a terminal cannot split it.
+            sys.stderr.write(f"fairseq_base: error: {exc}\n")
+            sys.stderr.flush()
         else:
             previous(exc_type, exc, tb)
 

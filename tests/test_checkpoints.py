@@ -14,7 +14,7 @@ import torch
 
 from test_end_to_end import data_bin, run, run_two_at_a_time  # noqa: F401  (fixture)
 from test_reshard import EVAL
-from test_torchrun import BIN, losses, torchrun_command, torchrun_train
+from test_torchrun import BIN, error_messages, losses, torchrun_command, torchrun_train
 
 COMMON = ["--base-experts", "4", "--ddp-backend", "legacy_ddp", "--log-interval", "5"]
 MISMATCH = "fairseq_base: error: the workers loaded checkpoint files that do not belong together"
@@ -66,7 +66,7 @@ def _assert_refused(result, started, *fragments):
     assert result.returncode != 0
     assert time.monotonic() - started < 60
     # torchrun prefixes each worker's lines with "[rankN]: ".
-    errors = {line.split("]: ", 1)[-1] for line in result.stderr.splitlines() if MISMATCH in line}
+    errors = {message for message in error_messages(result.stderr) if MISMATCH in message}
     assert len(errors) == 1, result.stderr[-3000:]  # the same one line from every worker
     error = errors.pop()
     for fragment in fragments:

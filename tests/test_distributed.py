@@ -82,7 +82,7 @@ def _equivalence_worker(rank, world_size, parallel, centroids, expert_states, di
     return out, x_grad, centroid_grad, expert_grads, layer.expert_ids.tolist()
 
 
-@pytest.mark.parametrize("world_size,parallel", [(2, 2), (4, 4), (4, 2)])
+@pytest.mark.parametrize("world_size,parallel", [(4, 4), (4, 2)])
 def test_same_outputs_and_gradients_as_one_worker(world_size, parallel):
     """W workers in expert-parallel groups of P against one process: outputs, input gradients, and
     every expert's gradient summed over its W/P replicas (equal on every replica)."""
@@ -136,9 +136,8 @@ def _stats_worker(rank, world_size, state, x, router, centroids):
     return _logged_stats(layer, mine), _churn(layer, mine, centroids)
 
 
-@pytest.mark.parametrize("router", ["balanced", "top2"])
-def test_routing_statistics_are_the_whole_batchs_on_every_worker(router):
-    """Greedy (BASE) and top-2 routing outside training decide token by token, so the batch's
+def test_routing_statistics_are_the_whole_batchs_on_every_worker(router="balanced"):
+    """Greedy routing (BASE outside training) decides token by token, so the batch's
     statistics and routing churn on 2 workers must be those of one process that routes the
     whole batch."""
     torch.manual_seed(0)

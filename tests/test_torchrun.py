@@ -29,6 +29,13 @@ def torchrun_train(workers, data, save_dir, *flags, check=True):
     return run(*torchrun_command(workers, data, save_dir, *flags), check=check)
 
 
+def error_messages(stderr):
+    """The distinct "fairseq_base: error:" messages in ``stderr``, also where the lines of two
+    workers ran together (torchrun prefixes each worker's lines with "[rankN]: ")."""
+    return {"fairseq_base: error:" + message.rstrip()
+            for message in re.findall(r"fairseq_base: error:(.*?)(?=fairseq_base: error:|\n|$)", stderr)}
+
+
 def losses(result):
     found = re.findall(r"\| train_inner \| .*?loss=([0-9.]+).*?num_updates=(\d+)", result.stdout + result.stderr)
     return {int(update): float(loss) for loss, update in found}
@@ -55,7 +62,6 @@ def test_fully_sharded_with_experts_is_one_line(data_bin, tmp_path):  # noqa: F8
     result = torchrun_train(2, data_bin, tmp_path, "--ddp-backend", "fully_sharded", "--max-update", "2",
                             check=False)
     assert result.returncode != 0
-    errors = {line.split("]: ", 1)[-1] for line in result.stderr.splitlines() if "fairseq_base: error:" in line}
-    assert errors == {"fairseq_base: error: --ddp-backend fully_sharded would shard the experts like shared "
+    assert error_messages(result.stderr) == {"fairseq_base: error: --ddp-backend fully_sharded would shard the experts like shared "
                       "parameters (and needs fairscale); use --ddp-backend c10d or legacy_ddp"}, result.stderr[-2000:]
     assert "fairscale with: pip install" not in result.stderr  # fairseq's import error never comes
