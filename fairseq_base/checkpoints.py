@@ -143,7 +143,7 @@ def check_replicas_agree(layout, params) -> None:
         return
     mine = bit_fingerprint(params)
     every = [torch.empty_like(mine) for _ in range(layout.world_size)]
-    dist.all_gather(every, mine)
+    dist.all_gather(every, mine, group=layout.world_group)
     size = layout.expert_parallel_size
     for rank in range(size, layout.world_size):
         if not torch.equal(every[rank], every[rank % size]):
