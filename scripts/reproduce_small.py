@@ -36,6 +36,7 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # expert_load imports this checkout's fairseq_base, whichever one pip installed
 MODELS = {"dense": "small_dense", "BASE": "small_base", "BASE x 3": "small_base_x3", "BASE Top": "small_base_top",
           "Switch": "small_switch", "MoE top-2": "small_moe_top2", "Hash": "small_hash"}
 DROPPED = re.compile(r"\b\w+_dropped=([0-9.]+)")
@@ -167,7 +168,7 @@ def versus(r, reference):
     return f"{difference:+.2f} ({beyond})"
 
 
-def plot(results, out):
+def plot(results, out, common):
     import logging
 
     import matplotlib
@@ -200,27 +201,56 @@ def plot(results, out):
         return
     grid(plt, routed, out, "expert_load.png", plot_load)
     grid(plt, routed, out, "churn.png", plot_churn)
-    swept = {}
-    for name, r in results.items():
-        if r["experts"]:
-            swept.setdefault(r["model"], []).append((r["experts"], r["test_ppl"]))
-    if swept:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for model, points in swept.items():
-            points.sort()
-            ax.errorbar([e for e, _ in points], [p["mean"] for _, p in points], marker="o", capsize=3, label=model,
-                        yerr=[[p["mean"] - p["min"] for _, p in points], [p["max"] - p["mean"] for _, p in points]])
-        dense = results.get("dense")
-        if dense:
-            ax.axhline(dense["test_ppl"]["mean"], color="k", linestyle="--", linewidth=1, label="dense")
-            ax.axhspan(dense["test_ppl"]["min"], dense["test_ppl"]["max"], color="k", alpha=0.1)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("experts per expert layer (E)")
-        ax.set_ylabel("test perplexity (mean, range over seeds)")
-        ax.grid(alpha=0.3)
-        ax.legend()
+    sweep = {key: expert_curves(results, key) for key in ("test_ppl", "valid_ppl_at_common_updates")}
+    if sweep["test_ppl"]:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        titles = ["equal wall-clock", f"equal updates (update {common}): equal training compute"]
+        ylabels = ["test perplexity", "validation perplexity"]
+        for ax, (key, curves), title, ylabel in zip(axes, sweep.items(), titles, ylabels):
+            for model, points in curves.items():
+                ax.errorbar([e for e, _ in points], [p["mean"] for _, p in points], marker="o", capsize=3,
+                            label=model, yerr=[[p["mean"] - p["min"] for _, p in points],
+                                               [p["max"] - p["mean"] for _, p in points]])
+            dense = results.get("dense", {}).get(key)
+            if dense:
+                ax.axhline(dense["mean"], color="k", linestyle="--", linewidth=1, label="dense")
+                ax.axhspan(dense["min"], dense["max"], color="k", alpha=0.1)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("experts per expert layer (E)")
+            ax.set_ylabel(f"{ylabel} (mean, range over seeds)")
+            ax.set_title(title)
+            ax.grid(alpha=0.3)
+            ax.legend()
         fig.tight_layout()
         fig.savefig(os.path.join(out, "experts.png"), dpi=120)
+
+
+def expert_curves(results, key):
+    """Per routed model of an ``--experts`` sweep: [(E, its ``key`` spread)], in increasing E."""
+    curves = {}
+    for r in results.values():
+        if r["experts"] and r[key]:
+            curves.setdefault(r["model"], []).append((r["experts"], r[key]))
+    return {model: sorted(points, key=lambda point: point[0]) for model, points in curves.items()}
+
+
+def sweep_table(results, common):
+    """Markdown lines: test perplexity (and validation perplexity at equal updates) per model and E,
+    and whether the largest E differs from the smallest beyond the seed-to-seed spread."""
+    test, valid = expert_curves(results, "test_ppl"), expert_curves(results, "valid_ppl_at_common_updates")
+    counts = sorted({e for points in test.values() for e, _ in points})
+    lines = ["| model | " + " | ".join(f"E={e}" for e in counts) + f" | E={counts[-1]} vs E={counts[0]} |",
+             "|---" * (len(counts) + 2) + "|"]
+    for model, points in test.items():
+        valid_at = dict(valid.get(model, []))
+        cells = {e: f"{t['mean']:.2f} ± {t['std']:.2f}" + (f" ({valid_at[e]['mean']:.2f})" if e in valid_at else "")
+                 for e, t in points}
+        (_, first), (_, last) = points[0], points[-1]
+        beyond = "beyond the spread" if separated(first, last) else "within the spread"
+        change = f"{last['mean'] - first['mean']:+.2f} ({beyond})" if len(points) > 1 else "-"
+        lines.append(f"| {model} | " + " | ".join(cells.get(e, "-") for e in counts) + f" | {change} |")
+    return ["", f"Expert-count sweep: test perplexity mean ± standard deviation at equal wall-clock (in parentheses: "
+            f"validation perplexity at update {common}, equal training compute).", ""] + lines
 
 
 def grid(plt, results, out, filename, draw):
@@ -276,12 +306,14 @@ def write_results(results, args):
         lines.append(f"| {name} | {r['config']} | {len(r['runs'])} | {r['updates']:.0f} | {describe(r['test_ppl'])} | "
                      f"{describe(r['valid_ppl_at_common_updates'])} | {versus(r, reference)} | {busiest} | "
                      f"{dropped:.1%} |")
+    if args.experts:
+        lines += sweep_table(results, common)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"minutes": args.minutes, "seeds": args.seeds, "machine": machine, "command": args.argv,
                    "common_updates": common, "models": results}, f, indent=2)
-    plot(results, args.out)
+    plot(results, args.out, common)
     print("\n".join(lines))
 
 

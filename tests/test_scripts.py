@@ -47,8 +47,10 @@ def test_reproduce_small_runs_seeds_and_an_expert_sweep(data_bin, tmp_path):  # 
                              "--models", "Hash", "--experts", "4", "--seeds", "2", "--validate-every", "1",
                              "--data", str(data), "--out", str(out)], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    rows = [line.split(" | ") for line in (out / "results.md").read_text().splitlines() if line.startswith("| ")][1:]
+    models, sweep = (out / "results.md").read_text().split("Expert-count sweep")
+    rows = [line.split(" | ") for line in models.splitlines() if line.startswith("| ")][1:]
     assert [row[:3] for row in rows] == [["| Hash E=4", "small_hash", "2"]]
+    assert [line.split(" | ")[0] for line in sweep.splitlines() if line.startswith("| ")] == ["| model", "| Hash"]
     saved = json.loads((out / "results.json").read_text())
     runs = saved["models"]["Hash E=4"]["runs"]
     assert [run["seed"] for run in runs] == [1, 2] and len(runs[0]["expert_load"]["moe1"]) == 4
@@ -66,6 +68,25 @@ def test_reproduce_small_says_which_differences_exceed_the_spread():
     assert versus({"test_ppl": spread([103.5, 104.0, 105.0])}, reference) == "+3.17 (beyond the spread)"
     assert versus({"test_ppl": spread([101.5, 103.0, 104.0])}, reference) == "+1.83 (within the spread)"
     assert versus({"test_ppl": spread([90.0])}, reference) == "-11.00 (one seed: no spread)"
+
+
+def test_the_expert_sweep_table_says_whether_more_experts_helped():
+    script = runpy.run_path(os.path.join(REPO, "scripts", "reproduce_small.py"))
+    spread = script["spread"]
+
+    def row(model, experts, test, valid):
+        return {"model": model, "experts": experts, "test_ppl": spread(test), "valid_ppl_at_common_updates": spread(valid)}
+
+    results = {"dense": row("dense", None, [150.0, 151.0], [160.0, 161.0]),  # not a point of the sweep
+               "BASE E=4": row("BASE", 4, [140.0, 142.0], [150.0, 152.0]),
+               "BASE E=1": row("BASE", 1, [145.0, 147.0], [155.0, 157.0]),
+               "Hash E=1": row("Hash", 1, [139.0, 141.0], [149.0, 151.0]),
+               "Hash E=4": row("Hash", 4, [140.0, 140.5], [148.0, 150.0])}
+    assert [e for e, _ in script["expert_curves"](results, "test_ppl")["BASE"]] == [1, 4]
+    table = [line for line in script["sweep_table"](results, 250) if line.startswith("| ")]
+    assert table[0] == "| model | E=1 | E=4 | E=4 vs E=1 |"
+    assert table[1] == "| BASE | 146.00 ± 1.41 (156.00) | 141.00 ± 1.41 (151.00) | -5.00 (beyond the spread) |"
+    assert table[2] == "| Hash | 140.00 ± 1.41 (150.00) | 140.25 ± 0.35 (149.00) | +0.25 (within the spread) |"
 
 
 def test_bench_layer_workers_compares_the_three_layers(tmp_path):
