@@ -239,18 +239,26 @@ def sweep_table(results, common):
     and whether the largest E differs from the smallest beyond the seed-to-seed spread."""
     test, valid = expert_curves(results, "test_ppl"), expert_curves(results, "valid_ppl_at_common_updates")
     counts = sorted({e for points in test.values() for e, _ in points})
-    lines = ["| model | " + " | ".join(f"E={e}" for e in counts) + f" | E={counts[-1]} vs E={counts[0]} |",
-             "|---" * (len(counts) + 2) + "|"]
+    lines = ["| model | " + " | ".join(f"E={e}" for e in counts) +
+             f" | E={counts[-1]} vs E={counts[0]}: test ppl | valid ppl at update {common} |",
+             "|---" * (len(counts) + 3) + "|"]
     for model, points in test.items():
-        valid_at = dict(valid.get(model, []))
-        cells = {e: f"{t['mean']:.2f} ± {t['std']:.2f}" + (f" ({valid_at[e]['mean']:.2f})" if e in valid_at else "")
-                 for e, t in points}
-        (_, first), (_, last) = points[0], points[-1]
-        beyond = "beyond the spread" if separated(first, last) else "within the spread"
-        change = f"{last['mean'] - first['mean']:+.2f} ({beyond})" if len(points) > 1 else "-"
-        lines.append(f"| {model} | " + " | ".join(cells.get(e, "-") for e in counts) + f" | {change} |")
+        valid_points = valid.get(model, [])
+        valid_at = dict(valid_points)
+        cells = [f"{t['mean']:.2f} ± {t['std']:.2f}" + (f" ({valid_at[e]['mean']:.2f})" if e in valid_at else "")
+                 for e, t in points]
+        lines.append(f"| {model} | " + " | ".join(cells) + f" | {trend(points)} | {trend(valid_points)} |")
     return ["", f"Expert-count sweep: test perplexity mean ± standard deviation at equal wall-clock (in parentheses: "
             f"validation perplexity at update {common}, equal training compute).", ""] + lines
+
+
+def trend(points):
+    """From the smallest E's mean to the largest's, and whether that exceeds the seed-to-seed spread."""
+    if len(points) < 2:
+        return "-"
+    (_, first), (_, last) = points[0], points[-1]
+    beyond = "beyond the spread" if separated(first, last) else "within the spread"
+    return f"{last['mean'] - first['mean']:+.2f} ({beyond})"
 
 
 def grid(plt, results, out, filename, draw):
@@ -287,12 +295,14 @@ def plot_churn(ax, r):
     ax.set_ylim(0, 1)
 
 
-def write_results(results, args):
+def write_results(results, meta, out):
+    """results.md, results.json and the plots in ``out``; ``meta``: minutes, seeds, machine and command."""
     common = summarize(results)
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU"
-    reference = results.get("dense" if args.experts else "BASE") or next(iter(results.values()))
-    lines = [f"Small-scale reproduction: {args.minutes:g} minutes of training per run, {args.seeds} seed(s) per "
-             f"model, on {machine}.", f"Command: `{' '.join(['python', 'scripts/reproduce_small.py'] + args.argv)}`",
+    sweep = any(r["experts"] for r in results.values())
+    reference = results.get("dense" if sweep else "BASE") or next(iter(results.values()))
+    lines = [f"Small-scale reproduction: {meta['minutes']:g} minutes of training per run, {meta['seeds']} seed(s) per "
+             f"model, on {meta['machine']}.",
+             f"Command: `{' '.join(['python', 'scripts/reproduce_small.py'] + meta['command'])}`",
              "", f"Perplexities: mean ± standard deviation [min, max] over seeds. Validation at equal updates: at "
              f"update {common}, the last every run reached. \"vs {reference['label']}\": test perplexity difference; "
              "beyond the spread where the two ranges do not overlap.", "",
@@ -306,14 +316,13 @@ def write_results(results, args):
         lines.append(f"| {name} | {r['config']} | {len(r['runs'])} | {r['updates']:.0f} | {describe(r['test_ppl'])} | "
                      f"{describe(r['valid_ppl_at_common_updates'])} | {versus(r, reference)} | {busiest} | "
                      f"{dropped:.1%} |")
-    if args.experts:
+    if sweep:
         lines += sweep_table(results, common)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
+    with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"minutes": args.minutes, "seeds": args.seeds, "machine": machine, "command": args.argv,
-                   "common_updates": common, "models": results}, f, indent=2)
-    plot(results, args.out, common)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(dict(meta, common_updates=common, models=results), f, indent=2)
+    plot(results, out, common)
     print("\n".join(lines))
 
 
@@ -326,8 +335,18 @@ def main():
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated, from: " + ", ".join(MODELS))
     parser.add_argument("--experts", default="", help="comma-separated expert counts: run every routed model at each")
     parser.add_argument("--validate-every", type=int, default=50, help="validation interval in updates")
+    parser.add_argument("--redraw", action="store_true",
+                        help="write the tables and plots again from --out's results.json, without training")
     args = parser.parse_args()
-    args.argv = sys.argv[1:]
+    if args.redraw:
+        try:
+            with open(os.path.join(args.out, "results.json")) as f:
+                saved = json.load(f)
+        except (OSError, ValueError) as err:
+            parser.error(f"--redraw reads --out's results.json: {err}")
+        write_results(saved.pop("models"), {key: saved[key] for key in ("minutes", "seeds", "machine", "command")},
+                      args.out)
+        return
     # Hydra runs each training in its own working directory.
     args.out, args.data = os.path.abspath(args.out), os.path.abspath(args.data)
     unknown = set(args.models.split(",")) - set(MODELS)
@@ -355,6 +374,12 @@ def main():
         subprocess.run([sys.executable, os.path.join(REPO, "scripts", "prepare_brown.py"), "--out", args.data],
                        check=True)
 
+    # Build the balanced-assignment kernel now: its first build on a machine (about 30 s) would
+    # otherwise come out of the first BASE run's training budget.
+    import torch
+    from fairseq_base.assignment import balanced_assignment
+    balanced_assignment(torch.randn(4, 2))
+
     results = {label: {"label": label, "model": model, "config": config, "experts": count, "runs": []}
                for label, (model, config, count) in plan.items()}
     for i, (label, seed) in enumerate(runs):
@@ -366,7 +391,9 @@ def main():
         results[label]["runs"].append(run)
         print(f"|   {label}, seed {seed}: test perplexity {run['test_ppl']:.2f}", flush=True)
 
-    write_results(results, args)
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU"
+    write_results(results, {"minutes": args.minutes, "seeds": args.seeds, "machine": machine,
+                            "command": sys.argv[1:]}, args.out)
     print(f"\nwrote {args.out}/results.md, results.json and plots")
 
 

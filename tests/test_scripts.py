@@ -58,6 +58,13 @@ def test_reproduce_small_runs_seeds_and_an_expert_sweep(data_bin, tmp_path):  # 
     assert churn and all(c == {"moe1": 0.0, "moe2": 0.0} for c in churn)  # a token's hash expert never changes
     for plot in ("valid_ppl", "expert_load", "churn", "experts"):
         assert (out / f"{plot}.png").stat().st_size > 0
+    # --redraw writes the same table from results.json, without training.
+    table = (out / "results.md").read_text()
+    for name in ("results.md", "experts.png"):
+        (out / name).unlink()
+    subprocess.run([sys.executable, os.path.join(REPO, "scripts", "reproduce_small.py"), "--redraw", "--out",
+                    str(out)], check=True, capture_output=True, cwd=tmp_path)
+    assert (out / "results.md").read_text() == table and (out / "experts.png").stat().st_size > 0
 
 
 def test_reproduce_small_says_which_differences_exceed_the_spread():
@@ -84,9 +91,11 @@ def test_the_expert_sweep_table_says_whether_more_experts_helped():
                "Hash E=4": row("Hash", 4, [140.0, 140.5], [148.0, 150.0])}
     assert [e for e, _ in script["expert_curves"](results, "test_ppl")["BASE"]] == [1, 4]
     table = [line for line in script["sweep_table"](results, 250) if line.startswith("| ")]
-    assert table[0] == "| model | E=1 | E=4 | E=4 vs E=1 |"
-    assert table[1] == "| BASE | 146.00 ± 1.41 (156.00) | 141.00 ± 1.41 (151.00) | -5.00 (beyond the spread) |"
-    assert table[2] == "| Hash | 140.00 ± 1.41 (150.00) | 140.25 ± 0.35 (149.00) | +0.25 (within the spread) |"
+    assert table[0] == "| model | E=1 | E=4 | E=4 vs E=1: test ppl | valid ppl at update 250 |"
+    assert table[1] == ("| BASE | 146.00 ± 1.41 (156.00) | 141.00 ± 1.41 (151.00) | -5.00 (beyond the spread) "
+                        "| -5.00 (beyond the spread) |")
+    assert table[2] == ("| Hash | 140.00 ± 1.41 (150.00) | 140.25 ± 0.35 (149.00) | +0.25 (within the spread) "
+                        "| -1.00 (within the spread) |")
 
 
 def test_bench_layer_workers_compares_the_three_layers(tmp_path):
