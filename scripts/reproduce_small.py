@@ -21,7 +21,9 @@ perplexity against wall-clock time and against updates, as the paper's figures, 
 expert_load.png (the share of validation tokens each expert receives under inference
 routing, the paper's Figure 8, first seed), churn.png (the share of a fixed probe set of
 validation tokens whose expert changed since the previous validation, per layer) and, with
---experts, experts.png (test perplexity against E, mean and range over seeds).
+--experts, a table per model and E and experts.png (test perplexity at equal wall-clock and
+validation perplexity at equal updates against E, mean and range over seeds). ``--redraw``
+writes the tables and plots again from --out's results.json, without training.
 ``--models`` picks some of them (e.g. --models dense,Switch).
 """
 
