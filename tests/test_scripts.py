@@ -82,7 +82,8 @@ def test_the_expert_sweep_table_says_whether_more_experts_helped():
     spread = script["spread"]
 
     def row(model, experts, test, valid):
-        return {"model": model, "experts": experts, "test_ppl": spread(test), "valid_ppl_at_common_updates": spread(valid)}
+        return {"model": model, "experts": experts, "test_ppl": spread(test),
+                "valid_ppl_at_common_updates": spread(valid)}
 
     results = {"dense": row("dense", None, [150.0, 151.0], [160.0, 161.0]),  # not a point of the sweep
                "BASE E=4": row("BASE", 4, [140.0, 142.0], [150.0, 152.0]),
