@@ -129,19 +129,23 @@ def _churn(layer, x, centroids):
     return _logged_stats(layer, x)["base1_churn"]
 
 
-def _stats_worker(rank, world_size, state, x, router, centroids):
-    layer = BaseLayer(8, 16, num_experts=4, router=router, name="base1").eval()
+def _balanced_layer_in_eval():
+    return BaseLayer(8, 16, num_experts=4, router="balanced", name="base1").eval()
+
+
+def _stats_worker(rank, world_size, state, x, centroids):
+    layer = _balanced_layer_in_eval()
     layer.load_state_dict(state)
     mine = x.chunk(world_size)[rank]
     return _logged_stats(layer, mine), _churn(layer, mine, centroids)
 
 
-def test_routing_statistics_are_the_whole_batchs_on_every_worker(router="balanced"):
+def test_routing_statistics_are_the_whole_batchs_on_every_worker():
     """Greedy routing (BASE outside training) decides token by token, so the batch's
     statistics and routing churn on 2 workers must be those of one process that routes the
     whole batch."""
     torch.manual_seed(0)
-    one = BaseLayer(8, 16, num_experts=4, router=router, name="base1").eval()
+    one = _balanced_layer_in_eval()
     state = {k: v.clone() for k, v in one.state_dict().items()}
     x = torch.randn(24, 1, 8) + torch.linspace(-2, 2, 24)[:, None, None]  # halves route differently
     centroids = one.centroids.detach() + 0.3 * torch.randn(4, 8)  # moves some tokens to other experts
@@ -151,7 +155,7 @@ def test_routing_statistics_are_the_whole_batchs_on_every_worker(router="balance
     churn = _churn(one, x, centroids)
     one.load_state_dict(state)
     assert 0 < churn < 1 and _churn(one, x.chunk(2)[0], centroids) != churn
-    for stats, worker_churn in run_workers(_stats_worker, 2, state, x, router, centroids):
+    for stats, worker_churn in run_workers(_stats_worker, 2, state, x, centroids):
         assert stats == whole and worker_churn == churn
 
 

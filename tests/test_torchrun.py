@@ -62,6 +62,7 @@ def test_fully_sharded_with_experts_is_one_line(data_bin, tmp_path):  # noqa: F8
     result = torchrun_train(2, data_bin, tmp_path, "--ddp-backend", "fully_sharded", "--max-update", "2",
                             check=False)
     assert result.returncode != 0
-    assert error_messages(result.stderr) == {"fairseq_base: error: --ddp-backend fully_sharded would shard the experts like shared "
-                      "parameters (and needs fairscale); use --ddp-backend c10d or legacy_ddp"}, result.stderr[-2000:]
+    assert error_messages(result.stderr) == {
+        "fairseq_base: error: --ddp-backend fully_sharded would shard the experts like shared parameters (and needs "
+        "fairscale); use --ddp-backend c10d or legacy_ddp"}, result.stderr[-2000:]
     assert "fairscale with: pip install" not in result.stderr  # fairseq's import error never comes
