@@ -108,7 +108,7 @@ def test_eval_lm_on_workers_that_cannot_share_the_files_is_one_line(trained):
     from omegaconf import OmegaConf
 
     from fairseq_base.errors import BaseLayerConfigError
-    from fairseq_base.fairseq_patches import rank_suffix_for_eval
+    from fairseq_base.fairseq_patches.eval_lm import rank_suffix_for_eval
     cfg = OmegaConf.create({"common_eval": {"path": str(trained / "checkpoint_last.pt")},
                             "checkpoint": {"checkpoint_suffix": ""}})
     rank_suffix_for_eval(cfg, rank=3, workers=4)

@@ -1,0 +1,49 @@
+"""Optimizers with experts: the gradient norm over shared parameters, and the expert gradients'
+reduction over their replicas.
+
+Replaces:
+- ``_FP16OptimizerMixin.build_fp32_params`` (``--fp16``, ``--bf16``): fairseq's flat fp32 copy
+  of all parameters loses the ``expert`` tag; the copy records where its experts are
+  (``grad_norm.mark_flat_expert_slices``).
+- ``FairseqOptimizer.clip_grad_norm`` (every optimizer, and the fp32 optimizer inside fairseq's
+  fp16 wrappers): the norm that clips and that fairseq compares across workers covers the
+  shared parameters only, expert gradients are rescaled by the same factor, and a non-finite
+  expert gradient on any worker makes the norm inf on every worker, so that all skip the step
+  together (``grad_norm.clip_grad_norm_with_experts``).
+- ``FairseqOptimizer.all_reduce_grads`` (every DDP backend and optimizer): after fairseq's
+  all-reduce of the shared gradients, each expert's gradient is summed over its W/P
+  replicas and divided by W, as DDP divides the shared ones (``ExpertLayout.reduce_expert_grads``).
+Touches: models with experts. Without experts the flat copy records no slices, the norm is
+fairseq's ``utils.clip_grad_norm_`` over the same parameters, and there is nothing to reduce.
+"""
+
+from fairseq.optim import FairseqOptimizer
+from fairseq.optim.fp16_optimizer import _FP16OptimizerMixin
+
+from fairseq_base.grad_norm import clip_grad_norm_with_experts, mark_flat_expert_slices
+from fairseq_base.layer import reduce_expert_grads
+
+FAIRSEQ_BUILD_FP32_PARAMS = _FP16OptimizerMixin.build_fp32_params.__func__
+FAIRSEQ_ALL_REDUCE_GRADS = FairseqOptimizer.all_reduce_grads
+
+
+def build_fp32_params(cls, args, params, flatten=True):
+    fp32_params = FAIRSEQ_BUILD_FP32_PARAMS(cls, args, params, flatten)
+    if flatten:
+        mark_flat_expert_slices(fp32_params, params)
+    return fp32_params
+
+
+def clip_grad_norm(self, max_norm, aggregate_norm_fn=None):
+    return clip_grad_norm_with_experts(self.params, max_norm, aggregate_norm_fn)
+
+
+def all_reduce_grads(self, module):
+    FAIRSEQ_ALL_REDUCE_GRADS(self, module)
+    reduce_expert_grads(module)
+
+
+def install() -> None:
+    _FP16OptimizerMixin.build_fp32_params = classmethod(build_fp32_params)
+    FairseqOptimizer.clip_grad_norm = clip_grad_norm
+    FairseqOptimizer.all_reduce_grads = all_reduce_grads

@@ -1,0 +1,127 @@
+"""The plugin does no harm: `--user-dir fairseq_base` is imported for every model a user runs.
+
+A dense `transformer_lm` and `transformer_lm_base` train, resume (with `--optimizer sgd`,
+whose checkpoints hold an argparse Namespace), score with fairseq-eval-lm (whole, and in
+shards with `--num-shards 3`, whose last shard fairseq pads with empty batches) and sample,
+from the command line and through fairseq's Python entry points called with a Namespace; and
+the dense model trains to the same losses and parameters with the plugin as without it.
+"""
+
+import os
+import re
+import socket
+import sys
+
+import pytest
+import torch
+
+from test_end_to_end import data_bin, run, run_two_at_a_time  # noqa: F401  (fixture)
+from test_reshard import EVAL
+from test_torchrun import BIN, TINY_MODEL, losses
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MODELS = {"transformer_lm": ["--arch", "transformer_lm"],
+          "transformer_lm_base": ["--arch", "transformer_lm_base", "--base-experts", "2"]}
+SGD = ["--optimizer", "sgd", "--lr", "0.1"]  # a legacy fairseq component: its checkpoints hold a Namespace
+SHARDS = 3
+_ARCH = TINY_MODEL.index("--arch")
+TRUNK = TINY_MODEL[:_ARCH] + TINY_MODEL[_ARCH + 2:]  # the tiny model's options, less its --arch
+SAMPLE = ["--task", "language_modeling", "--gen-subset", "valid", "--tokens-per-sample", "64",
+          "--sample-break-mode", "eos", "--beam", "2", "--max-len-b", "5", "--batch-size", "8", "--num-workers", "0"]
+
+
+def train_args(data, model, save_dir, updates):
+    return [str(data / "bin"), "--user-dir", "fairseq_base", "--cpu", *TRUNK, *MODELS[model], *SGD,
+            "--save-dir", str(save_dir), "--max-update", str(updates), "--log-interval", "5"]
+
+
+def eval_args(data, checkpoint, *flags):
+    return [str(data / "bin"), "--path", str(checkpoint), *EVAL, *flags]
+
+
+def shard_flags(shard):
+    return ["--num-shards", str(SHARDS), "--shard-id", str(shard)]
+
+
+def evaluated(log):
+    """(loss, tokens) of every fairseq-eval-lm run in ``log``."""
+    tokens = [int(n.replace(",", "")) for n in re.findall(r"Evaluated ([0-9,]+) tokens", log)]
+    loss = [float(x) for x in re.findall(r"Loss \(base 2\): ([0-9.]+)", log)]
+    assert len(tokens) == len(loss), log[-3000:]
+    return list(zip(loss, tokens))
+
+
+def assert_shards_add_up(whole, shards):
+    """The shards hold every token of the whole once, and their losses average to its loss."""
+    (loss, tokens), = whole
+    assert len(shards) == SHARDS and sum(n for _, n in shards) == tokens, (whole, shards)
+    assert abs(sum(l * n for l, n in shards) / tokens - loss) < 1e-3, (whole, shards)
+
+
+def assert_trained_and_resumed(log, save_dir):
+    assert re.search(r"Loaded checkpoint \S*checkpoint_last\.pt \(epoch \d+ @ 5 updates\)", log), log[-3000:]
+    assert "num_updates 10" in log, log[-3000:]
+    assert torch.load(save_dir / "checkpoint_last.pt", weights_only=True)["optimizer_history"][-1]["num_updates"] == 10
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_command_line(data_bin, tmp_path, model):  # noqa: F811
+    save_dir = tmp_path / "checkpoints"
+    train = [run(os.path.join(BIN, "fairseq-train"), *train_args(data_bin, model, save_dir, updates))
+             for updates in (5, 10)]
+    assert_trained_and_resumed(train[1].stdout + train[1].stderr, save_dir)
+    checkpoint = save_dir / "checkpoint_last.pt"
+    evals = run_two_at_a_time([[os.path.join(BIN, "fairseq-eval-lm"), *eval_args(data_bin, checkpoint, *flags)]
+                               for flags in [[]] + [shard_flags(k) for k in range(SHARDS)]])
+    logs = [result.stdout + result.stderr for result in evals]
+    assert_shards_add_up(evaluated(logs[0]), [found for log in logs[1:] for found in evaluated(log)])
+    sampled = run(os.path.join(BIN, "fairseq-interactive"), str(data_bin / "bin"), "--user-dir", "fairseq_base",
+                  "--task", "language_modeling", "--path", str(checkpoint), "--cpu", "--beam", "2", "--max-len-b",
+                  "5", input="T h e _ k i n g\n")
+    assert re.search(r"^H-0\t-?[0-9.]+\t\S", sampled.stdout, re.M), sampled.stdout[-2000:]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_python_entry_points_with_a_namespace(data_bin, tmp_path, model):  # noqa: F811
+    save_dir = tmp_path / "checkpoints"
+    checkpoint = save_dir / "checkpoint_last.pt"
+    steps = [["train", *train_args(data_bin, model, save_dir, 5)], ["train", *train_args(data_bin, model, save_dir, 10)],
+             ["eval_lm", *eval_args(data_bin, checkpoint)],
+             *(["eval_lm", *eval_args(data_bin, checkpoint, *shard_flags(k))] for k in range(SHARDS)),
+             ["generate", str(data_bin / "bin"), "--user-dir", "fairseq_base", "--path", str(checkpoint), "--cpu",
+              *SAMPLE],
+             ["distributed_init", *train_args(data_bin, model, save_dir, 10), "--distributed-world-size", "1",
+              "--distributed-backend", "gloo", "--distributed-init-method", f"tcp://127.0.0.1:{free_port()}"]]
+    command = [sys.executable, os.path.join(HERE, "fairseq_entry_points.py")]
+    for step in steps:
+        command += [*step, "--then"]
+    result = run(*command[:-1])
+    log = result.stdout + result.stderr
+    assert_trained_and_resumed(log, save_dir)
+    found = evaluated(log)
+    assert_shards_add_up(found[:1], found[1:])
+    assert re.search(r"^H-\d+\t-?[0-9.]+\t\S", result.stdout, re.M), result.stdout[-2000:]
+    assert "distributed_init: rank 0" in result.stdout
+
+
+def test_a_dense_model_trains_as_without_the_plugin(data_bin, tmp_path):  # noqa: F811
+    """10 updates of a dense transformer_lm: the same losses and parameters with the plugin
+    imported as in a process that never imports it."""
+    common = [str(data_bin / "bin"), "--cpu", *TRUNK, "--arch", "transformer_lm", "--max-update", "10",
+              "--log-interval", "1", "--dropout", "0.1"]
+    plugin, fairseq = run_two_at_a_time([
+        [os.path.join(BIN, "fairseq-train"), *common, "--user-dir", "fairseq_base", "--save-dir", str(tmp_path / "a")],
+        [os.path.join(BIN, "fairseq-train"), *common, "--save-dir", str(tmp_path / "b")]])
+    assert "fairseq_base" not in fairseq.stdout + fairseq.stderr
+    assert losses(plugin) == losses(fairseq) and sorted(losses(plugin)) == list(range(1, 11))
+    with_plugin, without = (torch.load(tmp_path / name / "checkpoint_last.pt", weights_only=True)["model"]
+                            for name in ("a", "b"))
+    assert with_plugin.keys() == without.keys()
+    for name, value in without.items():
+        assert torch.equal(with_plugin[name], value), name
