@@ -1,6 +1,6 @@
 import faulthandler
 import logging
-import time
+import threading
 
 import numpy as np
 import pytest
@@ -147,6 +147,20 @@ def _ties_of_one_ulp():
                        torch.tensor(1.0).nextafter(torch.tensor(2.0)))
 
 
+def solved_or_hung(scores, watchdog_s=60):
+    """balanced_assignment(scores), failing as "hung" if it has not ended after ``watchdog_s``
+    (generous: these take milliseconds; speed is the benchmarks' business)."""
+    result = []
+    solver = threading.Thread(target=lambda: result.append(balanced_assignment(scores)), daemon=True)
+    solver.start()
+    solver.join(watchdog_s)
+    if solver.is_alive():
+        pytest.fail(f"balanced_assignment hung: no result after {watchdog_s} s on {tuple(scores.shape)} "
+                    f"{scores.dtype} scores", pytrace=False)
+    assert result, "balanced_assignment raised (its traceback is above)"
+    return result[0]
+
+
 # Finite scores on which the auction used to loop forever (issue 13).
 ENDLESS_BEFORE = {
     "1e30 everywhere": lambda gen: torch.full((4, 2), 1e30),
@@ -159,12 +173,9 @@ ENDLESS_BEFORE = {
 
 
 @pytest.mark.parametrize("name", list(ENDLESS_BEFORE))
-def test_inputs_that_used_to_loop_forever_end_balanced_within_a_second(name):
+def test_inputs_that_used_to_loop_forever_end_balanced(name):
     scores = ENDLESS_BEFORE[name](torch.Generator().manual_seed(4))
-    start = time.perf_counter()
-    ids = balanced_assignment(scores)
-    assert time.perf_counter() - start < 1.0  # generous: these take milliseconds
-    assert_balanced(ids, *scores.shape)
+    assert_balanced(solved_or_hung(scores), *scores.shape)
 
 
 def test_a_large_offset_does_not_change_the_assignment():
@@ -183,10 +194,7 @@ def test_ends_balanced_at_every_magnitude_and_precision(num_tokens, num_experts,
     sign = 1.0 if seed % 2 else -1.0
     scores = (sign * 10.0 ** offset_exp + 10.0 ** spread_exp * torch.randn(num_tokens, num_experts, generator=gen,
                                                                           dtype=torch.float64)).to(dtype)
-    start = time.perf_counter()
-    ids = balanced_assignment(scores)
-    assert time.perf_counter() - start < 1.0
-    assert_balanced(ids, num_tokens, num_experts)
+    assert_balanced(solved_or_hung(scores), num_tokens, num_experts)
 
 
 @pytest.mark.parametrize("num_tokens,num_experts", [(50, 7), (64, 4), (3, 5), (1000, 16)])

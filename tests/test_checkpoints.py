@@ -6,7 +6,6 @@ its files continues as the uninterrupted run."""
 import os
 import shutil
 import sys
-import time
 from types import SimpleNamespace
 
 import pytest
@@ -62,9 +61,8 @@ def _mixed(tmp_path, rank0, rank1, name="checkpoint_last"):
     shutil.copy(rank1, tmp_path / f"{name}-rank-1.pt")
 
 
-def _assert_refused(result, started, *fragments):
+def _assert_refused(result, *fragments):
     assert result.returncode != 0
-    assert time.monotonic() - started < 60
     # torchrun prefixes each worker's lines with "[rankN]: ".
     errors = {message for message in error_messages(result.stderr) if MISMATCH in message}
     assert len(errors) == 1, result.stderr[-3000:]  # the same one line from every worker
@@ -82,26 +80,23 @@ def test_resume_from_files_that_do_not_belong_together_is_refused(data_bin, runs
     else:
         _mixed(tmp_path, b / "checkpoint_last-rank-0.pt", runs / "a10-rank-1.pt")
         reason = "(different runs)"
-    started = time.monotonic()
     result = torchrun_train(2, data_bin, tmp_path, *COMMON, "--max-update", "30", check=False)
-    _assert_refused(result, started, reason, "checkpoint_last-rank-0.pt", "checkpoint_last-rank-1.pt")
+    _assert_refused(result, reason, "checkpoint_last-rank-0.pt", "checkpoint_last-rank-1.pt")
     assert "num_updates=" not in result.stdout + result.stderr  # no step was taken
 
 
 def test_restore_file_from_two_runs_is_refused(data_bin, runs, tmp_path):  # noqa: F811
     _mixed(tmp_path, runs / "b" / "checkpoint_last-rank-0.pt", runs / "a10-rank-1.pt", name="mixed")
-    started = time.monotonic()
     result = torchrun_train(2, data_bin, tmp_path / "save", *COMMON, "--max-update", "30",
                             "--restore-file", str(tmp_path / "mixed.pt"), check=False)
-    _assert_refused(result, started, "(different runs)", "mixed-rank-0.pt", "mixed-rank-1.pt")
+    _assert_refused(result, "(different runs)", "mixed-rank-0.pt", "mixed-rank-1.pt")
 
 
 def test_eval_lm_on_files_of_two_runs_is_refused(data_bin, runs, tmp_path):  # noqa: F811
     _mixed(tmp_path, runs / "b" / "checkpoint_last-rank-0.pt", runs / "a10-rank-1.pt", name="mixed")
-    started = time.monotonic()
     os.environ["OMP_NUM_THREADS"] = "1"
     result = run(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                  os.path.join(BIN, "fairseq-eval-lm"), str(data_bin / "bin"), "--path", str(tmp_path / "mixed.pt"),
                  *EVAL, "--distributed-backend", "gloo", check=False)
-    _assert_refused(result, started, "(different runs)", "mixed-rank-0.pt", "mixed-rank-1.pt")
+    _assert_refused(result, "(different runs)", "mixed-rank-0.pt", "mixed-rank-1.pt")
     assert "Perplexity" not in result.stdout + result.stderr

@@ -20,8 +20,14 @@ def char_lines(lines):
     return [" ".join("_" if c == " " else c for c in line) for line in lines]
 
 
-def run(*cmd, cwd=REPO, check=True, input=None):
-    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, input=input)
+def run(*cmd, cwd=REPO, check=True, input=None, watchdog_s=600):
+    """Run ``cmd``; fail as "hung" if it has not exited after ``watchdog_s`` (generous: a
+    watchdog, not a speed bound)."""
+    try:
+        result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=watchdog_s, input=input)
+    except subprocess.TimeoutExpired as err:
+        tail = err.stderr.decode(errors="replace") if isinstance(err.stderr, bytes) else err.stderr or ""
+        raise AssertionError(f"{cmd[0]} hung: no exit after {watchdog_s} s\n{tail[-3000:]}") from None
     if check and result.returncode != 0:
         raise AssertionError(f"{cmd[0]} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
