@@ -1,51 +1,99 @@
-"""Launch: torchrun without CUDA devices, ``--bf16`` without TPUs, options checked before launch.
+"""Launch: fairseq's launch paths on machines without CUDA devices, ``--bf16`` without TPUs,
+options checked before launch.
 
 Replaces:
 - ``distributed_utils.infer_init_method``: fairseq's launch inference divides by
-  ``torch.cuda.device_count()`` (0 on a CPU machine) and, with the default
-  --distributed-world-size of 1, never looks at torchrun's environment. Under torchrun on a
-  machine without CUDA devices, the world size and rank come from the environment; every
-  other case is left to fairseq.
-- ``distributed_utils.call_main``: fairseq's command line turns on ``--tpu`` with ``--bf16``,
-  which fails without torch_xla (on CPU in ``distributed_init``) and would take the XLA path
-  on GPUs; where torch_xla is not installed, ``--bf16`` trains on the CPU or GPU instead,
-  through fairseq's FP16Optimizer as on a TPU (fp32 master weights, no loss scaling). And
-  ``--ddp-backend fully_sharded`` with experts stops with one line (``ddp.check_sharding``).
-Touches: every model, on the launch paths named: torchrun without CUDA (where fairseq fails),
-``--bf16`` without torch_xla (where fairseq fails). Everything else goes to fairseq unchanged.
+  ``torch.cuda.device_count()`` (0 on a CPU machine). Under torchrun on a machine without
+  CUDA devices (where, with the default --distributed-world-size of 1, fairseq never looks at
+  torchrun's environment), the world size and rank come from the environment. With
+  --distributed-world-size N > 1 and no torchrun (fairseq's one-process-per-GPU launch, where
+  fairseq asserts N GPUs), N processes are spawned on this host's CPU. Either way without CUDA
+  the backend is gloo (nccl needs GPUs). Every other case is left to fairseq.
+- ``distributed_utils.call_main``: spawns those N CPU processes (fairseq would spawn one per
+  GPU: none); fairseq's command line turns on ``--tpu`` with ``--bf16``, which fails without
+  torch_xla (on CPU in ``distributed_init``) and would take the XLA path on GPUs; where
+  torch_xla is not installed, ``--bf16`` trains on the CPU or GPU instead, through fairseq's
+  FP16Optimizer as on a TPU (fp32 master weights, no loss scaling). Before launch, with
+  experts: ``--ddp-backend fully_sharded`` stops with one line (``ddp.check_sharding``), and so
+  does ``--amp`` on several workers (torch's GradScaler skips a step from each worker's own
+  overflow check, so one worker could skip while the others step).
+Touches: every model, only where fairseq would fail: torchrun or --distributed-world-size N on
+a machine without CUDA devices, ``--bf16`` without torch_xla. The checks: models with experts.
+Everything else goes to fairseq unchanged.
 """
 
 import importlib.util
+import logging
 import os
+import socket
 
 import torch
 from fairseq.distributed import utils as distributed_utils
 from omegaconf import DictConfig
 
+from fairseq_base.errors import BaseLayerConfigError
 from fairseq_base.fairseq_patches.ddp import check_sharding
+from fairseq_base.fairseq_patches.which_models import has_expert_options
+
+logger = logging.getLogger(__name__)
 
 TORCHRUN_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK")
 FAIRSEQ_INFER_INIT_METHOD = distributed_utils.infer_init_method
 FAIRSEQ_CALL_MAIN = distributed_utils.call_main
 
 
-def infer_cpu_torchrun_init(cfg) -> bool:
-    """Fill in ``cfg`` (distributed_training) for torchrun without CUDA; False if that is not the case."""
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def gloo_without_cuda(cfg) -> None:
+    if cfg.distributed_backend == "nccl":
+        logger.info("fairseq_base: --distributed-backend gloo (no CUDA devices for nccl)")
+        cfg.distributed_backend = "gloo"
+
+
+def infer_cpu_init(cfg) -> bool:
+    """Fill in ``cfg`` (distributed_training) for torchrun, or for N > 1 processes spawned here,
+    on a machine without CUDA devices; False if that is not the case."""
     if cfg.distributed_init_method is not None or torch.cuda.device_count() > 0:
         return False
-    if not all(key in os.environ for key in TORCHRUN_ENV):
+    if all(key in os.environ for key in TORCHRUN_ENV):
+        cfg.distributed_init_method = "env://"
+        cfg.distributed_world_size = int(os.environ["WORLD_SIZE"])
+        cfg.distributed_rank = int(os.environ["RANK"])
+        cfg.device_id = int(os.environ["LOCAL_RANK"])
+        cfg.distributed_no_spawn = True  # torchrun started the processes
+    elif cfg.distributed_world_size > 1 and "SLURM_STEP_NODELIST" not in os.environ and not cfg.distributed_no_spawn:
+        port = cfg.distributed_port if cfg.distributed_port > 0 else free_port()
+        cfg.distributed_init_method = f"tcp://localhost:{port}"
+        cfg.distributed_num_procs = cfg.distributed_world_size
+    else:
         return False
-    cfg.distributed_init_method = "env://"
-    cfg.distributed_world_size = int(os.environ["WORLD_SIZE"])
-    cfg.distributed_rank = int(os.environ["RANK"])
-    cfg.device_id = int(os.environ["LOCAL_RANK"])
-    cfg.distributed_no_spawn = True  # torchrun started the processes
+    gloo_without_cuda(cfg)
     return True
 
 
 def infer_init_method(cfg, force_distributed=False):
-    if not infer_cpu_torchrun_init(cfg):
+    if not infer_cpu_init(cfg):
         FAIRSEQ_INFER_INIT_METHOD(cfg, force_distributed)
+
+
+def spawn_on_cpu(cfg, main, **kwargs) -> None:
+    """fairseq's spawn launch with one process per worker instead of one per GPU (as its call_main)."""
+    start_rank = cfg.distributed_training.distributed_rank
+    cfg.distributed_training.distributed_rank = None  # distributed_main numbers them from start_rank
+    torch.multiprocessing.spawn(fn=distributed_utils.distributed_main, args=(main, cfg, {**kwargs, "start_rank": start_rank}),
+                                nprocs=cfg.distributed_training.distributed_world_size, join=True)
+
+
+def check_amp(cfg) -> None:
+    if cfg.common.amp and has_expert_options(cfg.model) and cfg.distributed_training.distributed_world_size > 1:
+        raise BaseLayerConfigError(
+            "--amp with experts on several workers could let one worker skip a step (an overflow in its own "
+            "expert gradients) while the others take it; train with --bf16 (A100, H100 and newer) or --fp16, "
+            "whose overflows make every worker skip together")
 
 
 def bf16_without_tpu(cfg) -> None:
@@ -61,6 +109,13 @@ def bf16_without_tpu(cfg) -> None:
 def call_main(cfg, main, **kwargs):
     bf16_without_tpu(cfg)
     check_sharding(cfg)
+    distributed = cfg.distributed_training
+    if distributed.distributed_init_method is None:
+        infer_init_method(distributed)
+    check_amp(cfg)
+    if distributed.distributed_init_method is not None and not distributed.distributed_no_spawn \
+            and torch.cuda.device_count() == 0 and distributed.distributed_world_size > 1:
+        return spawn_on_cpu(cfg, main, **kwargs)
     return FAIRSEQ_CALL_MAIN(cfg, main, **kwargs)
 
 

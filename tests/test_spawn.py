@@ -1,0 +1,44 @@
+"""fairseq's one-process-per-device launch: `--distributed-world-size N` without torchrun, where
+fairseq spawns one process per GPU with torch.multiprocessing. On a machine without CUDA devices
+the plugin spawns N gloo processes on the CPU, so that this launch path is tested here: what
+the processes are handed must pickle (eval-lm's replaced main included), and the plugin's
+adjustments must be in force in them."""
+
+import os
+
+import pytest
+
+from test_end_to_end import data_bin, run  # noqa: F401  (fixture)
+from test_reshard import EVAL, eval_result_loss
+from test_torchrun import BIN, TINY_MODEL, losses
+
+from fairseq_base.reshard import reshard
+
+# No --distributed-backend: without CUDA devices it is gloo.
+SPAWN = ["--cpu", "--distributed-world-size", "2"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread_per_worker(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+def test_spawned_workers_train_resume_and_score_as_one_process(data_bin, tmp_path):  # noqa: F811
+    save_dir = tmp_path / "checkpoints"
+    train = [os.path.join(BIN, "fairseq-train"), str(data_bin / "bin"), "--user-dir", "fairseq_base", *TINY_MODEL,
+             "--base-experts", "2", *SPAWN, "--save-dir", str(save_dir), "--log-interval", "5"]
+    first = run(*train, "--max-update", "10")
+    assert sorted(losses(first)) == [5, 10]
+    resumed = run(*train, "--max-update", "20")
+    log = resumed.stdout + resumed.stderr
+    assert "checkpoint_last-rank-0.pt (epoch 1 @ 10 updates)" in log, log[-3000:]
+    assert sorted(losses(resumed)) == [15, 20]
+    assert sorted(p.name for p in save_dir.glob("checkpoint_last*")) == ["checkpoint_last-rank-0.pt",
+                                                                         "checkpoint_last-rank-1.pt"]
+
+    reshard(str(save_dir / "checkpoint_last-rank-0.pt"), 1, str(tmp_path / "one.pt"))
+    one = run("fairseq-eval-lm", str(data_bin / "bin"), "--path", str(tmp_path / "one.pt"), *EVAL)
+    spawned = run("fairseq-eval-lm", str(data_bin / "bin"), "--path", str(save_dir / "checkpoint_last.pt"), *EVAL,
+                  *SPAWN)
+    assert "Evaluated" in spawned.stdout + spawned.stderr and "on all 2 workers" in spawned.stdout + spawned.stderr
+    assert abs(eval_result_loss(spawned) - eval_result_loss(one)) < 1e-4
