@@ -1,5 +1,19 @@
 from setuptools import find_packages, setup
 
+
+def assignment_kernel():
+    """The balanced-assignment kernel, compiled at install as fairseq compiles its libbase. Where
+    the build has no torch (pip's build isolation), it is compiled at its first use instead.
+    Portable flags: the machine that installs may not be the one that trains."""
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:
+        return {}
+    kernel = CppExtension("fairseq_base._auction", ["fairseq_base/csrc/auction.cpp"],
+                          extra_compile_args=["-O3", "-fopenmp"], extra_link_args=["-fopenmp"])
+    return {"ext_modules": [kernel], "cmdclass": {"build_ext": BuildExtension}}
+
+
 setup(
     name="fairseq-base",
     version="0.1.0",
@@ -13,6 +27,7 @@ setup(
     # (np.compat.long, in fairseq_patches/numpy_compat.py), rather than holding users back on numpy 1.
     install_requires=["torch>=2.0", "fairseq-fixed>=0.12.3.1", "hydra-core>=1.3,<1.4", "numpy>=1.21", "ninja"],
     entry_points={"console_scripts": ["fairseq-base-reshard = fairseq_base.reshard:cli_main"]},
+    **assignment_kernel(),
     extras_require={"test": ["pytest", "hypothesis", "scipy", "tensorboardX"],
                     "repro": ["matplotlib", "regex"]},
 )

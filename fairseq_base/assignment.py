@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import platform
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -54,6 +55,7 @@ SMALLEST_UNIT = 1e-280  # a smaller row spread would make the final epsilon unde
 # Sinkhorn (S-BASE): stop when every expert's share of the plan is within 1% of T/E.
 SINKHORN_TOLERANCE = 0.01
 SINKHORN_MAX_ITERATIONS = 100
+SINKHORN_CHECK_EVERY = 10
 
 
 def _check_scores(scores: Tensor) -> None:
@@ -66,20 +68,29 @@ def _check_scores(scores: Tensor) -> None:
 
 
 def sanitize_scores(scores: Tensor, dtype=torch.float64) -> Tensor:
-    """A copy in ``dtype`` in which NaN and -inf rank below every finite score and +inf above
-    (in float64 if the scores hold NaN or inf, so that the stand-in values stay finite)."""
-    s = scores.detach().to(dtype)
-    lo, hi = torch.aminmax(s)
-    if bool(torch.isfinite(lo) & torch.isfinite(hi)):  # aminmax propagates NaN: all finite
-        return s
-    s = s.double()
+    """A copy in ``dtype`` in which NaN and -inf rank below every finite score and +inf above.
+    Without reading the scores on the host (no synchronisation on a GPU): the stand-ins are
+    computed in float64, where they stay finite, and clamped to ``dtype``'s range."""
+    s = scores.detach().double()
     finite = torch.isfinite(s)
-    if not bool(finite.any()):
-        return torch.zeros_like(s)
-    lo, hi = s[finite].min(), s[finite].max()
+    any_finite = finite.any()
+    lo = torch.where(any_finite, torch.where(finite, s, math.inf).amin(), 0.0)
+    hi = torch.where(any_finite, torch.where(finite, s, -math.inf).amax(), 0.0)
     span = torch.clamp(hi - lo, min=1.0)
     s = torch.where(torch.isnan(s), lo - span, s)
-    return torch.minimum(torch.maximum(s, lo - span), hi + span)
+    s = torch.minimum(torch.maximum(s, lo - span), hi + span)
+    if dtype == torch.float64:
+        return s
+    info = torch.finfo(dtype)
+    return s.clamp(info.min, info.max).to(dtype)
+
+
+def count_per_expert(expert_ids: Tensor, num_experts: int, dtype=torch.long) -> Tensor:
+    """[E]: how often each expert appears in ``expert_ids``, on their device without reading it
+    (``torch.bincount`` reads the largest id to size its output: a host synchronisation)."""
+    counts = torch.zeros(num_experts, dtype=dtype, device=expert_ids.device)
+    return counts.index_add_(0, expert_ids.reshape(-1), torch.ones(expert_ids.numel(), dtype=dtype,
+                                                                   device=expert_ids.device))
 
 
 def greedy_assignment(scores: Tensor) -> Tensor:
@@ -102,14 +113,21 @@ def balanced_assignment(scores: Tensor) -> Tensor:
     instead of a host synchronisation in every bidding round of the PyTorch auction
     (``scripts/bench_assignment.py`` compares the two on CUDA).
     """
+    return balanced_assignment_and_counts(scores)[0]
+
+
+def balanced_assignment_and_counts(scores: Tensor) -> Tuple[Tensor, Optional[List[int]]]:
+    """``balanced_assignment`` and how many tokens each expert got, as host ints where they come
+    free (the kernel solves on the host), else None."""
     _check_scores(scores)
     num_tokens, num_experts = scores.shape
     if num_tokens == 0 or num_experts == 1:
-        return torch.zeros(num_tokens, dtype=torch.long, device=scores.device)
+        counts = [num_tokens] if num_experts == 1 else [0] * num_experts
+        return torch.zeros(num_tokens, dtype=torch.long, device=scores.device), counts
     kernel = _cpu_kernel()
     if kernel is None:
-        return _torch_auction_assignment(scores)
-    host = scores.detach().cpu()
+        return _torch_auction_assignment(scores), None
+    host = scores.detach().cpu()  # the one host synchronisation
     # The kernel reads float32 or float64 scores and keeps its prices in float64.
     host = sanitize_scores(host, torch.float64 if host.dtype == torch.float64 else torch.float32)
     rows = _slot_rows(num_tokens, num_experts)
@@ -117,7 +135,11 @@ def balanced_assignment(scores: Tensor) -> Tensor:
     slot = kernel.auction_assignment(host, initial_eps, final_eps, EPS_FACTOR, MAX_BIDS_PER_ROW * rows)
     if bool((slot < 0).any()):
         slot = _complete_assignment(slot, host)
-    return (slot[:num_tokens] % num_experts).to(scores.device)
+    ids = slot[:num_tokens] % num_experts
+    counts = torch.bincount(ids, minlength=num_experts).tolist()  # on the host: free
+    if scores.device.type == "cuda":  # pinned, so that the copy back does not wait for the device
+        return ids.pin_memory().to(scores.device, non_blocking=True), counts
+    return ids.to(scores.device), counts
 
 
 def _torch_auction_assignment(scores: Tensor) -> Tensor:
@@ -149,10 +171,11 @@ def sinkhorn_assignment(scores: Tensor, tolerance: float = SINKHORN_TOLERANCE,
     log_plan = sanitize_scores(scores, torch.float32).float()
     log_column_target = math.log(num_tokens / num_experts)
     column_scale = log_plan.new_zeros(num_experts)
-    for _ in range(max_iterations):
+    for iteration in range(1, max_iterations + 1):
         row_scale = -torch.logsumexp(log_plan + column_scale, dim=1, keepdim=True)
         log_columns = torch.logsumexp(log_plan + row_scale, dim=0) + column_scale
-        if float((log_columns - log_column_target).abs().max()) < tolerance:
+        # Reading the error waits for the device: look every SINKHORN_CHECK_EVERY iterations only.
+        if iteration % SINKHORN_CHECK_EVERY == 0 and float((log_columns - log_column_target).abs().max()) < tolerance:
             break
         column_scale = column_scale + log_column_target - log_columns
     # The row factor does not change a token's argmax.
@@ -218,8 +241,15 @@ _KERNEL = {}
 
 
 def _cpu_kernel():
-    """The compiled CPU auction, or None (with one warning) if it cannot be built here."""
+    """The compiled CPU auction: the one built at install (setup.py), else built here at first
+    use, else None (with one warning)."""
     if "auction" not in _KERNEL:
+        try:
+            from fairseq_base import _auction
+            _KERNEL["auction"] = _auction
+            return _auction
+        except ImportError:  # a checkout used without installing it
+            pass
         try:
             from torch.utils.cpp_extension import load
             source = os.path.join(os.path.dirname(__file__), "csrc", "auction.cpp")

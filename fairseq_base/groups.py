@@ -41,19 +41,21 @@ class ExpertLayout:
         return self.world_size // self.expert_parallel_size
 
     def reduce_expert_grads(self, params: Iterable[torch.Tensor]) -> None:
-        """Sum each expert's gradient over its replicas and divide it by W, as DDP divides the
-        shared ones. An expert's gradient already sums over the tokens of its expert-parallel
-        group (they reach it by all-to-all), so the result is the all-worker sum over W, the
-        scale fairseq's trainer expects before it multiplies every gradient by W / sample size."""
+        """Divide each expert's gradient by W, as DDP divides the shared ones, and sum it over its
+        replicas. An expert's gradient already sums over the tokens of its expert-parallel group
+        (they reach it by all-to-all), so the result is the all-worker sum over W, the scale
+        fairseq's trainer expects before it multiplies every gradient by W / sample size.
+        Dividing first, as DDP does, keeps a loss-scaled fp16 sum of W/P replicas from
+        overflowing sooner than the shared gradients' average."""
         grads = [p.grad for p in params if hasattr(p, "expert") and p.grad is not None]
         if not grads or self.world_size == 1:
             return
-        if self.replicas > 1:  # one all-reduce for all of them
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat, group=self.replica_group)
-            for grad, reduced in zip(grads, flat.split([g.numel() for g in grads])):
-                grad.copy_(reduced.view_as(grad))
-        torch._foreach_div_(grads, float(self.world_size))
+        if self.replicas == 1:
+            torch._foreach_div_(grads, float(self.world_size))
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads]).div_(self.world_size)  # one all-reduce for all of them
+        dist.all_reduce(flat, group=self.replica_group)
+        torch._foreach_copy_(grads, [reduced.view_as(g) for g, reduced in zip(grads, flat.split([g.numel() for g in grads]))])
 
 
 def resolve_expert_parallel_size(requested: int, world_size: int) -> int:

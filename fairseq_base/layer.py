@@ -7,6 +7,7 @@ import torch.distributed as dist
 from fairseq import metrics
 from torch import Tensor, nn
 
+from fairseq_base.assignment import count_per_expert
 from fairseq_base.dispatcher import SizeExchange, TokenDispatcher, all_to_all, even_split, world_rank
 from fairseq_base.errors import BaseLayerConfigError
 from fairseq_base.experts import LocalExperts
@@ -99,8 +100,10 @@ class BaseLayer(nn.Module):
         """[T, E] float32: each token's affinity h_t . w_e with each expert's centroid.
 
         In float32 whatever the model's dtype: in fp16 or bf16 the products would round
-        (bf16 keeps 8 bits), and routing decisions would follow the rounding."""
-        return tokens.float().matmul(self.centroids.float().t())
+        (bf16 keeps 8 bits), and routing decisions would follow the rounding. Autocast
+        (fairseq's --amp) would recast the product to fp16 despite the casts, so it is off here."""
+        with torch.autocast(tokens.device.type, enabled=False):
+            return tokens.float().matmul(self.centroids.float().t())
 
     def _route_here(self, tokens: Tensor) -> Routing:
         routing, scores = self.route(tokens)
@@ -124,15 +127,16 @@ class BaseLayer(nn.Module):
         local, rank = self.dispatcher.num_local_experts, world_rank(group)
         scores = self._scores(tokens)
         split = even_split(self._token_counts(tokens), workers)  # split[w, v]: w's tokens for v's router
-        sent, received = split[rank].tolist(), split[:, rank].tolist()
+        sent, received = torch.stack([split[rank], split[:, rank]]).tolist()  # one synchronisation
         order = torch.randperm(tokens.size(0), device=tokens.device)
         sample = all_to_all(scores.detach().index_select(0, order), received, sent, group)
         routing = ROUTERS[self.router](sample)
         self._log_stats(routing, sample)
         chosen = routing.expert_ids[:, 0]
         # counts[u, w, j]: tokens of worker w that this router gives to worker u's local expert j
-        source = torch.repeat_interleave(torch.arange(workers, device=chosen.device), split[:, rank])
-        counts = torch.bincount(source * self.num_experts + chosen, minlength=workers * self.num_experts)
+        source = torch.repeat_interleave(torch.arange(workers, device=chosen.device), split[:, rank],
+                                         output_size=len(chosen))
+        counts = count_per_expert(source * self.num_experts + chosen, workers * self.num_experts)
         counts = counts.view(workers, workers, local).transpose(0, 1).reshape(workers, workers * local)
         reply = torch.cat([part for ids, count in zip(chosen.split(received), counts) for part in (ids, count)])
         per_router = workers * local
@@ -156,14 +160,16 @@ class BaseLayer(nn.Module):
 
     def _mix(self, tokens: Tensor, routing: Routing, recv_counts: Optional[Tensor]) -> Tensor:
         choices = routing.expert_ids.size(1)
+        expert_counts = None
         if routing.kept is None and choices == 1:  # every token to one expert: no gather
             source, rows, expert_ids, gates = None, tokens, routing.expert_ids[:, 0], routing.gates
+            expert_counts = routing.expert_counts
         else:  # the (token, choice) pairs that found room
             pairs = routing.kept_mask().reshape(-1).nonzero().squeeze(1)
             source = torch.div(pairs, choices, rounding_mode="floor")
             rows, expert_ids = tokens.index_select(0, source), routing.expert_ids.reshape(-1)[pairs]
             gates = routing.gates.reshape(-1)[pairs][:, None]
-        expert_in, tokens_per_expert, state = self.dispatcher.dispatch(rows, expert_ids, recv_counts)
+        expert_in, tokens_per_expert, state = self.dispatcher.dispatch(rows, expert_ids, recv_counts, expert_counts)
         update = self.dispatcher.combine(self.experts(expert_in, tokens_per_expert), state)
         update = self.dropout(gates.to(tokens.dtype) * update)
         return tokens + update if source is None else tokens.index_add(0, source, update)

@@ -17,13 +17,14 @@ update from that expert (with no expert left it passes through the residual).
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fairseq_base.assignment import balanced_assignment, greedy_assignment, sinkhorn_assignment
+from fairseq_base.assignment import (balanced_assignment_and_counts, count_per_expert, greedy_assignment,
+                                     sinkhorn_assignment)
 
 # Routers that learn from a Switch-style balance loss, with the paper's capacity factors.
 DEFAULT_CAPACITY_FACTOR = {"switch": 1.0, "top2": 2.0}
@@ -38,19 +39,22 @@ class Routing:
     gates: Tensor  # [T, k] weight of each chosen expert's update (differentiable)
     kept: Optional[Tensor] = None  # [T, k] bool: the expert had room for the pair; None: all had
     balance_loss: Optional[Tensor] = None  # unweighted auxiliary loss (1.0 when perfectly balanced)
+    # Tokens per expert as host ints, where the router knows them without reading the device
+    # (BASE's assignment is solved on a host copy); None: the dispatcher counts them.
+    expert_counts: Optional[List[int]] = None
 
     def kept_mask(self) -> Tensor:
         return torch.ones_like(self.expert_ids, dtype=torch.bool) if self.kept is None else self.kept
 
 
-def sigmoid_gated(scores: Tensor, expert_ids: Tensor) -> Routing:
+def sigmoid_gated(scores: Tensor, expert_ids: Tensor, expert_counts: Optional[List[int]] = None) -> Routing:
     """BASE's routing: token t to expert ``expert_ids[t]``, gated by sigmoid(scores[t, expert_ids[t]])."""
     ids = expert_ids[:, None]
-    return Routing(ids, torch.sigmoid(scores.gather(1, ids)))
+    return Routing(ids, torch.sigmoid(scores.gather(1, ids)), expert_counts=expert_counts)
 
 
 def balanced_routing(scores: Tensor) -> Routing:
-    return sigmoid_gated(scores, balanced_assignment(scores.detach()))
+    return sigmoid_gated(scores, *balanced_assignment_and_counts(scores.detach()))
 
 
 def sbase_routing(scores: Tensor) -> Routing:
@@ -70,7 +74,7 @@ def within_capacity(expert_ids: Tensor, num_experts: int, limit: int) -> Tensor:
     """[T, k] bool: pair (t, c) is among the first ``limit`` of its expert, in (choice, token) order."""
     flat = expert_ids.t().reshape(-1)  # all first choices, then all second choices
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
+    counts = count_per_expert(flat, num_experts)
     starts = torch.cumsum(counts, 0) - counts
     position = torch.empty_like(flat)
     position[order] = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
@@ -83,7 +87,7 @@ def switch_balance_loss(probs: Tensor, top1: Tensor) -> Tensor:
     num_experts = probs.size(1)
     if probs.size(0) == 0:
         return probs.new_zeros(())
-    fraction = torch.bincount(top1, minlength=num_experts).to(probs.dtype) / probs.size(0)
+    fraction = count_per_expert(top1, num_experts, probs.dtype) / probs.size(0)
     return num_experts * torch.dot(fraction, probs.mean(0))
 
 
@@ -130,7 +134,7 @@ def routing_counts(routing: Routing, scores: Optional[Tensor], num_experts: int)
     first choice is their top-1 expert, the kept pairs, the sum of the tokens' routing entropies
     (nats) and the tokens."""
     ids = routing.expert_ids
-    load = torch.bincount(ids.reshape(-1), minlength=num_experts).float()
+    load = count_per_expert(ids, num_experts, torch.float32)
     kept = routing.kept_mask()
     first_kept = kept[:, 0]
     if scores is None:  # hash: a token's only expert is its top-1
@@ -139,7 +143,7 @@ def routing_counts(routing: Routing, scores: Optional[Tensor], num_experts: int)
         top1 = (first_kept & (ids[:, 0] == greedy_assignment(scores))).sum()
         log_probs = F.log_softmax(scores.float(), dim=1)
         entropy = -(log_probs.exp() * log_probs).sum()
-    tokens = torch.tensor(float(ids.size(0)), device=load.device)
+    tokens = load.new_full((), float(ids.size(0)))  # a fill, not a copy from the host
     return torch.cat([load, torch.stack([top1.float(), kept.sum().float(), entropy, tokens])])
 
 

@@ -82,6 +82,26 @@ def _equivalence_worker(rank, world_size, parallel, centroids, expert_states, di
     return out, x_grad, centroid_grad, expert_grads, layer.expert_ids.tolist()
 
 
+def _near_fp16_max_worker(rank, world_size):
+    layout = expert_layout(2)
+    expert, shared = (torch.nn.Parameter(torch.zeros(3, dtype=torch.float16)) for _ in range(2))
+    expert.expert = True
+    for param in (expert, shared):
+        param.grad = torch.full_like(param, 60000.0)  # fp16's largest finite value is 65504
+    shared.grad.div_(world_size)  # as DDP: divide, then sum over the W workers
+    torch.distributed.all_reduce(shared.grad)
+    layout.reduce_expert_grads([expert])
+    return expert.grad, shared.grad
+
+
+def test_fp16_expert_gradients_near_the_maximum_do_not_overflow_over_their_replicas():
+    """4 workers, P = 2: each expert's gradient is divided by W before it is summed over its 2
+    replicas, as DDP divides the shared ones, so it overflows no sooner than they do."""
+    for expert_grad, shared_grad in run_workers(_near_fp16_max_worker, 4):
+        assert torch.isfinite(shared_grad).all() and torch.isfinite(expert_grad).all()
+        assert torch.equal(expert_grad, torch.full((3,), 2 * 60000.0 / 4, dtype=torch.float16))
+
+
 @pytest.mark.parametrize("world_size,parallel", [(4, 4), (4, 2)])
 def test_same_outputs_and_gradients_as_one_worker(world_size, parallel):
     """W workers in expert-parallel groups of P against one process: outputs, input gradients, and

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -175,6 +177,27 @@ def test_routing_scores_are_float32_in_a_half_precision_model(dtype, router):
     assert out.dtype == dtype  # only routing is in float32; the layer's output keeps the model's dtype
 
 
+@pytest.mark.parametrize("router", ["balanced", "sbase", "switch", "top2"])
+def test_routing_scores_are_float32_under_autocast(router):
+    """fairseq's --amp runs the forward under autocast, which recasts matmuls to half precision
+    even after .float(); on CPU, bf16 autocast shows the same. Scores stay float32 and route
+    every token as without autocast: here the tie of the test above, and 512 random tokens."""
+    layer = BaseLayer(2, 4, num_experts=2, router=router).eval()
+    with torch.no_grad():
+        layer.centroids.copy_(torch.tensor([[1.0, 0.0], [1.0, 1 / 512]]))
+    tie = torch.tensor([[8.0, 1.0]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (tie @ layer.centroids.t()).diff().item() == 0  # what autocast does to a plain product
+        scores, (routing, _) = layer._scores(tie), layer.route(tie)
+    assert scores.dtype == torch.float32 and routing.expert_ids[0, 0].item() == 1
+    torch.manual_seed(5)
+    wide = BaseLayer(16, 32, num_experts=4, router=router).eval()
+    tokens = torch.randn(512, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = wide.route(tokens)[0].expert_ids
+    assert torch.equal(under_autocast, wide.route(tokens)[0].expert_ids)
+
+
 def test_sinkhorn_routes_half_precision_scores_in_float32():
     from fairseq_base.assignment import sinkhorn_assignment
     scores = torch.randn(64, 4, generator=torch.Generator().manual_seed(3))
@@ -200,10 +223,32 @@ def test_experts_start_from_their_global_id_and_the_seed():
             assert torch.equal(mine, theirs), name
 
 
-def test_loading_the_kernel_says_so_in_one_line(monkeypatch, caplog):
+def test_the_installed_kernel_solves_in_a_fresh_process_without_compiling(tmp_path):
+    """pip install (scripts/setup.sh) compiles the kernel: a new process with an empty extension
+    cache uses it, compiles nothing and says nothing about compiling."""
+    import subprocess
+    import sys
+    cache = tmp_path / "torch_extensions"
+    code = ("import logging, torch; logging.basicConfig(level=logging.INFO); "
+            "from fairseq_base import assignment; assignment.balanced_assignment(torch.randn(12, 3)); "
+            "print('kernel:', assignment._cpu_kernel().__name__)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "TORCH_EXTENSIONS_DIR": str(cache)},
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "kernel: fairseq_base._auction" in result.stdout, (result.stdout, result.stderr[-3000:])
+    assert "compiled" not in result.stderr and not (cache.exists() and any(cache.iterdir()))
+
+
+def test_compiling_at_first_use_says_so_in_one_line(monkeypatch, caplog):
+    """A checkout used without installing it compiles the kernel at its first use, saying so."""
     import logging
+    import sys
     from fairseq_base import assignment
     monkeypatch.setattr(assignment, "_KERNEL", {})
+    import fairseq_base
+    monkeypatch.setitem(sys.modules, "fairseq_base._auction", None)  # as if not installed
+    monkeypatch.delattr(fairseq_base, "_auction", raising=False)
     with caplog.at_level(logging.INFO, logger="fairseq_base.assignment"):
         assert assignment._cpu_kernel() is not None
     lines = [r.getMessage() for r in caplog.records if "kernel" in r.getMessage()]
