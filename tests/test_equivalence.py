@@ -95,14 +95,16 @@ def test_workers_match_one_process_with_the_same_global_batch(data_bin, one_proc
     assert_same_parameters(global_parameters(single_dir, 1), global_parameters(tmp_path, parallel, num_experts), 1e-4)
 
 
-@pytest.mark.cuda
-def test_two_gpus_with_fp16_and_nccl_match_one_gpu(data_bin, tmp_path):  # noqa: F811
+@pytest.mark.cuda(devices=2)
+def test_two_gpus_with_fp16_and_nccl_match_one_gpu(data_bin, tmp_path, monkeypatch):  # noqa: F811
     """The same on GPUs in fp16 (loss scaling, the flat fp32 copy), with NCCL. fp16 sums in
-    another order on each layout, so the tolerances are fp16's."""
-    if torch.cuda.device_count() < 2:
-        pytest.skip("needs 2 GPUs")
+    another order on each layout, so the tolerances are fp16's. The reference is one process
+    on one GPU (fairseq's default world size is the number of GPUs it sees)."""
     gpu = ["--fp16", "--fp16-init-scale", "16"]
-    single = losses(one_process_train(data_bin, tmp_path / "one", *SAME_MATH, *gpu, "--update-freq", "2"))
+    with monkeypatch.context() as one_gpu:
+        one_gpu.setenv("CUDA_VISIBLE_DEVICES", "0")
+        single = losses(one_process_train(data_bin, tmp_path / "one", *SAME_MATH, *gpu, "--update-freq", "2",
+                                          "--distributed-world-size", "1"))
     double = losses(run(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         os.path.join(BIN, "fairseq-train"), str(data_bin / "bin"), "--user-dir", "fairseq_base",
                         *TINY_MODEL, "--save-dir", str(tmp_path / "two"), "--distributed-backend", "nccl",

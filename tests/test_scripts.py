@@ -124,3 +124,33 @@ def test_missing_npm_is_one_line_saying_how_to_get_it(tmp_path, command):
     assert result.returncode == 1
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr, result.stderr
     assert "npm not found" in result.stderr and "apt-get install npm" in result.stderr
+
+
+def test_cuda_tests_skip_before_any_fixture_with_one_line_each(tmp_path):
+    """On a machine without (enough) GPUs the `cuda` tests skip at collection, before fixtures
+    that would need data: run where no test text is, every one skips and says what it needs."""
+    if __import__("torch").cuda.is_available():
+        pytest.skip("this machine has CUDA: scripts/gpu_check.sh runs the cuda tests")
+    checkout = tmp_path / "checkout"  # a copy without ../shared beside it or data-bin in it
+    shutil.copytree(os.path.join(REPO, "tests"), checkout / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(os.path.join(REPO, "pytest.ini"), checkout)
+    cuda_files = sorted(f"tests/{path.name}" for path in (checkout / "tests").glob("test_*.py")
+                        if "pytest.mark.cuda" in path.read_text())  # collecting only these is quicker
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-m", "cuda", "-p", "no:cacheprovider",
+                             *cuda_files], cwd=checkout, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": REPO})
+    assert result.returncode == 0, result.stdout[-3000:]
+    skips = [line for line in result.stdout.splitlines() if line.startswith("SKIPPED")]
+    assert skips and all("run scripts/gpu_check.sh on a GPU machine" in line for line in skips)
+    assert any("needs 2 CUDA devices" in line for line in skips)
+    assert " passed" not in result.stdout and "error" not in result.stdout.lower()
+
+
+def test_gpu_check_without_cuda_says_so_in_one_line():
+    if __import__("torch").cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = subprocess.run(["bash", os.path.join(REPO, "scripts", "gpu_check.sh")], capture_output=True, text=True,
+                            timeout=300, cwd=REPO)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "gpu_check: torch sees no CUDA device; install a CUDA build of torch (then bash scripts/setup.sh)"]

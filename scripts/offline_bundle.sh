@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Everything the plugin needs beyond torch, for a machine without internet (a cluster's compute
+# nodes, a GPU node): fairseq-fixed's source, which compiles against the torch it finds there,
+# and the wheels it and the plugin need, for the target Python. Run it where pip reaches PyPI:
+#   bash scripts/offline_bundle.sh DIR [--python X.Y] [--text FILE]
+# then copy DIR and this checkout to the machine and run there (torch installed):
+#   bash scripts/setup.sh --offline DIR
+# --python: the target's Python (default: this one's); wheels are for Linux x86_64.
+# --text: a small English text for the tests (default: data-bin/brown.txt or ../shared's
+#   Shakespeare, where present), which setup.sh --offline puts where the tests look.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+usage="usage: bash scripts/offline_bundle.sh DIR [--python X.Y] [--text FILE]"
+[ $# -ge 1 ] && [[ "$1" != -* ]] || { echo "offline_bundle: error: $usage" >&2; exit 2; }
+DIR=$1; shift
+PYVER=$(python3 -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+TEXT=""
+for candidate in data-bin/brown.txt ../shared/data/tinyshakespeare/input.txt; do
+  [ -z "$TEXT" ] && [ -f "$candidate" ] && TEXT=$candidate
+done
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --python) PYVER=${2:?"offline_bundle: error: --python needs X.Y"}; shift 2 ;;
+    --text) TEXT=${2:?"offline_bundle: error: --text needs a file"}; shift 2 ;;
+    *) echo "offline_bundle: error: unknown option $1; $usage" >&2; exit 2 ;;
+  esac
+done
+[[ "$PYVER" =~ ^3\.[0-9]+$ ]] || { echo "offline_bundle: error: --python takes X.Y (e.g. 3.12), got $PYVER" >&2; exit 2; }
+mkdir -p "$DIR"
+PIP=(python3 -m pip --disable-pip-version-check -q)
+echo "| fairseq-fixed's source"
+"${PIP[@]}" download --no-deps --no-build-isolation --no-binary fairseq-fixed -d "$DIR" "fairseq-fixed==0.12.3.1"
+echo "| antlr4-python3-runtime 4.9.3 (hydra's parser runtime; a source archive only): its pure-Python wheel"
+"${PIP[@]}" wheel --no-deps -w "$DIR" "antlr4-python3-runtime==4.9.3"
+# fairseq-fixed installs without its declared dependencies (torchaudio among them, which a
+# torch-only machine lacks and fairseq's language models never import); these are the ones used.
+cat > "$DIR/requirements.txt" <<'REQ'
+# fairseq-fixed's build and the dependencies its language models use
+setuptools
+wheel
+cython
+numpy
+cffi
+bitarray
+hydra-core==1.3.2
+omegaconf
+antlr4-python3-runtime==4.9.3
+PyYAML
+packaging
+regex
+sacrebleu
+scikit-learn
+tqdm
+# the plugin: its kernel's build and its tests
+ninja
+pytest
+hypothesis
+scipy
+tensorboardX
+REQ
+echo "| wheels for Python $PYVER (Linux x86_64)"
+"${PIP[@]}" download -d "$DIR" --find-links "$DIR" --only-binary :all: --python-version "$PYVER" \
+  --implementation cp --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+  --platform manylinux_2_28_x86_64 --platform any -r "$DIR/requirements.txt"
+if [ -n "$TEXT" ]; then
+  cp "$TEXT" "$DIR/text.txt"
+  echo "| test text: $TEXT"
+else
+  echo "offline_bundle: note: no test text (no data-bin/brown.txt or ../shared); pass --text FILE for the tests" >&2
+fi
+echo "| bundle ready: $DIR ($(du -sh "$DIR" | cut -f1)); on the target: bash scripts/setup.sh --offline $DIR"

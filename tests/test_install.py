@@ -1,0 +1,60 @@
+"""Installing where users train: a machine without internet, with torch and nothing else.
+`scripts/offline_bundle.sh` gathers what the plugin needs beyond torch (with internet), and
+`scripts/setup.sh --offline` installs it with pip's --no-index into a fresh virtual
+environment that has only torch; the plugin then trains.
+
+Marked `install` (a few minutes: fairseq-fixed compiles from source), and run by .ci/run after
+the suite: `python3 -m pytest -q -m install tests`.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+
+import pytest
+
+from test_end_to_end import REPO, data_bin, run  # noqa: F401  (fixture)
+from test_torchrun import TINY_MODEL
+
+pytestmark = pytest.mark.install
+# torch's own files and what it requires (its packages and their .dist-info, by project name)
+TORCH_AND_ITS_DEPENDENCIES = {"torch", "torchgen", "functorch", "filelock", "fsspec", "jinja2", "markupsafe",
+                              "networkx", "sympy", "isympy", "mpmath", "typing_extensions"}
+
+
+def venv_with_only_torch(path):
+    """A fresh virtual environment whose only package (with its own dependencies) is this
+    Python's torch, linked in rather than installed again."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True)
+    run(str(path / "bin" / "python"), "-c", "import ensurepip; ensurepip.bootstrap()")  # pip alone
+    site = run(str(path / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+    target, ours = site.stdout.strip(), sysconfig.get_paths()["purelib"]
+    for name in os.listdir(ours):
+        project = name.split("-")[0].removesuffix(".py").lower()
+        if project in TORCH_AND_ITS_DEPENDENCIES and project != "torchaudio":
+            os.symlink(os.path.join(ours, name), os.path.join(target, name))
+    return path
+
+
+def test_offline_bundle_installs_into_an_environment_with_only_torch_and_trains(data_bin, tmp_path):  # noqa: F811
+    bundle = tmp_path / "bundle"
+    run("bash", "scripts/offline_bundle.sh", str(bundle))
+    env_dir = venv_with_only_torch(tmp_path / "venv")
+    python = str(env_dir / "bin" / "python")
+    assert run(python, "-c", "import fairseq", check=False).returncode != 0  # nothing but torch
+    checkout = tmp_path / "checkout"
+    shutil.copytree(REPO, checkout, ignore=shutil.ignore_patterns(".git", "data-bin", "runs", "build", "*.so",
+                                                                  "__pycache__", "*.egg-info", "checkpoints"))
+    # No pip configuration (this machine's names indexes and a wheel directory): the bundle alone.
+    offline = {**os.environ, "PATH": f"{env_dir / 'bin'}:{os.environ['PATH']}", "PIP_CONFIG_FILE": os.devnull}
+    result = subprocess.run(["bash", "scripts/setup.sh", "--offline", str(bundle)], cwd=checkout, env=offline,
+                            capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    train = subprocess.run([str(env_dir / "bin" / "fairseq-train"), str(data_bin / "bin"), "--user-dir",
+                            "fairseq_base", "--cpu", *TINY_MODEL, "--base-experts", "2", "--max-update", "5",
+                            "--log-interval", "5", "--save-dir", str(tmp_path / "checkpoints")],
+                           cwd=checkout, env=offline, capture_output=True, text=True, timeout=600)
+    assert train.returncode == 0, train.stderr[-4000:]
+    assert "num_updates=5" in train.stdout + train.stderr or "num_updates 5" in train.stdout + train.stderr
