@@ -7,6 +7,7 @@ from the command line and through fairseq's Python entry points called with a Na
 the dense model trains to the same losses and parameters with the plugin as without it.
 """
 
+import concurrent.futures
 import os
 import re
 import socket
@@ -64,21 +65,39 @@ def assert_trained_and_resumed(log, save_dir):
     assert torch.load(save_dir / "checkpoint_last.pt", weights_only=True)["optimizer_history"][-1]["num_updates"] == 10
 
 
-@pytest.mark.parametrize("model", MODELS)
-def test_command_line(data_bin, tmp_path, model):  # noqa: F811
-    save_dir = tmp_path / "checkpoints"
-    train = [run(os.path.join(BIN, "fairseq-train"), *train_args(data_bin, model, save_dir, updates))
-             for updates in (5, 10)]
-    assert_trained_and_resumed(train[1].stdout + train[1].stderr, save_dir)
+def command_line_run(data, root, model):
+    """Train 5 updates, resume to 10, score whole and in shards, sample: fairseq's commands."""
+    save_dir = root / model
+    logs = {"save_dir": save_dir}
+    for updates in (5, 10):
+        result = run(os.path.join(BIN, "fairseq-train"), *train_args(data, model, save_dir, updates))
+    logs["resume"] = result.stdout + result.stderr
     checkpoint = save_dir / "checkpoint_last.pt"
-    evals = run_two_at_a_time([[os.path.join(BIN, "fairseq-eval-lm"), *eval_args(data_bin, checkpoint, *flags)]
-                               for flags in [[]] + [shard_flags(k) for k in range(SHARDS)]])
-    logs = [result.stdout + result.stderr for result in evals]
-    assert_shards_add_up(evaluated(logs[0]), [found for log in logs[1:] for found in evaluated(log)])
-    sampled = run(os.path.join(BIN, "fairseq-interactive"), str(data_bin / "bin"), "--user-dir", "fairseq_base",
-                  "--task", "language_modeling", "--path", str(checkpoint), "--cpu", "--beam", "2", "--max-len-b",
-                  "5", input="T h e _ k i n g\n")
-    assert re.search(r"^H-0\t-?[0-9.]+\t\S", sampled.stdout, re.M), sampled.stdout[-2000:]
+    evals = [run(os.path.join(BIN, "fairseq-eval-lm"), *eval_args(data, checkpoint, *flags))
+             for flags in [[]] + [shard_flags(k) for k in range(SHARDS)]]
+    logs["eval"] = [result.stdout + result.stderr for result in evals]
+    logs["sample"] = run(os.path.join(BIN, "fairseq-interactive"), str(data / "bin"), "--user-dir", "fairseq_base",
+                         "--task", "language_modeling", "--path", str(checkpoint), "--cpu", "--beam", "2",
+                         "--max-len-b", "5", input="T h e _ k i n g\n").stdout
+    return logs
+
+
+@pytest.fixture(scope="module")
+def command_line(data_bin, tmp_path_factory):  # noqa: F811
+    """Both models' command-line runs, side by side (each is one process at a time)."""
+    root = tmp_path_factory.mktemp("command_line")
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        runs = {model: pool.submit(command_line_run, data_bin, root, model) for model in MODELS}
+        return {model: future.result() for model, future in runs.items()}
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_command_line(command_line, model):
+    logs = command_line[model]
+    assert_trained_and_resumed(logs["resume"], logs["save_dir"])
+    whole, *shards = logs["eval"]
+    assert_shards_add_up(evaluated(whole), [found for log in shards for found in evaluated(log)])
+    assert re.search(r"^H-0\t-?[0-9.]+\t\S", logs["sample"], re.M), logs["sample"][-2000:]
 
 
 def free_port():
@@ -87,21 +106,32 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("model", MODELS)
-def test_python_entry_points_with_a_namespace(data_bin, tmp_path, model):  # noqa: F811
-    save_dir = tmp_path / "checkpoints"
+def python_steps(data, save_dir, model):
+    """fairseq's Python entry points, each called with a Namespace, in one process (as fairseq's tests)."""
     checkpoint = save_dir / "checkpoint_last.pt"
-    steps = [["train", *train_args(data_bin, model, save_dir, 5)], ["train", *train_args(data_bin, model, save_dir, 10)],
-             ["eval_lm", *eval_args(data_bin, checkpoint)],
-             *(["eval_lm", *eval_args(data_bin, checkpoint, *shard_flags(k))] for k in range(SHARDS)),
-             ["generate", str(data_bin / "bin"), "--user-dir", "fairseq_base", "--path", str(checkpoint), "--cpu",
+    steps = [["train", *train_args(data, model, save_dir, 5)], ["train", *train_args(data, model, save_dir, 10)],
+             ["eval_lm", *eval_args(data, checkpoint)],
+             *(["eval_lm", *eval_args(data, checkpoint, *shard_flags(k))] for k in range(SHARDS)),
+             ["generate", str(data / "bin"), "--user-dir", "fairseq_base", "--path", str(checkpoint), "--cpu",
               *SAMPLE],
-             ["distributed_init", *train_args(data_bin, model, save_dir, 10), "--distributed-world-size", "1",
+             ["distributed_init", *train_args(data, model, save_dir, 10), "--distributed-world-size", "1",
               "--distributed-backend", "gloo", "--distributed-init-method", f"tcp://127.0.0.1:{free_port()}"]]
     command = [sys.executable, os.path.join(HERE, "fairseq_entry_points.py")]
     for step in steps:
         command += [*step, "--then"]
-    result = run(*command[:-1])
+    return command[:-1]
+
+
+@pytest.fixture(scope="module")
+def python_entry_points(data_bin, tmp_path_factory):  # noqa: F811
+    root = tmp_path_factory.mktemp("python_entry_points")
+    results = run_two_at_a_time([python_steps(data_bin, root / model, model) for model in MODELS])
+    return {model: (result, root / model) for model, result in zip(MODELS, results)}
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_python_entry_points_with_a_namespace(python_entry_points, model):
+    result, save_dir = python_entry_points[model]
     log = result.stdout + result.stderr
     assert_trained_and_resumed(log, save_dir)
     found = evaluated(log)

@@ -42,3 +42,15 @@ def test_spawned_workers_train_resume_and_score_as_one_process(data_bin, tmp_pat
                   *SPAWN)
     assert "Evaluated" in spawned.stdout + spawned.stderr and "on all 2 workers" in spawned.stdout + spawned.stderr
     assert abs(eval_result_loss(spawned) - eval_result_loss(one)) < 1e-4
+
+
+def test_amp_with_experts_on_several_workers_is_one_line(data_bin, tmp_path):  # noqa: F811
+    """torch's GradScaler skips a step from each worker's own overflow check: refused before launch."""
+    result = run(os.path.join(BIN, "fairseq-train"), str(data_bin / "bin"), "--user-dir", "fairseq_base",
+                 *TINY_MODEL, "--base-experts", "2", *SPAWN, "--amp", "--save-dir", str(tmp_path),
+                 "--max-update", "1", check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("fairseq_base: error:")]
+    assert len(errors) == 1 and "--amp with experts on several workers" in errors[0], result.stderr[-2000:]
+    assert "--bf16" in errors[0] and "--fp16" in errors[0]
+    assert not list(tmp_path.iterdir())
