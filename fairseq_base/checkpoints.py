@@ -32,28 +32,37 @@ class CheckpointError(BaseLayerConfigError):
     """A checkpoint file that cannot be used; the message names it and the fix."""
 
 
-def read_checkpoint(path: str) -> dict:
-    """torch.load with weights_only=True; one line naming the file for anything else."""
+class UnreadableCheckpoint(CheckpointError):
+    """A checkpoint file that is empty, truncated, corrupt, or would run code when loaded."""
+
+
+def unreadable(path: str, err: Exception) -> UnreadableCheckpoint:
+    """One line naming ``path`` for the error ``torch.load`` raised on it."""
+    if isinstance(err, pickle.UnpicklingError) and "unsupported global" in str(err).lower():
+        # weights_only refuses any global it does not know; other unpickling errors are damage.
+        return UnreadableCheckpoint(
+            f"{path} holds objects other than tensors and plain values, which could run code when loaded; "
+            f"it was not loaded (fairseq checkpoints never need that): use a checkpoint written by fairseq-train "
+            f"or fairseq-base-reshard")
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        return UnreadableCheckpoint(f"{path} is empty (0 bytes): an interrupted copy or save; restore it from "
+                                    f"its source")
+    # Damaged bytes make torch's readers raise almost anything.
+    return UnreadableCheckpoint(f"{path} is truncated or corrupt ({type(err).__name__}: {_first_line(err)}); "
+                                f"restore it from its source")
+
+
+def read_checkpoint(path: str, mmap: bool = False) -> dict:
+    """torch.load with weights_only=True; one line naming the file for anything else. With
+    ``mmap`` the tensors stay on disk (a quick look that still finds a truncated file)."""
     if os.path.isdir(path):
         raise CheckpointError(f"{path} is a directory, not a checkpoint file")
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint")
-    if os.path.getsize(path) == 0:
-        raise CheckpointError(f"{path} is empty (0 bytes): an interrupted copy or save; restore it from its source")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        # weights_only refuses any global it does not know; other unpickling errors are damage.
-        if "unsupported global" in str(err).lower():
-            raise CheckpointError(
-                f"{path} holds objects other than tensors and plain values, which could run code when loaded; "
-                f"it was not loaded (fairseq checkpoints never need that): use a checkpoint written by fairseq-train "
-                f"or fairseq-base-reshard") from None
-        raise CheckpointError(f"{path} is truncated or corrupt (not a readable checkpoint); "
-                              f"restore it from its source") from None
-    except Exception as err:  # damaged bytes make torch's readers raise almost anything
-        raise CheckpointError(f"{path} is truncated or corrupt ({type(err).__name__}: {_first_line(err)}); "
-                              f"restore it from its source") from None
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as err:
+        raise unreadable(path, err) from None
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path} is not a fairseq checkpoint (no 'model' entry)")
     return state
@@ -160,10 +169,30 @@ def gather(record: dict, group=None) -> List[dict]:
     return records
 
 
+def first_on_every_worker(value: Optional[str], group=None, world_size: int = 1) -> Optional[str]:
+    """The first worker's ``value`` that is not None (in rank order), on every worker of ``group``."""
+    values = gather(value, group) if world_size > 1 else [value]
+    return next((v for v in values if v is not None), None)
+
+
+def raise_on_every_worker(error: Optional[str], group=None, world_size: int = 1) -> None:
+    """Raise a CheckpointError with the first worker's ``error`` (None: none) on every worker
+    of ``group``, so that all stop together with the same line."""
+    first = first_on_every_worker(error, group, world_size)
+    if first:
+        raise CheckpointError(first)
+
+
 def agree_across_workers(record: dict, group=None) -> List[dict]:
     """Gather every worker's ``record`` ({"file", "run_id", "num_updates", "checksum"}) and
     raise the same CheckpointError on every worker if they differ. Returns the records."""
     records = gather(record, group)
+    check_agreement(records)
+    return records
+
+
+def check_agreement(records: List[dict]) -> None:
+    """Raise a CheckpointError naming the first two files whose records differ."""
     first = records[0]
     for other in records[1:]:
         for key, what in (("run_id", "runs"), ("num_updates", "updates"), ("checksum", "shared parameters")):
@@ -172,7 +201,6 @@ def agree_across_workers(record: dict, group=None) -> List[dict]:
                     f"the workers loaded checkpoint files that do not belong together (different {what}): "
                     f"{_describe(first)} and {_describe(other)}; give every worker files of one save "
                     f"(fairseq-base-reshard checks a set and rewrites it for any number of workers)")
-    return records
 
 
 def _describe(record: dict) -> str:

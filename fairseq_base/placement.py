@@ -19,6 +19,11 @@ def base_layer_positions(num_layers: int, num_base_layers: int, spec: Optional[s
     if num_base_layers < 0:
         raise BaseLayerConfigError(f"--base-layers must be >= 0, got {num_base_layers}")
     if not spec:
+        if num_base_layers > num_layers + 1:
+            raise BaseLayerConfigError(
+                f"--base-layers {num_base_layers} is more than the {num_layers + 1} places around "
+                f"{num_layers} decoder layers (before each, and after the last); use at most {num_layers + 1}, "
+                f"or more --decoder-layers")
         positions = paper_positions(num_layers, num_base_layers)
     else:
         try:

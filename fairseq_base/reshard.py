@@ -303,8 +303,9 @@ def write_all_or_nothing(states, paths: List[str]) -> None:
         for tmp in temporaries:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-        if isinstance(err, OSError):
-            raise ReshardError(f"cannot write {current}: {err.strerror or err}; nothing was changed "
+        if isinstance(err, (OSError, RuntimeError)):  # torch.save reports a full disk as a RuntimeError
+            reason = getattr(err, "strerror", None) or str(err).strip().splitlines()[0][:200]
+            raise ReshardError(f"cannot write {current}: {reason}; nothing was changed "
                                f"(free disk space or choose another --out)") from None
         raise
     finally:

@@ -33,10 +33,10 @@ def run(*cmd, cwd=REPO, check=True, input=None, watchdog_s=600):
     return result
 
 
-def run_two_at_a_time(commands):
+def run_two_at_a_time(commands, check=True):
     """``run`` each command, two at once: their start-up (imports) is single-threaded."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-        return list(pool.map(lambda cmd: run(*cmd), commands))
+        return list(pool.map(lambda cmd: run(*cmd, check=check), commands))
 
 
 # Where ../shared is not beside the clone (a user's machine), scripts/setup.sh fetches the

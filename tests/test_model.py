@@ -82,6 +82,11 @@ def test_dense_options_keep_working(data_dir):
     (["--base-shuffle", "2"], "--base-shuffle must be 0 or 1, got 2"),
     (["--base-expert-parallel-size", "-1"], "--base-expert-parallel-size must be >= 0"),
     (["--base-expert-parallel-size", "2"], "--base-expert-parallel-size 2 does not divide the 1 worker"),
+    (["--decoder-layers", "2", "--base-layers", "50"], "--base-layers 50 is more than the 3 places around 2 decoder"),
+    (["--base-router", "switch", "--base-capacity-factor", "-1"], "--base-capacity-factor must be >= 0, got -1.0"),
+    (["--base-balance-loss", "-0.5"], "--base-balance-loss must be >= 0, got -0.5"),
+    (["--base-experts", "100000000"],
+     r"--base-experts 100000000: this worker.s 100000000 experts would take [0-9.]+ GiB"),
 ])
 def test_bad_options_are_refused(data_dir, flags, match):
     with pytest.raises(BaseLayerConfigError, match=match):

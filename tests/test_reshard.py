@@ -284,6 +284,22 @@ def test_a_failure_at_the_second_file_changes_nothing(trained, tmp_path, monkeyp
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == old
 
 
+def test_torch_saves_full_disk_error_is_one_line_and_changes_nothing(trained, tmp_path, monkeypatch):
+    """torch.save reports a full disk as a RuntimeError, not an OSError."""
+    old = {f"two-rank-{r}.pt": f"old {r}".encode() for r in range(2)}
+    for name, data in old.items():
+        (tmp_path / name).write_bytes(data)
+
+    def full_disk(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    line = _reshard_cli(trained / "checkpoint_last-rank-0.pt", "--world-size", "2", "--out", tmp_path / "two.pt")
+    assert line.startswith("fairseq-base-reshard: error: cannot write ") and "inline_container.cc" in line, line
+    assert "nothing was changed" in line
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == old
+
+
 def test_non_finite_values_stop_reshard_naming_the_tensor(trained, tmp_path):
     shards = _copy(trained, tmp_path)
     key = "decoder.layers.1.experts.0.0.ff1.weight"

@@ -11,6 +11,7 @@ module says otherwise.
 | ``launch`` | torchrun without CUDA devices, ``--bf16`` without TPUs, options checked before launch | every model, only where fairseq would fail: torchrun on a CPU machine, ``--bf16`` without torch_xla |
 | ``ddp`` | DDP backends: experts never averaged, torch's DDP on CPU modules | W > 1 workers; the expert checks: models with experts; the device id: every model on the CPU |
 | ``checkpoint_files`` | one file per expert-parallel rank, checks on load and save, run stamps, Namespaces under ``weights_only`` | models with experts; the run stamp (``extra_state``) and the Namespace: every model |
+| ``saves`` (and ``save_lock``) | saves all or nothing across files and workers, never of inf or NaN weights; ``crash.pt`` per rank; an explicit ``--restore-file`` must exist; one run per save directory | models with experts, in fairseq-train |
 | ``eval_lm`` | fairseq-eval-lm: per-rank files, workers in lockstep, one perplexity, block length | models with experts |
 | ``optimizer`` | gradient norm over shared parameters, expert gradients reduced over replicas | models with experts (for others fairseq's norm, nothing to reduce) |
 | ``routing_churn`` | the probe batch of every validation | models with expert layers of this plugin |
@@ -20,9 +21,9 @@ module says otherwise.
 from fairseq.distributed import utils as distributed_utils
 
 from fairseq_base.fairseq_patches import (checkpoint_files, ddp, eval_lm, launch, numpy_compat, optimizer,
-                                          routing_churn)
+                                          routing_churn, saves)
 
-ADJUSTMENTS = (launch, ddp, checkpoint_files, eval_lm, optimizer, routing_churn, numpy_compat)
+ADJUSTMENTS = (launch, ddp, checkpoint_files, saves, eval_lm, optimizer, routing_churn, numpy_compat)
 INSTALLED = "fairseq_base_adjustments_installed"  # marked on fairseq, which every copy of the plugin shares
 
 

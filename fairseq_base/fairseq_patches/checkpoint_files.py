@@ -9,26 +9,34 @@ Replaces:
   ``distributed_init``: fairseq's spawn launch runs that before the plugin is imported.
 - ``Trainer.should_save_checkpoint_on_current_rank``: the first P workers write those files
   (their replicas hold the same experts).
-- ``checkpoint_utils.save_checkpoint``: before a save, replicas of each expert must agree bit
-  for bit (``checkpoints.check_replicas_agree``).
 - ``Trainer.state_dict``: every checkpoint the trainer saves carries the run id and its update.
 - ``checkpoint_utils.load_checkpoint_to_cpu``: a checkpoint of a model with experts is refused
   if a tensor holds inf or NaN; every loaded file's run id and update are remembered.
+- ``checkpoint_utils.load_checkpoint_to_cpu`` also turns a file that cannot be read (empty,
+  truncated, corrupt) into one line naming it, for every model, instead of torch's traceback.
 - ``Trainer.load_checkpoint``: when W workers with experts load their own files (resume,
   ``--restore-file``), they compare run id, update and a checksum of the shared parameters
-  before the first step and all stop with one line if they differ.
+  before the first step and all stop with one line if they differ. When resuming from
+  ``checkpoint_last`` fails so (a kill during or between the workers' saves), they resume from
+  the newest ``checkpoint_E_U`` set that is complete, readable and consistent on every worker,
+  saying so in one line; with none, one line says what was found and what to pass.
 - ``torch.load``'s allowed globals: fairseq stores an ``argparse.Namespace`` in the
   configuration of checkpoints of its legacy components (``--optimizer sgd``, for example),
   which torch >= 2.6 refuses under its default ``weights_only=True``. That one class is
   allowed (a Namespace runs no code when unpickled); ``weights_only`` stays on.
-Touches: the per-rank files, the replica check, the finite check and the run comparison act on
+Touches: the per-rank files, the finite check and the run comparison act on
 models with experts only. The run stamp goes into every model's checkpoint (``extra_state``,
 read by nothing of fairseq's); the Namespace is allowed for every model, whose checkpoints
 fairseq could not load otherwise.
 """
 
 import argparse
+import logging
 import os
+import pickle
+import re
+import zipfile
+from typing import List, Optional, Tuple
 
 import torch
 from fairseq import checkpoint_utils
@@ -37,12 +45,11 @@ from fairseq.trainer import Trainer
 from fairseq_base import checkpoints
 from fairseq_base.fairseq_patches.which_models import as_config, has_expert_options, has_experts, is_expert_model
 from fairseq_base.groups import resolve_expert_parallel_size, resolve_num_experts
-from fairseq_base.layer import experts_by_layout
 
+logger = logging.getLogger(__name__)
 FAIRSEQ_TRAINER_INIT = Trainer.__init__
 FAIRSEQ_SHOULD_SAVE = Trainer.should_save_checkpoint_on_current_rank
 FAIRSEQ_LOAD_CHECKPOINT_TO_CPU = checkpoint_utils.load_checkpoint_to_cpu
-FAIRSEQ_SAVE_CHECKPOINT = checkpoint_utils.save_checkpoint
 FAIRSEQ_TRAINER_LOAD_CHECKPOINT = Trainer.load_checkpoint
 FAIRSEQ_TRAINER_STATE_DICT = Trainer.state_dict
 
@@ -73,12 +80,6 @@ def should_save_checkpoint_on_current_rank(self) -> bool:
     return FAIRSEQ_SHOULD_SAVE.fget(self)
 
 
-def save_checkpoint(cfg, trainer, *args, **kwargs):  # on every worker
-    for layout, params in experts_by_layout(trainer.get_model()):
-        checkpoints.check_replicas_agree(layout, params)
-    return FAIRSEQ_SAVE_CHECKPOINT(cfg, trainer, *args, **kwargs)
-
-
 def trainer_state_dict(self):
     state = FAIRSEQ_TRAINER_STATE_DICT(self)
     checkpoints.stamp(state, getattr(self, "fairseq_base_run_id", None), self.get_num_updates())
@@ -86,7 +87,12 @@ def trainer_state_dict(self):
 
 
 def load_checkpoint_to_cpu(path, *args, **kwargs):
-    state = FAIRSEQ_LOAD_CHECKPOINT_TO_CPU(path, *args, **kwargs)
+    try:
+        state = FAIRSEQ_LOAD_CHECKPOINT_TO_CPU(path, *args, **kwargs)
+    except (EOFError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
+        if not os.path.isfile(path):
+            raise
+        raise checkpoints.unreadable(path, err) from None
     saved_cfg = state.get("cfg")
     if has_expert_options(saved_cfg.get("model") if saved_cfg else None):
         checkpoints.check_finite(state, path)
@@ -94,27 +100,80 @@ def load_checkpoint_to_cpu(path, *args, **kwargs):
     return state
 
 
-def agree_on_loaded_checkpoint(trainer, filename: str) -> str:
+def agree_on_loaded_checkpoint(trainer, filename: str, unreadable: Optional[str] = None) -> str:
     """The run id after ``trainer.load_checkpoint(filename)``: the file's, or a new one (rank
-    0's). With W > 1 workers that each load their own file, the files must agree."""
+    0's). With W > 1 workers that each load their own file, the files must agree; a file
+    ``unreadable`` on any worker stops every worker."""
     loaded = checkpoints.LOADED.get(os.path.abspath(filename)) if os.path.isfile(filename) else None
     record = {"file": filename if loaded else None, "run_id": loaded["run_id"] if loaded else None,
-              "num_updates": loaded["num_updates"] if loaded else 0, "new_run_id": checkpoints.new_run_id()}
+              "num_updates": loaded["num_updates"] if loaded else 0, "new_run_id": checkpoints.new_run_id(),
+              "unreadable": unreadable}
     if trainer.data_parallel_world_size == 1:
-        return record["run_id"] or record["new_run_id"]
-    group, model = trainer.data_parallel_process_group, trainer.get_model()
-    if has_experts(model):  # every worker read its own file: they must agree
-        record["checksum"] = checkpoints.shared_checksum(model)
-        first = checkpoints.agree_across_workers(record, group)[0]
+        records = [record]
+    elif has_experts(trainer.get_model()):  # every worker read its own file: they must agree
+        record["checksum"] = checkpoints.shared_checksum(trainer.get_model()) if not unreadable else None
+        records = checkpoints.gather(record, trainer.data_parallel_process_group)
     else:  # rank 0 read the file and sent it to the others
-        first = checkpoints.gather(record, group)[0]
-    return first["run_id"] or first["new_run_id"]
+        records = checkpoints.gather(record, trainer.data_parallel_process_group)[:1]
+    for other in records:
+        if other["unreadable"]:
+            raise checkpoints.UnreadableCheckpoint(other["unreadable"])
+    if len(records) > 1:
+        checkpoints.check_agreement(records)
+    return records[0]["run_id"] or records[0]["new_run_id"]
+
+
+def complete_sets(trainer, save_dir: str) -> List[Tuple[int, int, str]]:
+    """(update, epoch, run id) of every ``checkpoint_E_U`` set in ``save_dir`` whose files are
+    readable on every worker (each its own, by its suffix) and of one run and update, newest first."""
+    pattern = re.compile(rf"checkpoint_(\d+)_(\d+){re.escape(trainer.checkpoint_suffix)}\.pt$")
+    mine = {}
+    for name in os.listdir(save_dir) if os.path.isdir(save_dir) else []:
+        match = pattern.match(name)
+        if match:
+            try:  # a quick look: the tensors stay on disk
+                stamp = checkpoints.provenance(checkpoints.read_checkpoint(os.path.join(save_dir, name), mmap=True))
+            except checkpoints.CheckpointError:
+                continue
+            mine[(int(match.group(1)), int(match.group(2)))] = (stamp["run_id"], stamp["num_updates"])
+    every = [mine]
+    if trainer.data_parallel_world_size > 1:
+        every = checkpoints.gather(mine, trainer.data_parallel_process_group)
+    common = [key for key in mine if all(worker.get(key) == mine[key] for worker in every)]
+    return sorted(((updates, epoch, mine[(epoch, updates)][0]) for epoch, updates in common), reverse=True)
 
 
 def trainer_load_checkpoint(self, filename, *args, **kwargs):
-    extra_state = FAIRSEQ_TRAINER_LOAD_CHECKPOINT(self, filename, *args, **kwargs)
-    self.fairseq_base_run_id = agree_on_loaded_checkpoint(self, filename)
-    return extra_state
+    unreadable = None
+    try:
+        extra_state = FAIRSEQ_TRAINER_LOAD_CHECKPOINT(self, filename, *args, **kwargs)
+    except checkpoints.UnreadableCheckpoint as err:
+        if not has_experts(self.get_model()):
+            raise
+        extra_state, unreadable = None, str(err)
+    try:
+        self.fairseq_base_run_id = agree_on_loaded_checkpoint(self, filename, unreadable)
+        return extra_state
+    except checkpoints.CheckpointError as err:
+        save_dir = self.cfg.checkpoint.save_dir
+        resuming = os.path.abspath(filename) == os.path.abspath(
+            os.path.join(save_dir, f"checkpoint_last{self.checkpoint_suffix}.pt"))
+        if not (resuming and has_experts(self.get_model())):
+            raise
+        sets = complete_sets(self, save_dir)
+        files = f"checkpoint_E_U{self.checkpoint_suffix or ''}.pt" if self.data_parallel_world_size == 1 else \
+            "checkpoint_E_U-rank-*.pt"
+        if not sets:
+            raise checkpoints.CheckpointError(
+                f"{err}; and no set of {files} in {save_dir} is complete and readable on every worker: pass "
+                f"--restore-file with a checkpoint of this run, or another --save-dir to start a new run") from None
+        updates, epoch, _ = sets[0]
+        newest = os.path.join(save_dir, f"checkpoint_{epoch}_{updates}{self.checkpoint_suffix}.pt")
+        logger.warning(f"fairseq_base: resuming from {newest} (update {updates}), the newest checkpoint set that is "
+                       f"complete on every worker, because the last one cannot be used: {err}")
+        extra_state = FAIRSEQ_TRAINER_LOAD_CHECKPOINT(self, newest, *args, **kwargs)
+        self.fairseq_base_run_id = agree_on_loaded_checkpoint(self, newest)
+        return extra_state
 
 
 def install() -> None:
@@ -124,4 +183,3 @@ def install() -> None:
     Trainer.state_dict = trainer_state_dict
     Trainer.load_checkpoint = trainer_load_checkpoint
     checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
-    checkpoint_utils.save_checkpoint = save_checkpoint

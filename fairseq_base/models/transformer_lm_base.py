@@ -1,6 +1,7 @@
 """``transformer_lm_base``: fairseq's transformer_lm with BASE layers between decoder layers."""
 
 import contextlib
+import os
 from dataclasses import dataclass, field
 
 from fairseq.dataclass import ChoiceEnum
@@ -92,14 +93,31 @@ def check_options(args, num_experts: int) -> None:
         raise BaseLayerConfigError(f"--base-moe-freq must be >= 0 (0: no expert FFNs), got {args.base_moe_freq}")
     if args.base_moe_freq > 0 and not args.decoder_normalize_before:
         raise BaseLayerConfigError("--base-moe-freq builds pre-LayerNorm expert blocks; add --decoder-normalize-before")
-    if args.base_capacity_factor < 0 or args.base_balance_loss < 0:
-        raise BaseLayerConfigError("--base-capacity-factor and --base-balance-loss must be >= 0")
+    for option, value in (("--base-capacity-factor", args.base_capacity_factor),
+                          ("--base-balance-loss", args.base_balance_loss)):
+        if value < 0:
+            raise BaseLayerConfigError(f"{option} must be >= 0, got {value}")
     if args.base_capacity_factor > 0 and args.base_router not in DEFAULT_CAPACITY_FACTOR:
         raise BaseLayerConfigError(
             f"--base-capacity-factor applies to --base-router switch or top2, not {args.base_router} "
             f"(which drops no tokens); remove it or choose one of those routers")
     if args.base_router == "top2" and num_experts < 2:
         raise BaseLayerConfigError("--base-router top2 needs at least 2 experts; raise --base-experts")
+
+
+def check_expert_memory(args, num_experts: int, expert_parallel_size: int) -> None:
+    """Refuse, before building them, experts whose float32 weights would not fit in this machine's memory."""
+    layers = args.base_layers * args.base_sublayers + (args.decoder_layers // args.base_moe_freq if args.base_moe_freq
+                                                       else 0)
+    per_expert_sublayer = 2 * args.decoder_embed_dim * args.decoder_ffn_embed_dim + 3 * args.decoder_embed_dim \
+        + args.decoder_ffn_embed_dim
+    needed = 4 * layers * (num_experts // expert_parallel_size) * per_expert_sublayer
+    available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > available:
+        raise BaseLayerConfigError(
+            f"--base-experts {num_experts}: this worker's {num_experts // expert_parallel_size} experts would take "
+            f"{needed / 2**30:.1f} GiB in float32 (more than this machine's {available / 2**30:.1f} GiB of memory); "
+            f"use fewer experts per worker (--base-experts, or more workers with --base-expert-parallel-size)")
 
 
 @register_model("transformer_lm_base", dataclass=TransformerLanguageModelBaseConfig)
@@ -110,6 +128,7 @@ class TransformerLanguageModelBase(TransformerLanguageModel):
         num_experts = resolve_num_experts(args.base_experts, layout.expert_parallel_size)
         check_options(args, num_experts)
 
+        check_expert_memory(args, num_experts, layout.expert_parallel_size)
         with _without_fairseq_base_layers(args):
             model = super().build_model(args, task)
         decoder = model.decoder
