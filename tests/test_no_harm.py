@@ -91,6 +91,7 @@ def command_line(data_bin, tmp_path_factory):  # noqa: F811
         return {model: future.result() for model, future in runs.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", MODELS)
 def test_command_line(command_line, model):
     logs = command_line[model]

@@ -254,6 +254,7 @@ def test_router_trains_in_one_process_and_logs_its_statistics(data_bin, tmp_path
 
 
 # Expert FFNs only (per-rank files that fairseq alone would not write), under both DDP backends.
+@pytest.mark.slow
 @pytest.mark.parametrize("router,base_layers,backend", [("switch", 0, "legacy_ddp"), ("hash", 0, "c10d")])
 def test_router_trains_on_two_gloo_workers(data_bin, tmp_path, router, base_layers, backend):  # noqa: F811
     flags = ["--base-router", router, *ROUTER_RUN, "--base-layers", str(base_layers), "--ddp-backend", backend,

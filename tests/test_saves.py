@@ -18,6 +18,7 @@ from test_torchrun import BIN, TINY_MODEL, error_messages, losses, torchrun_comm
 
 from fairseq_base.fairseq_patches import saves
 
+pytestmark = pytest.mark.slow
 FAULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "faults")
 SAVES = ["--base-experts", "2", "--ddp-backend", "legacy_ddp", "--save-interval-updates", "5", "--log-interval", "5"]
 

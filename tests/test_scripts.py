@@ -36,6 +36,7 @@ def test_launch_paper_refuses_a_gpu_count_that_does_not_fill_nodes():
     assert result.stderr.strip() == "launch_paper.sh: GPUS=12 is not a multiple of GPUS_PER_NODE=8"
 
 
+@pytest.mark.slow
 def test_reproduce_small_runs_seeds_and_an_expert_sweep(data_bin, tmp_path):  # noqa: F811
     data = tmp_path / "bin"  # the script scores the test split, which data_bin lacks
     text = data_bin / "valid.txt"

@@ -14,6 +14,7 @@ from test_torchrun import BIN, TINY_MODEL, losses
 
 from fairseq_base.reshard import reshard
 
+pytestmark = pytest.mark.slow
 # No --distributed-backend: without CUDA devices it is gloo.
 SPAWN = ["--cpu", "--distributed-world-size", "2"]
 

@@ -58,7 +58,11 @@ class SaveDirLock:
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         if not self._create():
             holder = self.holder()
-            stale = holder.get("host") == self.record["host"] and not _process_runs(int(holder.get("pid", -1)))
+            here = holder.get("host") == self.record["host"]
+            if here and holder.get("pid") == self.record["pid"]:  # an earlier run of this process (fairseq's
+                os.remove(self.path)  # Python entry point called again) that has ended: ours to take
+                return self.take()
+            stale = here and not _process_runs(int(holder.get("pid", -1)))
             if not stale:
                 raise checkpoints.CheckpointError(
                     f"--save-dir {os.path.dirname(self.path)} is in use by another run ({_describe(holder)}); wait "
