@@ -27,8 +27,10 @@ SGD = ["--optimizer", "sgd", "--lr", "0.1"]  # a legacy fairseq component: its c
 SHARDS = 3
 _ARCH = TINY_MODEL.index("--arch")
 TRUNK = TINY_MODEL[:_ARCH] + TINY_MODEL[_ARCH + 2:]  # the tiny model's options, less its --arch
+# Lines longer than the model's 64 positions (Brown has some) are skipped, as fairseq's option says.
 SAMPLE = ["--task", "language_modeling", "--gen-subset", "valid", "--tokens-per-sample", "64",
-          "--sample-break-mode", "eos", "--beam", "2", "--max-len-b", "5", "--batch-size", "8", "--num-workers", "0"]
+          "--sample-break-mode", "eos", "--beam", "2", "--max-len-b", "5", "--batch-size", "8", "--num-workers", "0",
+          "--skip-invalid-size-inputs-valid-test"]
 
 
 def train_args(data, model, save_dir, updates):
