@@ -13,7 +13,8 @@ from fairseq_base.errors import BaseLayerConfigError
 from fairseq_base.experts import LocalExperts
 from fairseq_base.groups import ExpertLayout, expert_layout
 from fairseq_base.router import (BASE_ROUTERS, DEFAULT_CAPACITY_FACTOR, ROUTERS, Routing, hash_routing,
-                                 random_hash, routing_counts, sigmoid_gated, stats_from_counts)
+                                 lossfree_routing, random_hash, routing_counts, sigmoid_gated, stats_from_counts,
+                                 update_expert_bias)
 
 
 class BaseLayer(nn.Module):
@@ -36,7 +37,7 @@ class BaseLayer(nn.Module):
                  activation_fn: str = "relu", eval_routing: str = "greedy", shuffle: bool = True,
                  layout: Optional[ExpertLayout] = None, name: str = "base", router: str = "balanced",
                  capacity_factor: Optional[float] = None, balance_loss_weight: float = 0.0,
-                 vocab_size: int = 0, dropout: float = 0.0):
+                 vocab_size: int = 0, dropout: float = 0.0, bias_update_rate: float = 1e-3):
         super().__init__()
         self.layout = layout or expert_layout()
         self.dispatcher = TokenDispatcher(num_experts, self.layout.expert_parallel_group)
@@ -56,6 +57,12 @@ class BaseLayer(nn.Module):
             self.token_ids: Optional[Tensor] = None
         else:
             self.centroids = nn.Parameter(nn.init.orthogonal_(torch.empty(num_experts, embed_dim), gain=0.1))
+        if router == "lossfree":
+            # The choice bias, saved with the model and the same on every worker; and the tokens
+            # each expert received, from every worker, since the last ``update_bias``.
+            self.register_buffer("expert_bias", torch.zeros(num_experts))
+            self.register_buffer("pending_load", torch.zeros(num_experts), persistent=False)
+            self.bias_update_rate = bias_update_rate
         local = self.dispatcher.num_local_experts
         first = self.layout.expert_parallel_rank * local
         # Drawn from the global generator, like every other initial weight, so that it follows
@@ -91,6 +98,8 @@ class BaseLayer(nn.Module):
             # Hidden states are time-major [T, B, C]; token ids are [B, T].
             return hash_routing(self.token_ids.t(), self.hash_table), None
         scores = self._scores(tokens)
+        if self.router == "lossfree":
+            return lossfree_routing(scores, self.expert_bias), scores
         if self.router in BASE_ROUTERS:
             return ROUTERS[self.router if self.training else self.eval_routing](scores), scores
         # Outside training nothing is dropped, so that no token's output depends on its batch.
@@ -189,8 +198,26 @@ class BaseLayer(nn.Module):
         counts = routing_counts(routing, scores, self.num_experts)
         if self.layout.world_size > 1:
             dist.all_reduce(counts, group=self.layout.world_group)
+        if self.router == "lossfree" and self.training:  # the whole batch's load, already summed
+            self.pending_load += counts[:self.num_experts]
         for key, value in stats_from_counts(counts, self.num_experts).items():
             metrics.log_scalar(f"{self.name}_{key}", value, weight=1, priority=250, round=3)
+
+    def update_bias(self) -> None:
+        """lossfree: move the bias toward the experts that received fewer tokens than the mean since
+        the last update (once per optimizer step). Every worker adds the same all-reduced load, so
+        the bias stays the same everywhere without a collective of its own; no load, no change."""
+        update_expert_bias(self.expert_bias, self.pending_load, self.bias_update_rate)
+        self.pending_load.zero_()
+
+    def _apply(self, fn, *args, **kwargs):
+        # The bias stays float32 under --fp16 and --bf16 (model.half() casts every buffer): steps
+        # of 1e-3 vanish against a bias of 1 in bf16, whose spacing there is 2^-7.
+        kept = {name: self._buffers[name] for name in ("expert_bias", "pending_load") if name in self._buffers}
+        super()._apply(fn, *args, **kwargs)
+        for name, value in kept.items():
+            self._buffers[name] = value.to(self._buffers[name].device)
+        return self
 
     def _log_churn(self, expert_ids: Tensor) -> None:
         """Log ``churn``, the share of the probe's tokens whose first-choice expert changed since the
@@ -241,6 +268,13 @@ class BaseLayer(nn.Module):
                 if key.startswith(source):
                     state_dict[f"{expert_prefix}{j}.{key[len(source):]}"] = value
         state_dict[prefix + "expert_ids"] = self.expert_ids.clone()
+
+
+def update_expert_biases(model: nn.Module) -> None:
+    """Once per optimizer step: ``BaseLayer.update_bias`` of every lossfree layer of ``model``."""
+    for layer in model.modules():
+        if isinstance(layer, BaseLayer) and layer.router == "lossfree":
+            layer.update_bias()
 
 
 def experts_by_layout(model: nn.Module):

@@ -38,7 +38,7 @@ from fairseq_base.errors import BaseLayerConfigError
 SHARD_NAME = re.compile(r"^(?P<stem>.*)-rank-(?P<rank>\d+)\.pt$")
 EXPERT_IDS = "expert_ids"
 # Buffers of transformer_lm_base; every other state-dict entry is a parameter.
-BUFFER_SUFFIXES = (EXPERT_IDS, "decoder.version", "_float_tensor")
+BUFFER_SUFFIXES = (EXPERT_IDS, "decoder.version", "_float_tensor", "hash_table", "expert_bias")
 
 
 class ReshardError(BaseLayerConfigError):

@@ -9,6 +9,9 @@ room for it; update_k(h) = expert_k(h) - h. Routers differ in how they choose an
     switch    Switch Transformer: top-1 of softmax, gate = its probability, capacity, balance loss
     top2      GShard: top-2 of softmax, gates renormalised over the two, capacity, balance loss
     hash      Hash layers: a fixed random expert per token id, gate 1, no parameters
+    lossfree  DeepSeek-V3's auxiliary-loss-free balancing: top-1 of score + a per-expert bias
+              (used to choose only), gate sigmoid(score); the bias moves toward the
+              under-loaded experts once per optimizer step (``update_expert_bias``)
 
 Capacity: expert e takes at most ceil(capacity_factor * T / E) (token, choice) pairs; first
 choices come before second choices, then token order. A token over capacity gets no
@@ -63,6 +66,20 @@ def sbase_routing(scores: Tensor) -> Routing:
 
 def greedy_routing(scores: Tensor) -> Routing:
     return sigmoid_gated(scores, greedy_assignment(scores.detach()))
+
+
+def lossfree_routing(scores: Tensor, bias: Tensor) -> Routing:
+    """Top-1 of ``scores + bias`` (``bias`` [E]), gated by the unbiased sigmoid(score): the bias
+    steers the choice and nothing else (Wang et al., 2024; DeepSeek-V3). The same in training
+    and inference; nothing is dropped."""
+    return sigmoid_gated(scores, greedy_assignment(scores.detach() + bias))
+
+
+def update_expert_bias(bias: Tensor, load: Tensor, rate: float) -> None:
+    """bias_e += rate * sign(mean load - load_e), in place: the under-loaded experts become more
+    attractive, the over-loaded less. ``load`` [E]: tokens routed to each expert since the last
+    update, by every worker."""
+    bias.add_(torch.sign(load.mean() - load), alpha=rate)
 
 
 def capacity(num_tokens: int, num_experts: int, capacity_factor: float) -> int:

@@ -1,9 +1,17 @@
 #!/usr/bin/env python3
-"""The paper's language-model comparison at laptop scale: dense, BASE, BASE x 3, BASE Top, and the
-routing baselines Switch, top-2 MoE and Hash layers, each with several seeds.
+"""The paper's language-model comparison at laptop scale, with several seeds: two comparisons.
 
     python scripts/reproduce_small.py [--minutes 3] [--seeds 3] [--out runs/reproduce_small]
+    python scripts/reproduce_small.py --comparison routers --out runs/reproduce_routers
     python scripts/reproduce_small.py --models dense,BASE,Hash --experts 1,2,4,8,16   # the expert-count sweep
+
+``--comparison architectures`` (the default): each method in its paper's architecture: dense,
+BASE (one BASE layer of 3 sublayers after the middle layer), BASE x 3, BASE Top, and Switch,
+top-2 MoE and Hash layers (the FFNs of layers 2 and 4 as expert FFNs). It answers "which
+method, as published"; the router and the expert layers change together.
+``--comparison routers``: only the router changes: the same expert FFNs at layers 2 and 4
+(configs/small_routers.yaml, E = 4), routed by balanced (BASE), sbase, switch, top2, hash
+and lossfree (DeepSeek-V3's bias), plus dense. It answers "which router".
 
 Each model trains from its configs/small_*.yaml on the Brown corpus for the same wall-clock
 budget on this machine (the paper compares at equal GPUs and time), once per seed,
@@ -39,9 +47,18 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # expert_load imports this checkout's fairseq_base, whichever one pip installed
-MODELS = {"dense": "small_dense", "BASE": "small_base", "BASE x 3": "small_base_x3", "BASE Top": "small_base_top",
-          "Switch": "small_switch", "MoE top-2": "small_moe_top2", "Hash": "small_hash"}
+# Per comparison: model -> (config, overrides).
+COMPARISONS = {
+    "architectures": {"dense": ("small_dense", []), "BASE": ("small_base", []), "BASE x 3": ("small_base_x3", []),
+                      "BASE Top": ("small_base_top", []), "Switch": ("small_switch", []),
+                      "MoE top-2": ("small_moe_top2", []), "Hash": ("small_hash", [])},
+    "routers": {"dense": ("small_dense", []),
+                **{name: ("small_routers", [f"model.base_router={router}"]) for name, router in (
+                    ("BASE", "balanced"), ("S-BASE", "sbase"), ("Switch", "switch"), ("MoE top-2", "top2"),
+                    ("Hash", "hash"), ("lossfree", "lossfree"))}},
+}
 DROPPED = re.compile(r"\b\w+_dropped=([0-9.]+)")
+LOAD_MAX = re.compile(r"\b\w+_load_max=([0-9.]+)")
 CHURN = re.compile(r"\b(\w+)_churn ([0-9.]+)")
 STAMP = re.compile(r"^(?:\[)?(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)")
 
@@ -51,27 +68,30 @@ def log_time(line):
     return datetime.datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S") if match else None
 
 
-def run_name(config, experts, seed):
-    return f"{config}{f'-e{experts}' if experts else ''}-seed{seed}"
+def run_name(config, overrides, experts, seed):
+    variant = "".join("-" + override.split("=", 1)[1] for override in overrides)
+    return f"{config}{variant}{f'-e{experts}' if experts else ''}-seed{seed}"
 
 
-def train(config, data, minutes, out, seed, experts=None, validate_every=50):
-    name = run_name(config, experts, seed)
+def train(config, overrides, data, minutes, out, seed, experts=None, validate_every=50):
+    """(save_dir, validation curve, training statistics of the last logged batches)."""
+    name = run_name(config, overrides, experts, seed)
     save_dir = os.path.join(out, name)
     log_path = os.path.join(out, f"{name}.log")
     cmd = ["fairseq-hydra-train", "--config-dir", os.path.join(REPO, "configs"), "--config-name", config,
            f"task.data={data}", f"checkpoint.save_dir={save_dir}", f"hydra.run.dir={save_dir}/hydra",
            "optimization.max_update=100000", f"optimization.stop_time_hours={minutes / 60}",
            f"dataset.validate_interval_updates={validate_every}", "checkpoint.save_interval_updates=100000",
-           "common.log_interval=25", f"common.seed={seed}"] + ([f"model.base_experts={experts}"] if experts else [])
-    curve, start, dropped = [], None, 0.0
+           "common.log_interval=25", f"common.seed={seed}", *overrides] + (
+               [f"model.base_experts={experts}"] if experts else [])
+    curve, start, stats = [], None, {"dropped": 0.0, "busiest": None}
     env = dict(os.environ, PYTHONUNBUFFERED="1")  # progress lines as they come
     with open(log_path, "w") as log, subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, env=env,
                                                       stderr=subprocess.STDOUT, text=True) as proc:
         for line in proc.stdout:
             log.write(line)
             if "train_inner" in line:  # "| train_inner |" (fairseq-train) or "[train_inner]" (Hydra)
-                dropped = dropped_share(line)
+                stats = training_stats(line)
             if "begin training epoch 1" in line:
                 start = log_time(line)
             if "valid on 'valid' subset" in line:
@@ -83,13 +103,18 @@ def train(config, data, minutes, out, seed, experts=None, validate_every=50):
                 print(f"|   {name}: update {updates}, {seconds:.0f}s, valid ppl {ppl:.2f}", flush=True)
     if proc.returncode != 0:
         sys.exit(f"reproduce_small: {name} failed; see {log_path}")
-    return save_dir, curve, dropped
+    return save_dir, curve, stats
 
 
-def dropped_share(line):
-    """Mean over expert layers of the share of (token, choice) pairs dropped, from a train_inner line."""
-    shares = [float(share) for share in DROPPED.findall(line)]
-    return sum(shares) / len(shares) if shares else 0.0
+def training_stats(line):
+    """From a train_inner line, means over expert layers: the share of (token, choice) pairs
+    dropped, and the busiest expert's load over the mean (its share of the pairs times E; None
+    for dense)."""
+    def mean(values):
+        return sum(values) / len(values) if values else None
+
+    return {"dropped": mean([float(v) for v in DROPPED.findall(line)]) or 0.0,
+            "busiest": mean([float(v) for v in LOAD_MAX.findall(line)])}
 
 
 def evaluate(data, save_dir):
@@ -302,22 +327,34 @@ def write_results(results, meta, out):
     common = summarize(results)
     sweep = any(r["experts"] for r in results.values())
     reference = results.get("dense" if sweep else "BASE") or next(iter(results.values()))
-    lines = [f"Small-scale reproduction: {meta['minutes']:g} minutes of training per run, {meta['seeds']} seed(s) per "
-             f"model, on {meta['machine']}.",
+    title = {"architectures": "Small-scale reproduction (each method in its paper's architecture)",
+             "routers": "Router comparison (only the router changes: the expert FFNs of configs/small_routers.yaml)"}
+    lines = [f"{title[meta.get('comparison', 'architectures')]}: {meta['minutes']:g} minutes of training per run, "
+             f"{meta['seeds']} seed(s) per model, on {meta['machine']}.",
              f"Command: `{' '.join(['python', 'scripts/reproduce_small.py'] + meta['command'])}`",
              "", f"Perplexities: mean ± standard deviation [min, max] over seeds. Validation at equal updates: at "
              f"update {common}, the last every run reached. \"vs {reference['label']}\": test perplexity difference; "
-             "beyond the spread where the two ranges do not overlap.", "",
+             "beyond the spread where the two ranges do not overlap. Busiest expert: its share of the tokens, per "
+             "expert layer, against 1/E for perfect balance (in training: the last logged batches, mean over seeds "
+             "and layers). Churn: the share of a fixed probe of validation tokens whose expert changed since the "
+             "previous validation (the last one, mean over seeds and layers).", "",
              f"| model | config | seeds | updates (mean) | test ppl (equal wall-clock) | valid ppl at update {common} "
-             f"| vs {reference['label']} | busiest expert's share at inference (first seed) | dropped in training |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"| vs {reference['label']} | busiest expert in training | busiest expert at inference (first seed) "
+             f"| churn | dropped in training |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         first = r["runs"][0]
-        busiest = ", ".join(f"{load[0]:.2f} of 1/{len(load)}" for load in first["expert_load"].values()) or "-"
+        loads = list(first["expert_load"].values())
+        busiest = ", ".join(f"{load[0]:.2f} of 1/{len(load)}" for load in loads) or "-"
         dropped = statistics.mean(run["train_dropped"] for run in r["runs"])
+        in_training = [run.get("train_busiest") for run in r["runs"] if run.get("train_busiest") is not None]
+        in_training = f"{statistics.mean(in_training) / len(loads[0]):.2f} of 1/{len(loads[0])}" if (
+            in_training and loads) else "-"
+        churn = [statistics.mean(run["curve"][-1]["churn"].values()) for run in r["runs"] if run["curve"][-1]["churn"]]
+        churn = f"{statistics.mean(churn):.3f}" if churn else "-"
         lines.append(f"| {name} | {r['config']} | {len(r['runs'])} | {r['updates']:.0f} | {describe(r['test_ppl'])} | "
-                     f"{describe(r['valid_ppl_at_common_updates'])} | {versus(r, reference)} | {busiest} | "
-                     f"{dropped:.1%} |")
+                     f"{describe(r['valid_ppl_at_common_updates'])} | {versus(r, reference)} | {in_training} | "
+                     f"{busiest} | {churn} | {dropped:.1%} |")
     if sweep:
         lines += sweep_table(results, common)
     with open(os.path.join(out, "results.md"), "w") as f:
@@ -334,7 +371,10 @@ def main():
     parser.add_argument("--seeds", type=int, default=3, help="runs per model, with seeds 1..N")
     parser.add_argument("--data", default=os.path.join(REPO, "data-bin", "brown"))
     parser.add_argument("--out", default=os.path.join(REPO, "runs", "reproduce_small"))
-    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated, from: " + ", ".join(MODELS))
+    parser.add_argument("--comparison", choices=sorted(COMPARISONS), default="architectures",
+                        help="architectures: each method as its paper built it; routers: only the router changes")
+    parser.add_argument("--models", default="", help="comma-separated (default: all of the comparison's), from: " +
+                        "; ".join(f"{c}: {', '.join(models)}" for c, models in COMPARISONS.items()))
     parser.add_argument("--experts", default="", help="comma-separated expert counts: run every routed model at each")
     parser.add_argument("--validate-every", type=int, default=50, help="validation interval in updates")
     parser.add_argument("--redraw", action="store_true",
@@ -346,14 +386,17 @@ def main():
                 saved = json.load(f)
         except (OSError, ValueError) as err:
             parser.error(f"--redraw reads --out's results.json: {err}")
-        write_results(saved.pop("models"), {key: saved[key] for key in ("minutes", "seeds", "machine", "command")},
-                      args.out)
+        write_results(saved.pop("models"), {key: saved[key] for key in ("minutes", "seeds", "machine", "command",
+                                                                         "comparison") if key in saved}, args.out)
         return
     # Hydra runs each training in its own working directory.
     args.out, args.data = os.path.abspath(args.out), os.path.abspath(args.data)
-    unknown = set(args.models.split(",")) - set(MODELS)
+    models = COMPARISONS[args.comparison]
+    args.models = args.models or ",".join(models)
+    unknown = set(args.models.split(",")) - set(models)
     if unknown:
-        parser.error(f"--models: unknown {sorted(unknown)}; choose from {', '.join(MODELS)}")
+        parser.error(f"--models: unknown {sorted(unknown)} for --comparison {args.comparison}; choose from "
+                     f"{', '.join(models)}")
     if args.seeds < 1:
         parser.error(f"--seeds must be >= 1, got {args.seeds}")
     try:
@@ -362,12 +405,12 @@ def main():
         parser.error(f"--experts {args.experts!r} is not a comma-separated list of expert counts")
     if any(e < 1 for e in experts) or ("MoE top-2" in args.models.split(",") and 1 in experts):
         parser.error(f"--experts {args.experts}: counts must be >= 1 (>= 2 for MoE top-2)")
-    plan = {}  # label -> (model, config, experts)
+    plan = {}  # label -> (model, config, overrides, experts)
     for name in args.models.split(","):
         for count in experts if experts and name != "dense" else [None]:
-            plan[name if count is None else f"{name} E={count}"] = (name, MODELS[name], count)
+            plan[name if count is None else f"{name} E={count}"] = (name, *models[name], count)
     runs = [(label, seed) for seed in range(1, args.seeds + 1) for label in plan]  # seeds outermost: alternating
-    used = [run_name(plan[label][1], plan[label][2], seed) for label, seed in runs]
+    used = [run_name(*plan[label][1:], seed) for label, seed in runs]
     used = [os.path.join(args.out, name) for name in used if os.path.exists(os.path.join(args.out, name))]
     if used:  # fairseq would resume from them, and the curves would not start at update 0
         parser.error(f"--out {args.out} already holds runs ({', '.join(used)}); pass a new --out or remove them")
@@ -382,20 +425,24 @@ def main():
     from fairseq_base.assignment import balanced_assignment
     balanced_assignment(torch.randn(4, 2))
 
-    results = {label: {"label": label, "model": model, "config": config, "experts": count, "runs": []}
-               for label, (model, config, count) in plan.items()}
+    results = {label: {"label": label, "model": model, "config": " ".join([config, *overrides]), "experts": count,
+                       "runs": []} for label, (model, config, overrides, count) in plan.items()}
     for i, (label, seed) in enumerate(runs):
-        model, config, count = plan[label]
-        print(f"== [{i + 1}/{len(runs)}] {label} ({config}), seed {seed}, {args.minutes:g} minutes", flush=True)
-        save_dir, curve, dropped = train(config, args.data, args.minutes, args.out, seed, count, args.validate_every)
-        run = {"seed": seed, "curve": curve, "test_ppl": evaluate(args.data, save_dir), "train_dropped": dropped,
+        model, config, overrides, count = plan[label]
+        print(f"== [{i + 1}/{len(runs)}] {label} ({results[label]['config']}), seed {seed}, {args.minutes:g} minutes",
+              flush=True)
+        save_dir, curve, stats = train(config, overrides, args.data, args.minutes, args.out, seed, count,
+                                       args.validate_every)
+        run = {"seed": seed, "curve": curve, "test_ppl": evaluate(args.data, save_dir),
+               "train_dropped": stats["dropped"], "train_busiest": stats["busiest"],
                "expert_load": expert_load(args.data, save_dir) if model != "dense" else {}}
         results[label]["runs"].append(run)
         print(f"|   {label}, seed {seed}: test perplexity {run['test_ppl']:.2f}", flush=True)
 
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU"
+    cores = len(os.sched_getaffinity(0))
+    machine = f"{platform.processor() or platform.machine()}, {cores} of {os.cpu_count()} cores, no GPU"
     write_results(results, {"minutes": args.minutes, "seeds": args.seeds, "machine": machine,
-                            "command": sys.argv[1:]}, args.out)
+                            "command": sys.argv[1:], "comparison": args.comparison}, args.out)
     print(f"\nwrote {args.out}/results.md, results.json and plots")
 
 

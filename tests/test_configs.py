@@ -21,10 +21,10 @@ PAPER = {"paper_base": (24, [12], 10), "paper_base_x3": (24, [6, 12, 18], 3),
          "paper_switch": (24, [], None), "paper_moe_top2": (24, [], None)}
 SMALL = {"small_base": (4, [2], 3), "small_base_x3": (4, [1, 2, 3], 1), "small_base_top": (4, [4], 3),
          "small_dense": (4, [], None), "small_switch": (4, [], None), "small_moe_top2": (4, [], None),
-         "small_hash": (4, [], None)}
+         "small_hash": (4, [], None), "small_routers": (4, [], None)}
 # The MoE baselines: every other FFN (layers 2, 4, ... counting from 1) is an expert FFN.
 ROUTER = {"paper_switch": ("switch", 1.0), "paper_moe_top2": ("top2", 2.0), "small_switch": ("switch", 1.0),
-          "small_moe_top2": ("top2", 2.0), "small_hash": ("hash", None)}
+          "small_moe_top2": ("top2", 2.0), "small_hash": ("hash", None), "small_routers": ("balanced", None)}
 
 
 def compose_config(name, data_dir, *overrides):

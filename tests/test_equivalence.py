@@ -60,39 +60,57 @@ def assert_same_parameters(one, many, tolerance):
     assert worst <= tolerance, worst
 
 
-# (workers W, expert-parallel size P, experts E, DDP backend)
-LAYOUTS = [(4, 2, 2, "c10d"), (4, 2, 4, "legacy_ddp"), (4, 4, 4, "c10d")]
+# (workers W, expert-parallel size P, experts E, DDP backend, router)
+LAYOUTS = [(4, 2, 2, "c10d", "balanced"), (4, 2, 4, "legacy_ddp", "balanced"), (4, 4, 4, "c10d", "balanced"),
+           (2, 2, 4, "legacy_ddp", "lossfree")]
+
+
+def router_flags(router):
+    """lossfree: at the BASE layer's position and in expert FFNs, with a bias that moves visibly in 10 steps."""
+    if router == "balanced":
+        return []
+    return ["--base-router", router, "--base-moe-freq", "2", "--base-bias-update-rate", "0.01"]
 
 
 @pytest.fixture(scope="module")
 def one_process_runs(data_bin, tmp_path_factory):  # noqa: F811
-    """One process with --update-freq W and E experts for each (W, E) of LAYOUTS: {(W, E): (losses, save_dir)}."""
-    cases = sorted({(workers, num_experts) for workers, _, num_experts, _ in LAYOUTS})
-    save_dirs = [tmp_path_factory.mktemp(f"one-{workers}-{num_experts}") for workers, num_experts in cases]
+    """One process with --update-freq W and E experts for each (W, E, router) of LAYOUTS: {(W, E, router):
+    (losses, save_dir)}."""
+    cases = sorted({(workers, num_experts, router) for workers, _, num_experts, _, router in LAYOUTS})
+    save_dirs = [tmp_path_factory.mktemp(f"one-{workers}-{num_experts}-{router}")
+                 for workers, num_experts, router in cases]
     results = run_two_at_a_time(
         one_process_command(data_bin, save_dir, *SAME_MATH, "--cpu", "--update-freq", str(workers),
-                            "--base-experts", str(num_experts)) for (workers, num_experts), save_dir in zip(cases, save_dirs))
+                            "--base-experts", str(num_experts), *router_flags(router))
+        for (workers, num_experts, router), save_dir in zip(cases, save_dirs))
     return {case: (losses(result), save_dir) for case, result, save_dir in zip(cases, results, save_dirs)}
 
 
-@pytest.mark.parametrize("workers,parallel,num_experts,backend", LAYOUTS,
-                         ids=[f"W{w}-P{p}-E{e}-{b}" for w, p, e, b in LAYOUTS])
+@pytest.mark.parametrize("workers,parallel,num_experts,backend,router", LAYOUTS,
+                         ids=[f"W{w}-P{p}-E{e}-{b}-{r}" for w, p, e, b, r in LAYOUTS])
 def test_workers_match_one_process_with_the_same_global_batch(data_bin, one_process_runs, tmp_path,  # noqa: F811
-                                                              workers, parallel, num_experts, backend):
+                                                              workers, parallel, num_experts, backend, router):
     """W workers in groups of P, under legacy_ddp and torch's DDP (c10d), against one process with
     --update-freq W: Adam and --clip-norm 0.5 (in TINY_MODEL), 10 updates. Fails if expert
     gradients are not summed over their W/P replicas or not divided by W (parameters then
     differ by about 4e-3), if DDP averages experts, if the clip norm covers experts, or if the
     layouts start from different experts. Only the first P workers write files, and replicas
     agree bit for bit (checked through their gradients' all-reduce by comparing every worker's
-    experts in the checkpoint the P writers share)."""
-    single, single_dir = one_process_runs[workers, num_experts]
+    experts in the checkpoint the P writers share). lossfree: its bias, updated from the load of
+    both workers, is the same in both files (a shared entry) and the same as one process's."""
+    single, single_dir = one_process_runs[workers, num_experts, router]
     many = losses(torchrun_train(workers, data_bin, tmp_path, *SAME_MATH, "--ddp-backend", backend,
-                                 "--base-experts", str(num_experts), "--base-expert-parallel-size", str(parallel)))
+                                 "--base-experts", str(num_experts), "--base-expert-parallel-size", str(parallel),
+                                 *router_flags(router)))
     assert_same_losses(single, many, loss_tolerance=1e-3)  # logged with 3 decimals
     assert sorted(p.name for p in tmp_path.glob("checkpoint_last*.pt")) == (
         [f"checkpoint_last-rank-{r}.pt" for r in range(parallel)])
-    assert_same_parameters(global_parameters(single_dir, 1), global_parameters(tmp_path, parallel, num_experts), 1e-4)
+    one, merged = global_parameters(single_dir, 1), global_parameters(tmp_path, parallel, num_experts)
+    assert_same_parameters(one, merged, 1e-4)
+    biases = [key for key in merged if key.endswith("expert_bias")]
+    assert len(biases) == (2 if router == "lossfree" else 0)
+    for key in biases:
+        assert merged[key].abs().max() > 0 and torch.allclose(merged[key], one[key], atol=1e-6), key
 
 
 @pytest.mark.cuda(devices=2)
@@ -113,9 +131,9 @@ def test_two_gpus_with_fp16_and_nccl_match_one_gpu(data_bin, tmp_path, monkeypat
     assert_same_parameters(global_parameters(tmp_path / "one", 1), global_parameters(tmp_path / "two", 2), 2e-2)
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_bf16_trains_on_cpu(data_bin, tmp_path, workers):  # noqa: F811
-    flags = ["--bf16", "--base-experts", "4", "--max-update", "30", "--log-interval", "5"]
+@pytest.mark.parametrize("workers,router", [(1, "balanced"), (2, "balanced"), (1, "lossfree")])
+def test_bf16_trains_on_cpu(data_bin, tmp_path, workers, router):  # noqa: F811
+    flags = ["--bf16", "--base-experts", "4", "--max-update", "30", "--log-interval", "5", *router_flags(router)]
     if workers == 1:
         result = one_process_train(data_bin, tmp_path, *flags, "--cpu")
     else:
@@ -125,5 +143,7 @@ def test_bf16_trains_on_cpu(data_bin, tmp_path, workers):  # noqa: F811
     saved = torch.load(next(tmp_path.glob("checkpoint_last*.pt")), weights_only=False)
     assert saved["cfg"]["common"]["bf16"] and not saved["cfg"]["common"]["tpu"]
     assert "loss_scale" not in saved["last_optimizer_state"]  # fairseq's FP16Optimizer, bf16 (no loss scaling)
+    assert all(value.dtype == torch.float32 and value.abs().max() > 0
+               for key, value in saved["model"].items() if key.endswith("expert_bias"))
     if workers == 2:
         global_parameters(tmp_path, 2)  # shared parameters identical on both workers

@@ -158,7 +158,7 @@ def test_bad_positions(spec, count, match):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("router", ["balanced", "sbase", "switch", "top2"])
+@pytest.mark.parametrize("router", ["balanced", "sbase", "switch", "top2", "lossfree"])
 def test_routing_scores_are_float32_in_a_half_precision_model(dtype, router):
     """Two centroids whose scores differ by less than half a bf16/fp16 step at 8: in the model's
     dtype the products tie (and argmax takes expert 0); in float32 expert 1 wins."""
@@ -177,7 +177,7 @@ def test_routing_scores_are_float32_in_a_half_precision_model(dtype, router):
     assert out.dtype == dtype  # only routing is in float32; the layer's output keeps the model's dtype
 
 
-@pytest.mark.parametrize("router", ["balanced", "sbase", "switch", "top2"])
+@pytest.mark.parametrize("router", ["balanced", "sbase", "switch", "top2", "lossfree"])
 def test_routing_scores_are_float32_under_autocast(router):
     """fairseq's --amp runs the forward under autocast, which recasts matmuls to half precision
     even after .float(); on CPU, bf16 autocast shows the same. Scores stay float32 and route

@@ -1,4 +1,5 @@
-"""Baseline routers (sbase, switch, top2, hash): routing rules, capacity, balance loss, statistics, training."""
+"""Baseline routers (sbase, switch, top2, hash, lossfree): routing rules, capacity, balance loss, the
+lossfree bias, statistics, training."""
 
 import math
 import re
@@ -10,9 +11,11 @@ from torch import nn
 from fairseq_base.assignment import balanced_assignment, greedy_assignment, sinkhorn_assignment
 from fairseq_base.criterions.base_cross_entropy import take_balance_loss
 from fairseq_base.errors import BaseLayerConfigError
-from fairseq_base.layer import BaseLayer
-from fairseq_base.router import (Routing, hash_routing, random_hash, routing_counts, stats_from_counts,
-                                 switch_balance_loss, switch_routing, top2_routing, within_capacity)
+from fairseq_base.layer import BaseLayer, update_expert_biases
+from fairseq_base.reshard import reshard
+from fairseq_base.router import (Routing, hash_routing, lossfree_routing, random_hash, routing_counts,
+                                 stats_from_counts, switch_balance_loss, switch_routing, top2_routing,
+                                 update_expert_bias, within_capacity)
 from test_end_to_end import data_bin, run  # noqa: F401  (fixture)
 from test_layer import Scale
 from test_torchrun import TINY_MODEL, losses, torchrun_train
@@ -92,6 +95,83 @@ def test_top2_first_choices_come_before_second_choices():
 def test_within_capacity_counts_each_expert_separately():
     ids = torch.tensor([[1], [1], [0], [1], [0]])
     assert within_capacity(ids, 2, 2)[:, 0].tolist() == [True, True, True, False, True]
+
+
+def busiest_share(expert_ids, num_experts):
+    return torch.bincount(expert_ids.reshape(-1), minlength=num_experts).max().item() / expert_ids.numel()
+
+
+def test_lossfree_bias_chooses_and_the_unbiased_score_gates():
+    scores = torch.tensor([[2.0, 1.0], [0.0, 0.5]])
+    routing = lossfree_routing(scores, torch.tensor([0.0, 1.5]))
+    assert routing.expert_ids[:, 0].tolist() == [1, 1] and routing.kept is None  # nothing dropped
+    assert torch.equal(routing.gates[:, 0], torch.sigmoid(torch.tensor([1.0, 0.5])))
+    bias = torch.zeros(3)
+    update_expert_bias(bias, torch.tensor([6.0, 2.0, 1.0]), rate=0.1)  # mean 3
+    assert torch.allclose(bias, torch.tensor([-0.1, 0.1, 0.1]))
+    update_expert_bias(bias, torch.zeros(3), rate=0.1)  # no tokens: no change
+    assert torch.allclose(bias, torch.tensor([-0.1, 0.1, 0.1]))
+
+
+def test_lossfree_busiest_experts_share_falls_toward_one_over_e():
+    """A skewed problem: expert 0 is every token's favourite (greedy gives it about 85% of the
+    tokens). A layer trained on it, its bias updated after every step as fairseq's optimizer
+    step does, routes ever more evenly, in training and at inference alike."""
+    torch.manual_seed(0)
+    layer = BaseLayer(8, 16, num_experts=4, router="lossfree", bias_update_rate=0.01).train()
+    model = nn.Sequential(layer)
+    tokens = torch.randn(512, 1, 8) + 2 * layer.centroids.detach()[0] / layer.centroids.detach()[0].norm() ** 2
+    shares = []
+    for _ in range(300):
+        shares.append(busiest_share(layer.route(tokens[:, 0])[0].expert_ids, 4))
+        layer(tokens)
+        update_expert_biases(model)
+    assert shares[0] > 0.6
+    assert shares[100] < shares[0] - 0.2 and max(shares[-50:]) < 0.3, shares[::25]
+    assert layer.expert_bias[0] < 0 < layer.expert_bias[1:].min()
+    assert busiest_share(layer.eval().route(tokens[:, 0])[0].expert_ids, 4) < 0.3
+    pending = layer.pending_load.clone()
+    layer(tokens)  # inference leaves the load of training alone
+    assert torch.equal(layer.pending_load, pending)
+
+
+def test_lossfree_bias_is_float32_and_saved_in_any_precision():
+    layer = BaseLayer(8, 16, num_experts=4, router="lossfree").to(torch.bfloat16)
+    assert layer.centroids.dtype == torch.bfloat16
+    assert layer.expert_bias.dtype == layer.pending_load.dtype == torch.float32
+    layer.expert_bias.fill_(1.0)
+    update_expert_bias(layer.expert_bias, torch.tensor([0.0, 1, 1, 1]), rate=1e-3)
+    assert layer.expert_bias[0].item() == pytest.approx(1.001)  # lost in bf16, whose step at 1 is 2^-7
+    state = layer.state_dict()
+    assert "expert_bias" in state and "pending_load" not in state
+    layer.train()(torch.randn(6, 1, 8, dtype=torch.bfloat16))
+
+
+def test_lossfree_bias_survives_save_resume_and_reshard(data_bin, tmp_path):  # noqa: F811
+    """Trained in one process 12 updates straight, or 6 then resumed to 12: the same losses and
+    the same bias; fairseq-base-reshard to 2 workers carries the bias into both files."""
+    def train(save_dir, updates):
+        return run("fairseq-train", str(data_bin / "bin"), "--user-dir", "fairseq_base", *TINY_MODEL, "--cpu",
+                   "--save-dir", str(save_dir), "--base-router", "lossfree", "--base-bias-update-rate", "0.01",
+                   "--base-moe-freq", "2", "--base-experts", "4", "--max-update", str(updates), "--log-interval", "1")
+
+    straight = losses(train(tmp_path / "straight", 12))
+    train(tmp_path / "resumed", 6)
+    resumed = losses(train(tmp_path / "resumed", 12))
+    assert sorted(resumed) == list(range(7, 13))
+    assert all(abs(resumed[u] - straight[u]) <= 1e-3 for u in resumed), (resumed, straight)
+    biases = {}
+    for name in ("straight", "resumed"):
+        model = torch.load(tmp_path / name / "checkpoint_last.pt", weights_only=True)["model"]
+        biases[name] = {k: v for k, v in model.items() if k.endswith("expert_bias")}
+    assert len(biases["straight"]) == 2  # the BASE layer and the expert FFN
+    for key, bias in biases["straight"].items():
+        assert bias.abs().max() > 0 and torch.allclose(biases["resumed"][key], bias, atol=1e-6), key
+    outputs = reshard(str(tmp_path / "straight" / "checkpoint_last.pt"), 2, str(tmp_path / "two.pt"))
+    for path in outputs:
+        model = torch.load(path, weights_only=True)["model"]
+        for key, bias in biases["straight"].items():
+            assert torch.equal(model[key], bias), (path, key)
 
 
 def test_hash_is_deterministic_and_ignores_the_hidden_state():
@@ -226,7 +306,7 @@ ROUTER_RUN = ["--base-layers", "1", "--base-moe-freq", "2", "--base-experts", "4
               "--criterion", "base_cross_entropy"]
 
 
-@pytest.mark.parametrize("router", ["sbase", "switch", "top2", "hash"])
+@pytest.mark.parametrize("router", ["sbase", "switch", "top2", "hash", "lossfree"])
 def test_router_trains_in_one_process_and_logs_its_statistics(data_bin, tmp_path, router):  # noqa: F811
     result = run("fairseq-train", str(data_bin / "bin"), "--user-dir", "fairseq_base", *TINY_MODEL, "--cpu",
                  "--save-dir", str(tmp_path), "--base-router", router, *ROUTER_RUN, "--max-update", "30",

@@ -12,7 +12,9 @@ Replaces:
   together (``grad_norm.clip_grad_norm_with_experts``).
 - ``FairseqOptimizer.all_reduce_grads`` (every DDP backend and optimizer): after fairseq's
   all-reduce of the shared gradients, each expert's gradient is summed over its W/P
-  replicas and divided by W, as DDP divides the shared ones (``ExpertLayout.reduce_expert_grads``).
+  replicas and divided by W, as DDP divides the shared ones (``ExpertLayout.reduce_expert_grads``);
+  and, once per optimizer step as fairseq calls it, the lossfree router's bias moves toward the
+  under-loaded experts (``update_expert_biases``).
 Touches: models with experts. Without experts the flat copy records no slices, the norm is
 fairseq's ``utils.clip_grad_norm_`` over the same parameters, and there is nothing to reduce.
 """
@@ -21,7 +23,7 @@ from fairseq.optim import FairseqOptimizer
 from fairseq.optim.fp16_optimizer import _FP16OptimizerMixin
 
 from fairseq_base.grad_norm import clip_grad_norm_with_experts, mark_flat_expert_slices
-from fairseq_base.layer import reduce_expert_grads
+from fairseq_base.layer import reduce_expert_grads, update_expert_biases
 
 FAIRSEQ_BUILD_FP32_PARAMS = _FP16OptimizerMixin.build_fp32_params.__func__
 FAIRSEQ_ALL_REDUCE_GRADS = FairseqOptimizer.all_reduce_grads
@@ -41,6 +43,7 @@ def clip_grad_norm(self, max_norm, aggregate_norm_fn=None):
 def all_reduce_grads(self, module):
     FAIRSEQ_ALL_REDUCE_GRADS(self, module)
     reduce_expert_grads(module)
+    update_expert_biases(module)
 
 
 def install() -> None:

@@ -20,7 +20,7 @@ from fairseq_base.router import DEFAULT_CAPACITY_FACTOR
 
 EVAL_ROUTINGS = ("greedy", "balanced")
 EVAL_ROUTING_CHOICES = ChoiceEnum(list(EVAL_ROUTINGS))
-ROUTER_CHOICES = ChoiceEnum(["balanced", "sbase", "switch", "top2", "hash"])
+ROUTER_CHOICES = ChoiceEnum(["balanced", "sbase", "switch", "top2", "hash", "lossfree"])
 
 
 @dataclass
@@ -47,7 +47,12 @@ class TransformerLanguageModelBaseConfig(TransformerLanguageModelConfig):
         default="balanced",
         metadata={"help": "balanced: BASE; sbase: BASE with Sinkhorn's approximate balance (Clark et al.); "
                           "switch: top-1 softmax (Fedus et al.); top2: GShard top-2; "
-                          "hash: a fixed random expert per token id (Roller et al.)"})
+                          "hash: a fixed random expert per token id (Roller et al.); lossfree: top-1 of score + a "
+                          "per-expert bias nudged toward the under-loaded experts (DeepSeek-V3)"})
+    base_bias_update_rate: float = field(
+        default=1e-3,
+        metadata={"help": "lossfree: the bias of each expert moves by this much per optimizer step, up if it "
+                          "received fewer tokens than the mean, down if more"})
     base_capacity_factor: float = field(
         default=0.0,
         metadata={"help": "switch and top2: an expert takes at most this x tokens/experts tokens in training; "
@@ -94,7 +99,8 @@ def check_options(args, num_experts: int) -> None:
     if args.base_moe_freq > 0 and not args.decoder_normalize_before:
         raise BaseLayerConfigError("--base-moe-freq builds pre-LayerNorm expert blocks; add --decoder-normalize-before")
     for option, value in (("--base-capacity-factor", args.base_capacity_factor),
-                          ("--base-balance-loss", args.base_balance_loss)):
+                          ("--base-balance-loss", args.base_balance_loss),
+                          ("--base-bias-update-rate", getattr(args, "base_bias_update_rate", 1e-3))):
         if value < 0:
             raise BaseLayerConfigError(f"{option} must be >= 0, got {value}")
     if args.base_capacity_factor > 0 and args.base_router not in DEFAULT_CAPACITY_FACTOR:
@@ -141,7 +147,8 @@ class TransformerLanguageModelBase(TransformerLanguageModel):
                 activation_fn=args.activation_fn, eval_routing=args.base_eval_routing,
                 shuffle=bool(args.base_shuffle), layout=layout, name=name, router=args.base_router,
                 capacity_factor=args.base_capacity_factor, balance_loss_weight=args.base_balance_loss,
-                vocab_size=len(task.source_dictionary), dropout=dropout)
+                vocab_size=len(task.source_dictionary), dropout=dropout,
+                bias_update_rate=getattr(args, "base_bias_update_rate", 1e-3))
 
         layers, num_base, num_moe = [], 0, 0
         for after in range(len(trunk) + 1):
