@@ -11,6 +11,7 @@
   shared parameters on every worker, and all stop with one line if they differ.
 """
 
+import glob
 import os
 import pickle
 import uuid
@@ -66,6 +67,23 @@ def read_checkpoint(path: str, mmap: bool = False) -> dict:
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path} is not a fairseq checkpoint (no 'model' entry)")
     return state
+
+
+def rank_files(path: str) -> List[str]:
+    """The ``-rank-*`` files that fairseq's suffix rule finds for ``path`` on several workers."""
+    stem = path[: -len(".pt")] if path.endswith(".pt") else path
+    return sorted(glob.glob(glob.escape(stem) + "-rank-*.pt"))
+
+
+def refuse_plain_name_of_rank_files(path: str) -> None:
+    """One line for a ``--path`` that does not exist in one process when its ``-rank-*`` files do."""
+    found = rank_files(path)
+    if found:
+        names = ", ".join(os.path.basename(f) for f in found)
+        raise CheckpointError(
+            f"{path} does not exist, but {names} do: the files of a run on several workers. Score them with "
+            f"the same --path on {len(found)} (or a multiple of {len(found)}) workers, or join them for one "
+            f"process: fairseq-base-reshard {found[0]} --world-size 1 --out {path}")
 
 
 def _first_line(err: Exception) -> str:

@@ -2,9 +2,15 @@
 
 import sys
 
+from hydra.errors import CompactHydraException
 
-class BaseLayerConfigError(ValueError):
-    """A bad option or an incompatible checkpoint; the message says which and how to fix it."""
+
+class BaseLayerConfigError(ValueError, CompactHydraException):
+    """A bad option or an incompatible checkpoint; the message says which and how to fix it.
+
+    A compact exception to Hydra (fairseq-hydra-train), which prints a traceback for what its
+    job raises, but the message alone (after "Error executing job with overrides: [...]") for
+    these."""
 
 
 def install_excepthook() -> None:

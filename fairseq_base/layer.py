@@ -260,13 +260,9 @@ class BaseLayer(nn.Module):
                 f"{prefix.rstrip('.')}: this checkpoint file holds experts {saved_ids} but this worker needs "
                 f"experts {mine}; run fairseq-base-reshard CKPT --world-size {self.num_experts // len(mine)} "
                 f"--out OUT.pt and load OUT.pt")
-        expert_prefix = prefix + "experts."
-        saved = {k: state_dict.pop(k) for k in list(state_dict) if k.startswith(expert_prefix)}
-        for j, global_id in enumerate(mine):
-            source = f"{expert_prefix}{position[global_id]}."
-            for key, value in saved.items():
-                if key.startswith(source):
-                    state_dict[f"{expert_prefix}{j}.{key[len(source):]}"] = value
+        rows = torch.tensor([position[global_id] for global_id in mine])
+        for key in [k for k in state_dict if k.startswith(prefix + "experts.")]:  # stacked: expert j at row j
+            state_dict[key] = state_dict[key].index_select(0, rows.to(state_dict[key].device))
         state_dict[prefix + "expert_ids"] = self.expert_ids.clone()
 
 

@@ -8,8 +8,8 @@ A checkpoint of a run on W workers in expert-parallel groups of P is P files,
 ``NAME-rank-{p}.pt``: the shared parameters (identical in every file) and the experts of
 expert-parallel rank p, whose global ids each BASE layer keeps in its ``expert_ids`` buffer
 (with P = W, the default, one file per worker). A set of W files, replicas included, is read
-too, and its replicas must agree bit for bit. Any one file (or a one-file checkpoint) is
-read with its siblings, checked, and written again for M workers in groups of Q (default:
+too, and its replicas must agree bit for bit. Any one file (or a one-file checkpoint, or
+NAME.pt for the files NAME-rank-*.pt, as fairseq's ``--path`` names them) is read with its siblings, checked, and written again for M workers in groups of Q (default:
 Q = M), for any Q that divides M and the expert count: ``OUT.pt`` for M = 1,
 ``OUT-rank-{q}.pt`` for q < Q otherwise (fairseq's suffix rule, so that ``--path OUT.pt``
 finds them on M workers).
@@ -32,13 +32,13 @@ from typing import List
 
 import torch
 
-from fairseq_base.checkpoints import check_finite, num_updates, provenance, read_checkpoint, stamp
+from fairseq_base import old_checkpoints
+from fairseq_base.checkpoints import check_finite, num_updates, provenance, rank_files, read_checkpoint, stamp
 from fairseq_base.errors import BaseLayerConfigError
+from fairseq_base.old_checkpoints import parameter_names, per_element, stack_entries
 
 SHARD_NAME = re.compile(r"^(?P<stem>.*)-rank-(?P<rank>\d+)\.pt$")
 EXPERT_IDS = "expert_ids"
-# Buffers of transformer_lm_base; every other state-dict entry is a parameter.
-BUFFER_SUFFIXES = (EXPERT_IDS, "decoder.version", "_float_tensor", "hash_table", "expert_bias")
 
 
 class ReshardError(BaseLayerConfigError):
@@ -48,6 +48,8 @@ class ReshardError(BaseLayerConfigError):
 def shard_paths(path: str) -> List[str]:
     """The files of the checkpoint that ``path`` belongs to, in rank order."""
     match = SHARD_NAME.match(path)
+    if match is None and not os.path.isfile(path) and rank_files(path):  # NAME.pt for NAME-rank-*.pt, as fairseq
+        match = SHARD_NAME.match(rank_files(path)[0])
     if match is None:
         if not os.path.isfile(path):
             raise ReshardError(f"{path}: no such checkpoint")
@@ -62,12 +64,17 @@ def shard_paths(path: str) -> List[str]:
 
 
 def _expert_key(key: str, layers: List[str]):
-    """(layer prefix, local expert index, rest of the key) for an expert parameter, else None."""
+    """(layer prefix, rest of the key) for the stacked parameters of a layer's local experts (local
+    expert j at index j of their first dimension), else None."""
     for prefix in layers:
         if key.startswith(prefix + "experts."):
-            local, rest = key[len(prefix + "experts."):].split(".", 1)
-            return prefix, int(local), rest
+            return prefix, key[len(prefix + "experts."):]
     return None
+
+
+def _row(entry: dict, j: int) -> dict:
+    """Local expert j's part of the optimizer entry of stacked parameters."""
+    return {k: v[j] if per_element(v) else v for k, v in entry.items()}
 
 
 class Checkpoint:
@@ -78,6 +85,7 @@ class Checkpoint:
         self.states = [read_checkpoint(p) for p in paths]
         for path, state in zip(paths, self.states):
             check_finite(state, path)
+            old_checkpoints.upgrade(state)
         first = self.states[0]
         saved_for = first["cfg"]["distributed_training"]["distributed_world_size"]
         parallel = first["cfg"]["model"].get("base_expert_parallel_size") or saved_for
@@ -111,11 +119,11 @@ class Checkpoint:
             for key, value in model.items():
                 found = _expert_key(key, self.layers)
                 if found:
-                    prefix, local, rest = found
-                    global_id = ids[prefix][local]
-                    self.experts[prefix].setdefault(global_id, {})[rest] = value
-                    if by_name is not None:
-                        self.expert_optim[(prefix, global_id, rest)] = by_name[key]
+                    prefix, rest = found
+                    for j, global_id in enumerate(ids[prefix]):
+                        self.experts[prefix].setdefault(global_id, {})[rest] = value[j]
+                        if by_name is not None:
+                            self.expert_optim[(prefix, global_id, rest)] = _row(by_name[key], j)
         for prefix, experts in self.experts.items():
             if sorted(experts) != list(range(self.num_experts[prefix])):
                 raise ReshardError(
@@ -162,7 +170,7 @@ class Checkpoint:
         optim = state.get("last_optimizer_state")
         if not optim or len(optim.get("param_groups", [])) != 1:
             return None
-        names = [k for k in state["model"] if not k.endswith(BUFFER_SUFFIXES)]
+        names = parameter_names(state["model"])
         indices = optim["param_groups"][0]["params"]
         if len(indices) != len(names):
             return None  # e.g. fp16 training keeps one flat fp32 copy of all parameters
@@ -206,10 +214,9 @@ class Checkpoint:
             local = self.num_experts[prefix] // parallel
             ids = list(range(rank * local, (rank + 1) * local))
             model[prefix + EXPERT_IDS] = torch.tensor(ids)
-            for j, global_id in enumerate(ids):
-                for rest, tensor in self.experts[prefix][global_id].items():
-                    model[f"{prefix}experts.{j}.{rest}"] = tensor
-                    names_in_order.append((f"{prefix}experts.{j}.{rest}", (prefix, global_id, rest)))
+            for rest in self.experts[prefix][ids[0]]:
+                model[f"{prefix}experts.{rest}"] = torch.stack([self.experts[prefix][g][rest] for g in ids])
+                names_in_order.append((f"{prefix}experts.{rest}", [(prefix, g, rest) for g in ids]))
         state = dict(template, model=model)
         state["cfg"] = dict(template["cfg"], model=dict(template["cfg"]["model"]),
                             distributed_training=dict(template["cfg"]["distributed_training"]))
@@ -217,17 +224,18 @@ class Checkpoint:
         # E and P must not depend on the world size once they are written down.
         state["cfg"]["model"]["base_experts"] = self.num_experts[self.layers[0]]
         state["cfg"]["model"]["base_expert_parallel_size"] = parallel
-        state["last_optimizer_state"] = self._optimizer_shard(template, names_in_order)
+        state["last_optimizer_state"] = self._optimizer_shard(template, names_in_order, model)
         state["extra_state"] = dict(template.get("extra_state") or {})
         stamp(state, self.run_id, self.num_updates)
         return state
 
-    def _optimizer_shard(self, template, names_in_order):
+    def _optimizer_shard(self, template, names_in_order, model):
         if self.shared_optim is None:
             return None
-        params = [n for n, _ in names_in_order if not n.endswith(BUFFER_SUFFIXES)]
+        params = parameter_names(model)
         by_key = dict(names_in_order)
-        entries = [self.expert_optim[by_key[n]] if by_key[n] else self.shared_optim[n] for n in params]
+        entries = [stack_entries([self.expert_optim[e] for e in by_key[n]]) if by_key[n] else self.shared_optim[n]
+                   for n in params]
         group = dict(template["last_optimizer_state"]["param_groups"][0], params=list(range(len(params))))
         return {"state": {i: e for i, e in enumerate(entries) if e}, "param_groups": [group]}
 
@@ -331,16 +339,20 @@ def reshard(checkpoint: str, world_size: int, out: str, expert_parallel_size: in
     return outputs
 
 
-def cli_main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fairseq-base-reshard", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", help="one shard (NAME-rank-R.pt) or a one-file checkpoint")
+    parser.add_argument("checkpoint", help="one shard (NAME-rank-R.pt), the set's NAME.pt, or a one-file checkpoint")
     parser.add_argument("--world-size", type=int, required=True, help="number of workers to write for (M)")
     parser.add_argument("--expert-parallel-size", type=int, default=0,
                         help="workers in each expert-parallel group (Q); one file is written per group rank "
                              "(default: --world-size)")
     parser.add_argument("--out", required=True, help="output name, e.g. model.pt (M > 1: model-rank-R.pt)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def cli_main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
     try:
         reshard(args.checkpoint, args.world_size, args.out, args.expert_parallel_size)
     except BaseLayerConfigError as err:  # ReshardError and the checkpoint errors of checkpoints.py

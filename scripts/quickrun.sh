@@ -25,6 +25,7 @@ TRUNK=(--task language_modeling --tokens-per-sample 128 --sample-break-mode none
 train() {
   local name=$1; shift
   echo "== training $name for $UPDATES updates (log: $OUT/$name.log)"
+  : >"$OUT/$name.log"  # before tail follows it: fairseq-train may not have opened it yet
   fairseq-train "$DATA" --user-dir fairseq_base "${TRUNK[@]}" "$@" \
     --optimizer adam --adam-betas '(0.9,0.98)' --lr 0.002 --lr-scheduler inverse_sqrt --warmup-updates 100 \
     --clip-norm 0.1 --max-update "$UPDATES" --validate-interval-updates "$UPDATES" --save-dir "$OUT/$name" \

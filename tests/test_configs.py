@@ -61,7 +61,7 @@ def test_config_composes_and_builds(data_bin, name):  # noqa: F811
     model = tasks.setup_task(cfg.task).build_model(cfg.model)
     assert base_positions(model) == (layers, positions)
     if sublayers:
-        assert all(len(layer.experts[0]) == sublayers for layer in model.decoder.layers
+        assert all(len(layer.experts.sublayers) == sublayers for layer in model.decoder.layers
                    if isinstance(layer, BaseLayer))
     moe = expert_ffn_layers(model)
     if name in ROUTER:
@@ -77,7 +77,7 @@ def test_one_override_changes_experts_and_placement(data_bin):  # noqa: F811
     cfg = compose_config("small_base", data_bin / "bin", "model.base_experts=8", "model.base_positions=L")
     model = tasks.setup_task(cfg.task).build_model(cfg.model)
     assert base_positions(model) == (4, [4])
-    assert [len(layer.experts) for layer in model.decoder.layers if isinstance(layer, BaseLayer)] == [8]
+    assert [layer.experts.num_experts for layer in model.decoder.layers if isinstance(layer, BaseLayer)] == [8]
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))
@@ -120,3 +120,11 @@ def test_every_config_holds_every_plugin_key(name):
         cfg = compose(name, overrides=["task.data=unused", "model.base_router=sbase", "model.base_moe_freq=3"])
     assert plugin_keys <= set(cfg.model), sorted(plugin_keys - set(cfg.model))
     assert cfg.model.base_router == "sbase" and cfg.model.base_moe_freq == 3
+
+
+def test_a_hydra_run_without_data_is_one_line(tmp_path):
+    result = run("fairseq-hydra-train", "--config-dir", CONFIGS, "--config-name", "small_base",
+                 f"checkpoint.save_dir={tmp_path}", f"hydra.run.dir={tmp_path}/hydra", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr
+    assert ("no data directory: pass it as task.data=DIR to fairseq-hydra-train (as the first argument to "
+            "fairseq-train)") in result.stdout + result.stderr

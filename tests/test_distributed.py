@@ -12,7 +12,7 @@ from fairseq_base.assignment import balanced_assignment
 from fairseq_base.dispatcher import TokenDispatcher
 from fairseq_base.groups import expert_layout
 from fairseq_base.layer import BaseLayer, reduce_expert_grads
-from test_layer import Scale
+from expert_weights import ScaledExperts, expert_grads, expert_weights, set_expert_weights
 
 
 def _dispatch_worker(rank, world_size, tokens_per_worker, experts_per_worker):
@@ -70,7 +70,7 @@ def _equivalence_worker(rank, world_size, parallel, centroids, expert_states, di
     with torch.no_grad():
         layer.centroids.copy_(centroids)
         for j in range(local):
-            layer.experts[j].load_state_dict(expert_states[first + j])
+            set_expert_weights(layer.experts, j, expert_states[first + j])
     layer.eval()  # greedy routing
     x, weights = _global_batch(total, dim)
     mine = slice(rank * total // world_size, (rank + 1) * total // world_size)
@@ -78,8 +78,8 @@ def _equivalence_worker(rank, world_size, parallel, centroids, expert_states, di
     centroid_grad = layer.centroids.grad.clone()
     torch.distributed.all_reduce(centroid_grad)  # shared parameter: DDP would sum it
     reduce_expert_grads(layer)  # summed over replicas, divided by W
-    expert_grads = {first + j: [p.grad * world_size for p in layer.experts[j].parameters()] for j in range(local)}
-    return out, x_grad, centroid_grad, expert_grads, layer.expert_ids.tolist()
+    grads = {first + j: [grad * world_size for grad in expert_grads(layer.experts, j)] for j in range(local)}
+    return out, x_grad, centroid_grad, grads, layer.expert_ids.tolist()
 
 
 def _near_fp16_max_worker(rank, world_size):
@@ -111,7 +111,7 @@ def test_same_outputs_and_gradients_as_one_worker(world_size, parallel):
     x, weights = _global_batch(total, dim)
     ref_out, ref_x_grad = _run_layer(reference, x, weights)
 
-    expert_states = [expert.state_dict() for expert in reference.experts]
+    expert_states = [expert_weights(reference.experts, e) for e in range(num_experts)]
     results = run_workers(_equivalence_worker, world_size, parallel, reference.centroids.detach(), expert_states,
                           dim, ffn, total)
     out = torch.cat([r[0] for r in results])
@@ -123,10 +123,10 @@ def test_same_outputs_and_gradients_as_one_worker(world_size, parallel):
     for rank, r in enumerate(results):
         replica = results[rank % parallel][3]
         assert all(torch.equal(a, b) for e in r[3] for a, b in zip(r[3][e], replica[e]))
-    expert_grads = {e: g for r in results for e, g in r[3].items()}
-    assert sorted(expert_grads) == list(range(num_experts))
-    for e, grads in expert_grads.items():
-        for got, want in zip(grads, [p.grad for p in reference.experts[e].parameters()]):
+    grads_by_expert = {e: g for r in results for e, g in r[3].items()}
+    assert sorted(grads_by_expert) == list(range(num_experts))
+    for e, grads in grads_by_expert.items():
+        for got, want in zip(grads, expert_grads(reference.experts, e)):
             assert torch.allclose(got, want, atol=1e-5)
     local = num_experts // parallel
     assert [r[4] for r in results] == [list(range(w % parallel * local, (w % parallel + 1) * local))
@@ -207,8 +207,7 @@ def test_shuffle_keeps_every_token_in_place(sizes):
 def _shuffle_worker(rank, world_size, sizes):
     torch.manual_seed(rank)
     layer = BaseLayer(8, 16, num_experts=4, shuffle=True).train()
-    for j in range(len(layer.experts)):
-        layer.experts[j] = nn.Identity()  # update x: a token comes back as (1 + gate) x
+    layer.experts = ScaledExperts([2.0] * layer.dispatcher.num_local_experts)  # a token comes back as (1 + gate) x
     x = torch.randn(sizes[rank], 1, 8)
     ratio = layer(x)[0] / x
     return bool(torch.allclose(ratio, ratio[..., :1].expand_as(ratio), atol=1e-5) and (ratio > 1).all()
@@ -219,8 +218,7 @@ def _shuffled_training_worker(rank, world_size, sizes, local):
     torch.manual_seed(0)  # the same centroids on every worker, as DDP keeps them
     num_experts = world_size * local
     layer = BaseLayer(8, 16, num_experts, shuffle=True).train()
-    for j, expert in enumerate(layer.expert_ids.tolist()):
-        layer.experts[j] = Scale(expert + 2.0)  # expert e maps x to (e + 2) x
+    layer.experts = ScaledExperts([expert + 2.0 for expert in layer.expert_ids.tolist()])  # e: x to (e + 2) x
     gen = torch.Generator().manual_seed(rank)
     x = torch.randn(sizes[rank], 1, 8, generator=gen, requires_grad=True)
     weights = torch.randn(sizes[rank], 1, 8, generator=gen)
@@ -287,7 +285,8 @@ def test_shuffled_training_sends_each_token_to_one_expert_with_balanced_loads(si
 def _expert_init_worker(rank, world_size, num_experts):
     torch.manual_seed(11)
     layer = BaseLayer(8, 16, num_experts=num_experts)
-    return layer.expert_ids.tolist(), [expert.state_dict() for expert in layer.experts], layer.centroids.detach()
+    return (layer.expert_ids.tolist(), [expert_weights(layer.experts, j) for j in range(len(layer.expert_ids))],
+            layer.centroids.detach())
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
@@ -297,5 +296,5 @@ def test_a_model_for_w_workers_holds_the_experts_of_the_one_process_model(world_
     for ids, states, centroids in run_workers(_expert_init_worker, world_size, 4):
         assert torch.equal(centroids, one.centroids.detach())
         for global_id, state in zip(ids, states):
-            for key, value in one.experts[global_id].state_dict().items():
+            for key, value in expert_weights(one.experts, global_id).items():
                 assert torch.equal(state[key], value), (global_id, key)

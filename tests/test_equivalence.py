@@ -29,22 +29,21 @@ def one_process_train(data, save_dir, *flags):
     return run(*one_process_command(data, save_dir, *flags))
 
 
-def global_parameters(save_dir, files, num_experts=4):
-    """{name: tensor} of the whole model, with expert j of file r under its global id."""
+def global_parameters(save_dir, files):
+    """{name: tensor} of the whole model: the stacked experts of the P files joined in rank order
+    (file r holds the experts after those of files 0..r-1)."""
     if files == 1:
         return torch.load(save_dir / "checkpoint_last.pt", weights_only=False)["model"]
     shards = [torch.load(save_dir / f"checkpoint_last-rank-{r}.pt", weights_only=False)["model"]
               for r in range(files)]
     merged = {}
-    for rank, shard in enumerate(shards):
-        for key, value in shard.items():
-            match = re.match(r"(.*\.experts\.)(\d+)(\..*)", key)
-            if match:
-                global_id = rank * (num_experts // files) + int(match.group(2))
-                merged[f"{match.group(1)}{global_id}{match.group(3)}"] = value
-            elif not key.endswith("expert_ids"):
-                assert torch.equal(value, shards[0][key]), key  # shared parameters agree on every worker
-                merged[key] = value
+    for key, value in shards[0].items():
+        if ".experts." in key:
+            merged[key] = torch.cat([shard[key] for shard in shards])
+        elif not key.endswith("expert_ids"):
+            for shard in shards[1:]:
+                assert torch.equal(shard[key], value), key  # shared parameters agree on every worker
+            merged[key] = value
     return merged
 
 
@@ -105,7 +104,7 @@ def test_workers_match_one_process_with_the_same_global_batch(data_bin, one_proc
     assert_same_losses(single, many, loss_tolerance=1e-3)  # logged with 3 decimals
     assert sorted(p.name for p in tmp_path.glob("checkpoint_last*.pt")) == (
         [f"checkpoint_last-rank-{r}.pt" for r in range(parallel)])
-    one, merged = global_parameters(single_dir, 1), global_parameters(tmp_path, parallel, num_experts)
+    one, merged = global_parameters(single_dir, 1), global_parameters(tmp_path, parallel)
     assert_same_parameters(one, merged, 1e-4)
     biases = [key for key in merged if key.endswith("expert_bias")]
     assert len(biases) == (2 if router == "lossfree" else 0)

@@ -8,23 +8,12 @@ from fairseq_base.dispatcher import TokenDispatcher
 from fairseq_base.layer import BaseLayer
 from fairseq_base.placement import base_layer_positions, paper_positions
 from fairseq_base.errors import BaseLayerConfigError
-
-
-class Scale(nn.Module):
-    """An expert that maps x to factor * x (experts return their update, expert(x) - x)."""
-
-    def __init__(self, factor):
-        super().__init__()
-        self.factor = factor
-
-    def forward(self, x):
-        return (self.factor - 1) * x
+from expert_weights import ScaledExperts, expert_weights
 
 
 def scaled_identity_layer(num_experts, dim=8, **kwargs):
     layer = BaseLayer(dim, 16, num_experts, **kwargs)
-    for j in range(num_experts):
-        layer.experts[j] = Scale(float(j + 2))
+    layer.experts = ScaledExperts([float(j + 2) for j in range(num_experts)])
     return layer
 
 
@@ -108,7 +97,7 @@ def test_gradients_reach_input_centroids_and_experts():
         assert p.grad is not None, name
         assert getattr(p, "expert", False), name
     assert not getattr(layer.centroids, "expert", False)  # centroids are shared
-    used = [j for j in range(3) if layer.experts[j][0].ff1.weight.grad.abs().sum() > 0]
+    used = [j for j in range(3) if layer.experts.sublayers[0].ff1_weight.grad[j].abs().sum() > 0]
     assert used == [0, 1, 2]
 
 
@@ -210,17 +199,18 @@ def test_experts_start_from_their_global_id_and_the_seed():
     from fairseq_base.experts import LocalExperts
     torch.manual_seed(11)
     one = BaseLayer(8, 16, num_experts=4)
-    first_layers = [expert[0].ff1.weight for expert in one.experts]
+    first_layers = [one.experts.sublayers[0].ff1_weight[j] for j in range(4)]
     for i in range(4):
         for j in range(i):
             assert not torch.equal(first_layers[i], first_layers[j])  # no two experts start equal
     torch.manual_seed(12)
-    assert not torch.equal(BaseLayer(8, 16, num_experts=4).experts[0][0].ff1.weight, first_layers[0])
+    assert not torch.equal(BaseLayer(8, 16, num_experts=4).experts.sublayers[0].ff1_weight[0], first_layers[0])
     # What a worker holding experts 2 and 3 builds: the same two experts.
     everything, last_two = LocalExperts(range(4), 8, 16, 2, seed=5), LocalExperts(range(2, 4), 8, 16, 2, seed=5)
     for j in range(2):
-        for (name, mine), theirs in zip(last_two[j].named_parameters(), everything[2 + j].parameters()):
-            assert torch.equal(mine, theirs), name
+        mine, theirs = expert_weights(last_two, j), expert_weights(everything, 2 + j)
+        for name in mine:
+            assert torch.equal(mine[name], theirs[name]), name
 
 
 def test_the_installed_kernel_solves_in_a_fresh_process_without_compiling(tmp_path):

@@ -55,7 +55,7 @@ def test_cli_options(data_dir):
     assert [i - n for n, i in enumerate(i for i, k in enumerate(kinds) if k == "B")] == [6, 12, 18]
     base = [layer for layer in model.decoder.layers if isinstance(layer, BaseLayer)]
     assert [b.name for b in base] == ["base1", "base2", "base3"]
-    assert all(len(b.experts) == 4 and len(b.experts[0]) == 2 and b.eval_routing == "balanced" for b in base)
+    assert all(b.experts.num_experts == 4 and len(b.experts.sublayers) == 2 and b.eval_routing == "balanced" for b in base)
     top = build_from_cli(data_dir, "--decoder-layers", "3", "--base-positions", "L")
     assert layer_kinds(top) == list("TTTB")
 
@@ -115,7 +115,7 @@ def test_build_from_hydra_config(data_dir):
     model = tasks.setup_task(cfg.task).build_model(cfg.model)
     assert layer_kinds(model) == list("BTTBTT")
     assert model.decoder.project_in_dim is None and model.decoder.embed_tokens.embedding_dim == 128
-    assert all(len(b.experts) == 8 for b in model.decoder.layers if isinstance(b, BaseLayer))
+    assert all(b.experts.num_experts == 8 for b in model.decoder.layers if isinstance(b, BaseLayer))
 
 
 def test_gradient_clipping_takes_the_norm_over_shared_parameters_and_rescales_all():

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from test_end_to_end import data_bin, run, run_two_at_a_time  # noqa: F401  (fixture)
-from test_torchrun import BIN, TINY_MODEL, losses, torchrun_train
+from test_torchrun import BIN, TINY_MODEL, error_messages, losses, torchrun_train
 
 from fairseq_base.reshard import ReshardError, cli_main, reshard
 
@@ -90,7 +90,7 @@ def test_a_set_with_replicas_is_read_if_they_agree_and_refused_if_they_differ(tr
     from_four, from_two = (torch.load(tmp_path / name, weights_only=False)["model"]
                            for name in ("from_four.pt", "from_two.pt"))
     assert all(torch.equal(value, from_two[key]) for key, value in from_four.items())
-    expert = next(k for k in from_two if ".experts.1." in k)
+    expert = next(k for k in from_two if ".experts." in k)  # the stacked experts of file 3: replicas of file 1's
     _edit(shards / "checkpoint_last-rank-3.pt", lambda s: s["model"][expert].view(-1)[0].add_(1e-6))
     with pytest.raises(ReshardError, match="replicas that drifted apart"):
         reshard(str(shards / "checkpoint_last-rank-0.pt"), 1, str(tmp_path / "bad.pt"))
@@ -102,6 +102,20 @@ def test_a_layout_that_does_not_fit_is_one_line(trained, tmp_path):
     assert line == ("fairseq-base-reshard: error: --expert-parallel-size 3 does not divide --world-size 4; "
                     "use a divisor of 4")
     assert not list(tmp_path.iterdir())
+
+
+def test_the_plain_name_of_per_worker_files_is_one_line_for_path_and_read_by_reshard(data_bin, trained,  # noqa: F811
+                                                                                     tmp_path):
+    """checkpoint_last.pt does not exist beside checkpoint_last-rank-{0,1}.pt: --path in one process
+    says so in one line with both ways on; fairseq-base-reshard reads the set by that name."""
+    result = run(*eval_command(data_bin, trained / "checkpoint_last.pt"), check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert error_messages(result.stderr) == {
+        f"fairseq_base: error: {trained / 'checkpoint_last.pt'} does not exist, but checkpoint_last-rank-0.pt, "
+        f"checkpoint_last-rank-1.pt do: the files of a run on several workers. Score them with the same --path on 2 "
+        f"(or a multiple of 2) workers, or join them for one process: fairseq-base-reshard "
+        f"{trained / 'checkpoint_last-rank-0.pt'} --world-size 1 --out {trained / 'checkpoint_last.pt'}"}
+    assert reshard(str(trained / "checkpoint_last.pt"), 1, str(tmp_path / "one.pt")) == [str(tmp_path / "one.pt")]
 
 
 def test_eval_lm_on_workers_that_cannot_share_the_files_is_one_line(trained):
@@ -302,7 +316,7 @@ def test_torch_saves_full_disk_error_is_one_line_and_changes_nothing(trained, tm
 
 def test_non_finite_values_stop_reshard_naming_the_tensor(trained, tmp_path):
     shards = _copy(trained, tmp_path)
-    key = "decoder.layers.1.experts.0.0.ff1.weight"
+    key = "decoder.layers.1.experts.sublayers.0.ff1_weight"
     _edit(shards / "checkpoint_last-rank-1.pt", lambda s: s["model"][key].view(-1)[3].fill_(float("inf")))
     line = _reshard_cli(shards / "checkpoint_last-rank-0.pt", "--world-size", "1", "--out", tmp_path / "one.pt")
     assert f"checkpoint_last-rank-1.pt: tensor model/{key} holds inf or NaN" in line

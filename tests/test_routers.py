@@ -17,7 +17,7 @@ from fairseq_base.router import (Routing, hash_routing, lossfree_routing, random
                                  stats_from_counts, switch_balance_loss, switch_routing, top2_routing,
                                  update_expert_bias, within_capacity)
 from test_end_to_end import data_bin, run  # noqa: F401  (fixture)
-from test_layer import Scale
+from expert_weights import ScaledExperts
 from test_torchrun import TINY_MODEL, losses, torchrun_train
 
 
@@ -199,8 +199,7 @@ def test_hash_layer_without_token_ids_says_so():
 
 
 def scaled_experts(layer):
-    for j in range(len(layer.experts)):
-        layer.experts[j] = Scale(float(j + 2))
+    layer.experts = ScaledExperts([float(j + 2) for j in range(layer.num_experts)])
     return layer
 
 
@@ -279,12 +278,14 @@ def test_expert_ffn_layer_is_fairseqs_ffn_block_when_routing_is_trivial(data_bin
     moe_layer, reference = model.decoder.layers[1], build().decoder.layers[1]
     assert isinstance(moe_layer, ExpertFeedForwardLayer)
     assert not isinstance(model.decoder.layers[0], ExpertFeedForwardLayer)
-    expert = moe_layer.moe.experts[0][0]
+    expert = moe_layer.moe.experts.sublayers[0]
     with torch.no_grad():
         for name, param in moe_layer.attention.named_parameters():
             param.copy_(reference.get_parameter(name))
         for ours, theirs in (("norm", "final_layer_norm"), ("ff1", "fc1"), ("ff2", "fc2")):
-            getattr(expert, ours).load_state_dict(getattr(reference, theirs).state_dict())
+            for param in ("weight", "bias"):  # the projections' weights are [in, out]: nn.Linear's transposed
+                value = getattr(getattr(reference, theirs), param)
+                getattr(expert, f"{ours}_{param}")[0] = value.t() if ours != "norm" and param == "weight" else value
     tokens = torch.randint(4, 20, (2, 6))
     x = torch.randn(6, 2, 32)
     moe_layer.moe.token_ids = tokens

@@ -11,7 +11,13 @@ Replaces:
   (their replicas hold the same experts).
 - ``Trainer.state_dict``: every checkpoint the trainer saves carries the run id and its update.
 - ``checkpoint_utils.load_checkpoint_to_cpu``: a checkpoint of a model with experts is refused
-  if a tensor holds inf or NaN; every loaded file's run id and update are remembered.
+  if a tensor holds inf or NaN, and one written before the experts were stacked is read as
+  if written now, optimizer state included (``old_checkpoints.upgrade``); every loaded
+  file's run id and update are remembered.
+- ``checkpoint_utils.load_model_ensemble_and_task`` (every ``--path``: eval-lm, generate,
+  interactive, ``from_pretrained``): a path that does not exist, in one process, beside the
+  ``-rank-*`` files of a run on several workers is one line naming them and the two ways to use
+  them, instead of fairseq's "Model file not found" traceback.
 - ``checkpoint_utils.load_checkpoint_to_cpu`` also turns a file that cannot be read (empty,
   truncated, corrupt) into one line naming it, for every model, instead of torch's traceback.
 - ``Trainer.load_checkpoint``: when W workers with experts load their own files (resume,
@@ -42,7 +48,7 @@ import torch
 from fairseq import checkpoint_utils
 from fairseq.trainer import Trainer
 
-from fairseq_base import checkpoints
+from fairseq_base import checkpoints, old_checkpoints
 from fairseq_base.fairseq_patches.which_models import as_config, has_expert_options, has_experts, is_expert_model
 from fairseq_base.groups import resolve_expert_parallel_size, resolve_num_experts
 
@@ -50,6 +56,7 @@ logger = logging.getLogger(__name__)
 FAIRSEQ_TRAINER_INIT = Trainer.__init__
 FAIRSEQ_SHOULD_SAVE = Trainer.should_save_checkpoint_on_current_rank
 FAIRSEQ_LOAD_CHECKPOINT_TO_CPU = checkpoint_utils.load_checkpoint_to_cpu
+FAIRSEQ_LOAD_MODEL_ENSEMBLE_AND_TASK = checkpoint_utils.load_model_ensemble_and_task
 FAIRSEQ_TRAINER_LOAD_CHECKPOINT = Trainer.load_checkpoint
 FAIRSEQ_TRAINER_STATE_DICT = Trainer.state_dict
 
@@ -96,8 +103,17 @@ def load_checkpoint_to_cpu(path, *args, **kwargs):
     saved_cfg = state.get("cfg")
     if has_expert_options(saved_cfg.get("model") if saved_cfg else None):
         checkpoints.check_finite(state, path)
+        old_checkpoints.upgrade(state)
     checkpoints.remember(path, state)
     return state
+
+
+def load_model_ensemble_and_task(filenames, *args, **kwargs):
+    suffix = kwargs.get("suffix", args[3] if len(args) > 3 else "")
+    for filename in filenames if not suffix else []:
+        if not os.path.exists(filename):
+            checkpoints.refuse_plain_name_of_rank_files(filename)
+    return FAIRSEQ_LOAD_MODEL_ENSEMBLE_AND_TASK(filenames, *args, **kwargs)
 
 
 def agree_on_loaded_checkpoint(trainer, filename: str, unreadable: Optional[str] = None) -> str:
@@ -183,3 +199,4 @@ def install() -> None:
     Trainer.state_dict = trainer_state_dict
     Trainer.load_checkpoint = trainer_load_checkpoint
     checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
+    checkpoint_utils.load_model_ensemble_and_task = load_model_ensemble_and_task

@@ -25,21 +25,22 @@ ROUTER_CHOICES = ChoiceEnum(["balanced", "sbase", "switch", "top2", "hash", "los
 
 @dataclass
 class TransformerLanguageModelBaseConfig(TransformerLanguageModelConfig):
-    base_layers: int = field(default=1, metadata={"help": "number of BASE layers"})
-    base_sublayers: int = field(default=1, metadata={"help": "feed-forward sublayers in each expert"})
+    base_layers: int = field(default=1, metadata={"help": "number of BASE layers; 0 gives the dense transformer_lm"})
+    base_sublayers: int = field(default=1, metadata={"help": "residual feed-forward sublayers per expert (the paper's BASE layer has 10)"})
     base_shuffle: int = field(
-        default=1, metadata={"help": "1: send tokens to random workers before routing, as in the paper"})
+        default=1, metadata={"help": "1: route each token on a random worker, so that every balanced assignment sees a "
+                                     "sample of the whole batch (the paper); no effect in one process"})
     base_experts: int = field(
-        default=0, metadata={"help": "experts per BASE layer; 0: one per worker of an expert-parallel group "
-                                     "(the paper: one per worker)"})
+        default=0, metadata={"help": "E, experts per expert layer; 0: one per worker of an expert-parallel group "
+                                     "(the paper: one per worker). In one process all E live in that process"})
     base_expert_parallel_size: int = field(
         default=0,
         metadata={"help": "P: each group of P consecutive workers holds all experts, E/P each, and routes its "
                           "tokens inside itself; W/P workers hold each expert. 0: all workers (the paper)"})
     base_positions: str = field(
         default="",
-        metadata={"help": "comma-separated decoder layers after which BASE layers go ('L' = last); "
-                          "default: after layers floor(i*L/(N+1)), i = 1..N"})
+        metadata={"help": "comma-separated decoder layers after which BASE layers go, 0..L ('L' = the last: "
+                          "BASE Top); empty: after layers floor(i*L/(N+1)), i = 1..N (6, 12, 18 for L = 24, N = 3)"})
     base_eval_routing: EVAL_ROUTING_CHOICES = field(
         default="greedy",
         metadata={"help": "routing of BASE (and S-BASE) outside training: greedy top-1 (the paper) or balanced"})
@@ -55,11 +56,12 @@ class TransformerLanguageModelBaseConfig(TransformerLanguageModelConfig):
                           "received fewer tokens than the mean, down if more"})
     base_capacity_factor: float = field(
         default=0.0,
-        metadata={"help": "switch and top2: an expert takes at most this x tokens/experts tokens in training; "
-                          "0: the paper's (switch 1.0, top2 2.0)"})
+        metadata={"help": "C, switch and top2: in training an expert takes at most ceil(C*T/E) (token, choice) "
+                          "pairs of a worker's T tokens; 0: the paper's (switch 1.0, top2 2.0)"})
     base_balance_loss: float = field(
         default=0.01,
-        metadata={"help": "switch and top2: weight of the balance loss (needs --criterion base_cross_entropy)"})
+        metadata={"help": "switch and top2: weight A of the balance loss A*E*sum_i f_i*P_i (needs --criterion "
+                          "base_cross_entropy)"})
     base_moe_freq: int = field(
         default=0,
         metadata={"help": "the feed-forward block of every K-th decoder layer becomes an expert layer routed "
@@ -130,6 +132,9 @@ def check_expert_memory(args, num_experts: int, expert_parallel_size: int) -> No
 class TransformerLanguageModelBase(TransformerLanguageModel):
     @classmethod
     def build_model(cls, args, task):
+        if task.source_dictionary is None:  # fairseq's language_modeling task without data
+            raise BaseLayerConfigError("no data directory: pass it as task.data=DIR to fairseq-hydra-train (as the first "
+                                       "argument to fairseq-train)")
         layout = expert_layout(getattr(args, "base_expert_parallel_size", 0))
         num_experts = resolve_num_experts(args.base_experts, layout.expert_parallel_size)
         check_options(args, num_experts)

@@ -1,0 +1,44 @@
+"""Every option the plugin adds to fairseq, with its Hydra key, default and help:
+
+    python -m fairseq_base.options            # a markdown table (the README's)
+    python -m fairseq_base.options --text     # one option per paragraph, for a terminal
+
+fairseq prints ``--help`` before it adds a model's options, so ``fairseq-train --arch
+transformer_lm_base --help`` does not list them; this does.
+"""
+
+import argparse
+import dataclasses
+from typing import Iterator, Tuple
+
+from fairseq_base.models.transformer_lm_base import TransformerLanguageModelBaseConfig
+
+
+def plugin_options() -> Iterator[Tuple[str, str, str, str]]:
+    """(command-line option, Hydra key, default, help) of each option of transformer_lm_base that
+    fairseq's transformer_lm lacks."""
+    for field in dataclasses.fields(TransformerLanguageModelBaseConfig):
+        if field.name.startswith("base_"):
+            shown = '""' if field.default == "" else str(field.default)
+            yield f"--{field.name.replace('_', '-')}", f"model.{field.name}", shown, field.metadata["help"]
+
+
+def table() -> str:
+    rows = ["| option | Hydra key | default | meaning |", "|---|---|---|---|"]
+    rows += [f"| `{option}` | `{key}` | {default} | {text} |" for option, key, default, text in plugin_options()]
+    return "\n".join(rows)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m fairseq_base.options", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--text", action="store_true", help="plain text instead of a markdown table")
+    args = parser.parse_args(argv)
+    if args.text:
+        for option, key, default, text in plugin_options():
+            print(f"{option} ({key}, default {default})\n    {text}\n")
+    else:
+        print(table())
+
+
+if __name__ == "__main__":
+    main()
