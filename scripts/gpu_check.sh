@@ -8,7 +8,7 @@
 #    against 1 GPU with --update-freq 2);
 # 2. scripts/bench_assignment.py (on CUDA it also chooses between the kernel on a host copy
 #    and the PyTorch auction on the GPU);
-# 3. scripts/bench_layer.py on the GPU in bf16.
+# 3. scripts/bench_layer.py on the GPU in bf16 (1 to 64 local experts, and the dense block).
 # About 5 minutes on one GPU (each step is stopped after 4). Logs and JSON go to
 # runs/gpu_check/; one markdown table at the end, also in runs/gpu_check/table.md. Exit code 1
 # if a step failed.
@@ -61,8 +61,9 @@ else:
     rows.append(("solver benchmark", "FAILED", "see assignment.log"))
 if rc["layer"] == 0:
     layer = json.load(open(os.path.join(out, "layer.json")))
-    rows.append(("BASE layer vs dense FFN, bf16", "ok",
-                 f"{layer['ms']['base_layer']:.2f} vs {layer['ms']['dense_ffn']:.2f} ms ({layer['ratio']:.3f}x)"))
+    for name, ms in layer["ms"].items():  # E = 1 ... 64 local experts, one by one, the dense block
+        rows.append((f"BASE layer {name}, bf16" if name.startswith("E=") else f"{name}, bf16", "ok",
+                     f"{ms:.2f} ms ({layer['ratio_to_first'][name]:.3f}x E=1)"))
 else:
     rows.append(("layer benchmark", "FAILED", "see layer.log"))
 table = "\n".join([f"Machine: {machine}", "", "| check | result | detail |", "|---|---|---|"]

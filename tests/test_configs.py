@@ -80,7 +80,10 @@ def test_one_override_changes_experts_and_placement(data_bin):  # noqa: F811
     assert [layer.experts.num_experts for layer in model.decoder.layers if isinstance(layer, BaseLayer)] == [8]
 
 
-@pytest.mark.parametrize("name", sorted(SMALL))
+# Two in the default tier (a BASE layer; expert FFNs); the others, which differ only in keys that
+# test_config_composes_and_builds checks, in the slow tier.
+@pytest.mark.parametrize("name", [name if name in ("small_base", "small_routers") else
+                                  pytest.param(name, marks=pytest.mark.slow) for name in sorted(SMALL)])
 def test_small_config_trains(data_bin, tmp_path, name):  # noqa: F811
     result = run("fairseq-hydra-train", "--config-dir", CONFIGS, "--config-name", name,
                  f"task.data={data_bin / 'bin'}", "optimization.max_update=4", "common.log_interval=2",

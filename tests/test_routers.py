@@ -307,7 +307,8 @@ ROUTER_RUN = ["--base-layers", "1", "--base-moe-freq", "2", "--base-experts", "4
               "--criterion", "base_cross_entropy"]
 
 
-@pytest.mark.parametrize("router", ["sbase", "switch", "top2", "hash", "lossfree"])
+@pytest.mark.parametrize("router", ["switch", "lossfree"] + [pytest.param(router, marks=pytest.mark.slow)
+                                                            for router in ("sbase", "top2", "hash")])
 def test_router_trains_in_one_process_and_logs_its_statistics(data_bin, tmp_path, router):  # noqa: F811
     result = run("fairseq-train", str(data_bin / "bin"), "--user-dir", "fairseq_base", *TINY_MODEL, "--cpu",
                  "--save-dir", str(tmp_path), "--base-router", router, *ROUTER_RUN, "--max-update", "30",

@@ -125,6 +125,7 @@ def test_bench_layer_times_every_expert_count_and_the_dense_block(tmp_path):
     assert saved["ratio_to_first"]["E=1"] == 1.0 and "| BASE layer, E=4 |" in result.stdout
 
 
+@pytest.mark.slow
 def test_bench_experts_train_reports_the_optimizers_share(data_bin, tmp_path):  # noqa: F811
     out = tmp_path / "experts_train.json"
     result = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "bench_experts_train.py"), "--data",

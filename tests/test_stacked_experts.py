@@ -71,7 +71,7 @@ def write_per_expert_layout(source, target):
     torch.save(state, target)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.slow)])
 def test_a_checkpoint_in_the_per_expert_layout_evaluates_resumes_and_reshards(data_bin, tmp_path, precision):  # noqa: F811,E501
     """A checkpoint rewritten in the layout of one module per expert (optimizer state included: one
     entry per parameter in fp32, one flat entry in bf16) scores and resumes as the stacked one it
