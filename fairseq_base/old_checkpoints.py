@@ -101,9 +101,9 @@ def _upgrade_optimizer_state(optim: dict, old_params: List[tuple], new_params: L
     """The optimizer state of ``old_params`` ([(name, shape)] in order) regrouped for ``new_params``."""
     by_name = _state_by_name(optim, old_params)
     if by_name is None:
-        logger.warning("fairseq_base: this checkpoint predates the stacked experts and its optimizer state (more "
-                       "than one parameter group) cannot be regrouped: it is left out, and training from it starts "
-                       "a new optimizer state")
+        logger.warning("fairseq_base: this checkpoint predates the stacked experts and its optimizer state (not "
+                       "one parameter group over the model's parameters) cannot be regrouped: it is left out, and "
+                       "training from it starts a new optimizer state")
         return None
     entries = [stack_entries([{key: _new_layout(name, value) for key, value in by_name[source].items()}
                               for source in groups[name]]) if name in groups else by_name[name]

@@ -73,14 +73,14 @@ def run_name(config, overrides, experts, seed):
     return f"{config}{variant}{f'-e{experts}' if experts else ''}-seed{seed}"
 
 
-def train(config, overrides, data, minutes, out, seed, experts=None, validate_every=50):
+def train(config, overrides, data, minutes, out, seed, experts=None, validate_every=50, max_update=100000):
     """(save_dir, validation curve, training statistics of the last logged batches)."""
     name = run_name(config, overrides, experts, seed)
     save_dir = os.path.join(out, name)
     log_path = os.path.join(out, f"{name}.log")
     cmd = ["fairseq-hydra-train", "--config-dir", os.path.join(REPO, "configs"), "--config-name", config,
            f"task.data={data}", f"checkpoint.save_dir={save_dir}", f"hydra.run.dir={save_dir}/hydra",
-           "optimization.max_update=100000", f"optimization.stop_time_hours={minutes / 60}",
+           f"optimization.max_update={max_update}", f"optimization.stop_time_hours={minutes / 60}",
            f"dataset.validate_interval_updates={validate_every}", "checkpoint.save_interval_updates=100000",
            "common.log_interval=25", f"common.seed={seed}", *overrides] + (
                [f"model.base_experts={experts}"] if experts else [])
@@ -377,6 +377,8 @@ def main():
                         "; ".join(f"{c}: {', '.join(models)}" for c, models in COMPARISONS.items()))
     parser.add_argument("--experts", default="", help="comma-separated expert counts: run every routed model at each")
     parser.add_argument("--validate-every", type=int, default=50, help="validation interval in updates")
+    parser.add_argument("--max-update", type=int, default=100000,
+                        help="also stop a run after this many updates (a quick smoke run: --minutes 1 --max-update 3)")
     parser.add_argument("--redraw", action="store_true",
                         help="write the tables and plots again from --out's results.json, without training")
     args = parser.parse_args()
@@ -432,7 +434,7 @@ def main():
         print(f"== [{i + 1}/{len(runs)}] {label} ({results[label]['config']}), seed {seed}, {args.minutes:g} minutes",
               flush=True)
         save_dir, curve, stats = train(config, overrides, args.data, args.minutes, args.out, seed, count,
-                                       args.validate_every)
+                                       args.validate_every, args.max_update)
         run = {"seed": seed, "curve": curve, "test_ppl": evaluate(args.data, save_dir),
                "train_dropped": stats["dropped"], "train_busiest": stats["busiest"],
                "expert_load": expert_load(args.data, save_dir) if model != "dense" else {}}

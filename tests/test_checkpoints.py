@@ -71,7 +71,7 @@ def _assert_refused(result, *fragments):
         assert fragment in error, error
 
 
-@pytest.mark.parametrize("case", ["updates 20 and 10", "two runs"])
+@pytest.mark.parametrize("case", ["updates 20 and 10", pytest.param("two runs", marks=pytest.mark.slow)])
 def test_resume_from_files_that_do_not_belong_together_is_refused(data_bin, runs, tmp_path, case):  # noqa: F811
     a, b = runs / "a", runs / "b"
     if case == "updates 20 and 10":

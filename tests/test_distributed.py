@@ -34,7 +34,7 @@ def _dispatch_worker(rank, world_size, tokens_per_worker, experts_per_worker):
             sum(per_expert))
 
 
-@pytest.mark.parametrize("world_size,tokens,local", [(2, [5, 0], 1), (4, [7, 0, 3, 9], 2)])
+@pytest.mark.parametrize("world_size,tokens,local", [(2, [5, 0], 1), pytest.param(4, [7, 0, 3, 9], 2, marks=pytest.mark.slow)])
 def test_dispatch_returns_each_token_from_the_right_expert(world_size, tokens, local):
     results = run_workers(_dispatch_worker, world_size, tokens, local)
     assert all(ok_out and ok_grad for ok_out, ok_grad, _ in results)
@@ -102,7 +102,7 @@ def test_fp16_expert_gradients_near_the_maximum_do_not_overflow_over_their_repli
         assert torch.equal(expert_grad, torch.full((3,), 2 * 60000.0 / 4, dtype=torch.float16))
 
 
-@pytest.mark.parametrize("world_size,parallel", [(4, 4), (4, 2)])
+@pytest.mark.parametrize("world_size,parallel", [pytest.param(4, 4, marks=pytest.mark.slow), (4, 2)])
 def test_same_outputs_and_gradients_as_one_worker(world_size, parallel):
     """W workers in expert-parallel groups of P against one process: outputs, input gradients, and
     every expert's gradient summed over its W/P replicas (equal on every replica)."""
@@ -188,7 +188,7 @@ def _uneven_batches_worker(rank, world_size, sizes):
     return tuple(out.shape)
 
 
-@pytest.mark.parametrize("sizes", [[0, 5], [3, 0, 0, 1]])
+@pytest.mark.parametrize("sizes", [[0, 5], pytest.param([3, 0, 0, 1], marks=pytest.mark.slow)])
 def test_empty_batches_do_not_hang(sizes):
     # Balanced routing and shuffling in training: every collective still matches up.
     try:
@@ -268,7 +268,8 @@ def _expected_shuffled_assignment(scores, world_size):
     return expert
 
 
-@pytest.mark.parametrize("sizes,local", [([8, 8], 2), ([9, 10], 1), ([3, 0, 5, 8], 1), ([12, 4, 7, 9], 2)])
+@pytest.mark.parametrize("sizes,local", [([8, 8], 2), ([9, 10], 1), pytest.param([3, 0, 5, 8], 1, marks=pytest.mark.slow),
+                                         ([12, 4, 7, 9], 2)])
 def test_shuffled_training_sends_each_token_to_one_expert_with_balanced_loads(sizes, local):
     results = run_workers(_shuffled_training_worker, len(sizes), sizes, local)
     assert all(r[0] for r in results), "a token came back with no expert's output"
@@ -289,7 +290,7 @@ def _expert_init_worker(rank, world_size, num_experts):
             layer.centroids.detach())
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("world_size", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_a_model_for_w_workers_holds_the_experts_of_the_one_process_model(world_size):
     torch.manual_seed(11)
     one = BaseLayer(8, 16, num_experts=4)

@@ -85,8 +85,10 @@ def one_process_runs(data_bin, tmp_path_factory):  # noqa: F811
     return {case: (losses(result), save_dir) for case, result, save_dir in zip(cases, results, save_dirs)}
 
 
-@pytest.mark.parametrize("workers,parallel,num_experts,backend,router", LAYOUTS,
-                         ids=[f"W{w}-P{p}-E{e}-{b}-{r}" for w, p, e, b, r in LAYOUTS])
+@pytest.mark.parametrize("workers,parallel,num_experts,backend,router", [
+    pytest.param(*layout, id="W{}-P{}-E{}-{}-{}".format(*layout),
+                 marks=[pytest.mark.slow] if layout == (4, 2, 4, "legacy_ddp", "balanced") else [])
+    for layout in LAYOUTS])
 def test_workers_match_one_process_with_the_same_global_batch(data_bin, one_process_runs, tmp_path,  # noqa: F811
                                                               workers, parallel, num_experts, backend, router):
     """W workers in groups of P, under legacy_ddp and torch's DDP (c10d), against one process with
@@ -130,7 +132,7 @@ def test_two_gpus_with_fp16_and_nccl_match_one_gpu(data_bin, tmp_path, monkeypat
     assert_same_parameters(global_parameters(tmp_path / "one", 1), global_parameters(tmp_path / "two", 2), 2e-2)
 
 
-@pytest.mark.parametrize("workers,router", [(1, "balanced"), (2, "balanced"), (1, "lossfree")])
+@pytest.mark.parametrize("workers,router", [(1, "balanced"), pytest.param(2, "balanced", marks=pytest.mark.slow), (1, "lossfree")])
 def test_bf16_trains_on_cpu(data_bin, tmp_path, workers, router):  # noqa: F811
     flags = ["--bf16", "--base-experts", "4", "--max-update", "30", "--log-interval", "5", *router_flags(router)]
     if workers == 1:

@@ -15,7 +15,7 @@ from fairseq_base.models.transformer_lm_base import TransformerLanguageModelBase
 PROMPT = "T h e _ k i n g"
 ROUTERS = {
     "balanced": ["--base-layers", "1"],
-    "sbase": ["--base-layers", "1", "--base-router", "sbase"],
+    "lossfree": ["--base-layers", "1", "--base-router", "lossfree", "--base-bias-update-rate", "0.01"],
     "switch": ["--base-layers", "0", "--base-moe-freq", "2", "--base-router", "switch",
                "--criterion", "base_cross_entropy"],
     "top2": ["--base-layers", "1", "--base-router", "top2", "--criterion", "base_cross_entropy"],
@@ -79,7 +79,7 @@ def interactive(checkpoint, data, *flags):
     return hypotheses[0]
 
 
-@pytest.mark.parametrize("router", ["balanced", "hash"])
+@pytest.mark.parametrize("router", ["balanced", pytest.param("hash", marks=pytest.mark.slow)])
 def test_interactive_samples_and_searches(data_bin, models, router):  # noqa: F811
     checkpoint = models / router / "checkpoint_last.pt"
     interactive(checkpoint, data_bin, "--sampling", "--sampling-topk", "5", "--beam", "1", "--seed", "1")

@@ -230,6 +230,7 @@ def test_the_installed_kernel_solves_in_a_fresh_process_without_compiling(tmp_pa
     assert "compiled" not in result.stderr and not (cache.exists() and any(cache.iterdir()))
 
 
+@pytest.mark.slow
 def test_compiling_at_first_use_says_so_in_one_line(monkeypatch, caplog):
     """A checkout used without installing it compiles the kernel at its first use, saying so."""
     import logging

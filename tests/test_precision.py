@@ -157,7 +157,7 @@ def _overflow_worker(rank, world_size, precision):
             for poisoned_rank, where in ((1, "expert"), (1, "shared"), (-1, "none"))]
 
 
-@pytest.mark.parametrize("precision", ["fp16", "memory_efficient_fp16"])
+@pytest.mark.parametrize("precision", ["fp16", pytest.param("memory_efficient_fp16", marks=pytest.mark.slow)])
 def test_overflow_on_one_worker_makes_every_worker_skip_the_step(precision):
     expert_inf, shared_inf, no_inf = zip(*run_workers(_overflow_worker, 2, precision))
     for stepped, loss_scale, unchanged, finite in expert_inf + shared_inf:

@@ -322,6 +322,7 @@ def test_non_finite_values_stop_reshard_naming_the_tensor(trained, tmp_path):
     assert f"checkpoint_last-rank-1.pt: tensor model/{key} holds inf or NaN" in line
 
 
+@pytest.mark.slow
 def test_loading_a_checkpoint_with_nan_is_refused_naming_the_tensor(data_bin, trained, tmp_path):  # noqa: F811
     reshard(str(trained / "checkpoint_last-rank-0.pt"), 1, str(tmp_path / "one.pt"))
     key = "decoder.layers.0.fc1.weight"
@@ -337,6 +338,7 @@ def test_loading_a_checkpoint_with_nan_is_refused_naming_the_tensor(data_bin, tr
         assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_eval_lm_takes_the_checkpoints_block_length_and_never_reports_zero_tokens(data_bin, trained, tmp_path):  # noqa: F811,E501
     reshard(str(trained / "checkpoint_last-rank-0.pt"), 1, str(tmp_path / "one.pt"))
     without = [a for a in EVAL if a not in ("--tokens-per-sample", "64")]

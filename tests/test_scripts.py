@@ -14,6 +14,7 @@ from test_end_to_end import data_bin  # noqa: F401  (fixture)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_prepare_text_folder_with_gpt2_bpe(tmp_path):
     folder = tmp_path / "texts"
     folder.mkdir()
@@ -44,9 +45,10 @@ def test_reproduce_small_runs_seeds_and_an_expert_sweep_of_the_router_comparison
                     "--validpref", str(text), "--testpref", str(text), "--destdir", str(data),
                     "--workers", "1"], check=True, capture_output=True)
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "reproduce_small.py"), "--minutes", "0.1",
-                             "--comparison", "routers", "--models", "lossfree", "--experts", "4", "--seeds", "2",
-                             "--validate-every", "1",
+    # Three updates each, validated after every one, however slow the machine is (a minute is a watchdog).
+    result = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "reproduce_small.py"), "--minutes", "1",
+                             "--max-update", "3", "--comparison", "routers", "--models", "lossfree", "--experts", "4",
+                             "--seeds", "2", "--validate-every", "1",
                              "--data", str(data), "--out", str(out)], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     models, sweep = (out / "results.md").read_text().split("Expert-count sweep")
@@ -57,6 +59,7 @@ def test_reproduce_small_runs_seeds_and_an_expert_sweep_of_the_router_comparison
     assert saved["comparison"] == "routers"
     runs = saved["models"]["lossfree E=4"]["runs"]
     assert [run["seed"] for run in runs] == [1, 2] and len(runs[0]["expert_load"]["moe1"]) == 4
+    assert [p["updates"] for p in runs[0]["curve"]] == [1, 2, 3]
     churn = [p["churn"] for p in runs[0]["curve"][1:]]
     assert churn and all(set(c) == {"moe1", "moe2"} and 0 <= min(c.values()) <= max(c.values()) <= 1 for c in churn)
     for plot in ("valid_ppl", "expert_load", "churn", "experts"):

@@ -10,10 +10,10 @@ module says otherwise.
 |---|---|---|
 | ``launch`` | torchrun without CUDA devices, ``--bf16`` without TPUs, options checked before launch | every model, only where fairseq would fail: torchrun on a CPU machine, ``--bf16`` without torch_xla |
 | ``ddp`` | DDP backends: experts never averaged, torch's DDP on CPU modules | W > 1 workers; the expert checks: models with experts; the device id: every model on the CPU |
-| ``checkpoint_files`` | one file per expert-parallel rank, checks on load and save, run stamps, Namespaces under ``weights_only`` | models with experts; the run stamp (``extra_state``) and the Namespace: every model |
+| ``checkpoint_files`` | one file per expert-parallel rank, checks on load and save, run stamps, Namespaces under ``weights_only``, checkpoints of one module per expert read as stacked, a ``--path`` beside ``-rank-*`` files | models with experts; the run stamp (``extra_state``) and the Namespace: every model; the ``--path`` line: any model, where fairseq would fail |
 | ``saves`` (and ``save_lock``) | saves all or nothing across files and workers, never of inf or NaN weights; ``crash.pt`` per rank; an explicit ``--restore-file`` must exist; one run per save directory | models with experts, in fairseq-train |
 | ``eval_lm`` | fairseq-eval-lm: per-rank files, workers in lockstep, one perplexity, block length | models with experts |
-| ``optimizer`` | gradient norm over shared parameters, expert gradients reduced over replicas | models with experts (for others fairseq's norm, nothing to reduce) |
+| ``optimizer`` | gradient norm over shared parameters, expert gradients reduced over replicas, the lossfree bias once per step | models with experts (for others fairseq's norm, nothing to reduce) |
 | ``routing_churn`` | the probe batch of every validation | models with expert layers of this plugin |
 | ``numpy_compat`` | ``np.compat.long`` under numpy 2 | every model under numpy 2 |
 """
