@@ -99,22 +99,15 @@ def _stacked_names(model) -> Dict[str, tuple]:
 def _upgrade_optimizer_state(optim: dict, old_params: List[tuple], new_params: List[str],
                              groups: Dict[str, List[str]]) -> Optional[dict]:
     """The optimizer state of ``old_params`` ([(name, shape)] in order) regrouped for ``new_params``."""
-    by_name = _state_by_name(optim, old_params)
+    by_name = state_by_name(optim, old_params)
     if by_name is None:
         logger.warning("fairseq_base: this checkpoint predates the stacked experts and its optimizer state (not "
                        "one parameter group over the model's parameters) cannot be regrouped: it is left out, and "
                        "training from it starts a new optimizer state")
         return None
-    entries = [stack_entries([{key: _new_layout(name, value) for key, value in by_name[source].items()}
-                              for source in groups[name]]) if name in groups else by_name[name]
-               for name in new_params]
-    group = optim["param_groups"][0]
-    if len(group["params"]) == 1 and len(old_params) > 1:  # one flat state over all parameters
-        flat = {key: torch.cat([entry[key].reshape(-1) for entry in entries]) if per_element(value) else value
-                for key, value in optim["state"].get(group["params"][0], {}).items()}
-        return dict(optim, state={group["params"][0]: flat})
-    return dict(optim, state={i: entry for i, entry in enumerate(entries) if entry},
-                param_groups=[dict(group, params=list(range(len(new_params))))])
+    return regrouped(optim, [stack_entries([{key: _new_layout(name, value) for key, value in by_name[source].items()}
+                                            for source in groups[name]]) if name in groups else by_name[name]
+                             for name in new_params])
 
 
 def _new_layout(name: str, value):
@@ -126,25 +119,45 @@ def per_element(value) -> bool:
     return torch.is_tensor(value) and value.dim() > 0
 
 
-def _state_by_name(optim: dict, params: List[tuple]) -> Optional[Dict[str, dict]]:
-    groups = optim.get("param_groups", [])
+def state_by_name(optim: Optional[dict], params: List[tuple]) -> Optional[Dict[str, dict]]:
+    """The optimizer state of each of ``params`` ([(name, shape)], the model's parameters in
+    order), per-parameter or flat; None where it cannot be mapped safely (several parameter
+    groups, or a state shaped otherwise than its parameter, as Adafactor's factored one)."""
+    groups = (optim or {}).get("param_groups", [])
     if len(groups) != 1:
         return None
     indices, state = groups[0]["params"], optim.get("state", {})
     if len(indices) == len(params):
-        return {name: state.get(index, {}) for (name, _), index in zip(params, indices)}
-    flat_state = state.get(indices[0], {}) if len(indices) == 1 else None
-    total = sum(shape.numel() for _, shape in params)
-    if flat_state is not None and all(value.numel() == total for value in flat_state.values() if per_element(value)):
-        # flat: each parameter's elements in turn
+        by_name = {name: state.get(index, {}) for (name, _), index in zip(params, indices)}
+    elif len(indices) == 1:  # flat: each parameter's elements in turn
+        flat_state, total = state.get(indices[0], {}), sum(shape.numel() for _, shape in params)
+        if any(value.shape != (total,) for value in flat_state.values() if per_element(value)):
+            return None
         by_name, offset = {}, 0
         for name, shape in params:
             size = shape.numel()
             by_name[name] = {key: value[offset:offset + size].view(shape) if per_element(value) else value
                              for key, value in flat_state.items()}
             offset += size
-        return by_name
-    return None
+    else:
+        return None
+    shapes = dict(params)
+    if any(value.shape != shapes[name] for name, entry in by_name.items() for value in entry.values()
+           if per_element(value)):
+        return None
+    return by_name
+
+
+def regrouped(optim: dict, entries: List[dict]) -> dict:
+    """``optim`` (one parameter group) holding ``entries``, the state of each parameter in order:
+    flat where ``optim`` is (the fp16 and bf16 optimizers' one fp32 copy of all parameters)."""
+    group = optim["param_groups"][0]
+    if len(group["params"]) == 1 and len(entries) > 1:
+        flat = {key: torch.cat([entry[key].reshape(-1) for entry in entries]) if per_element(value) else value
+                for key, value in optim["state"].get(group["params"][0], {}).items()}
+        return dict(optim, state={group["params"][0]: flat})
+    return dict(optim, state={i: entry for i, entry in enumerate(entries) if entry},
+                param_groups=[dict(group, params=list(range(len(entries))))])
 
 
 def stack_entries(entries: List[dict]) -> dict:

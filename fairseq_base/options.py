@@ -9,6 +9,8 @@ transformer_lm_base --help`` does not list them; this does.
 
 import argparse
 import dataclasses
+import os
+import sys
 from typing import Iterator, Tuple
 
 from fairseq_base.models.transformer_lm_base import TransformerLanguageModelBaseConfig
@@ -34,11 +36,14 @@ def main(argv=None) -> None:
     parser.add_argument("--text", action="store_true", help="plain text instead of a markdown table")
     args = parser.parse_args(argv)
     if args.text:
-        for option, key, default, text in plugin_options():
-            print(f"{option} ({key}, default {default})\n    {text}\n")
+        text = "\n".join(f"{option} ({key}, default {default})\n    {help}\n"
+                         for option, key, default, help in plugin_options())
     else:
-        print(table())
-
+        text = table()
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:  # e.g. `| head`, which has read what it wanted: no traceback at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 if __name__ == "__main__":
     main()

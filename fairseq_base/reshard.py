@@ -22,7 +22,6 @@ is one line, ``fairseq-base-reshard: error: ...``, and exit code 1.
 """
 
 import argparse
-import glob
 import os
 import re
 import sys
@@ -35,7 +34,7 @@ import torch
 from fairseq_base import old_checkpoints
 from fairseq_base.checkpoints import check_finite, num_updates, provenance, rank_files, read_checkpoint, stamp
 from fairseq_base.errors import BaseLayerConfigError
-from fairseq_base.old_checkpoints import parameter_names, per_element, stack_entries
+from fairseq_base.old_checkpoints import parameter_names, per_element, regrouped, stack_entries, state_by_name
 
 SHARD_NAME = re.compile(r"^(?P<stem>.*)-rank-(?P<rank>\d+)\.pt$")
 EXPERT_IDS = "expert_ids"
@@ -55,7 +54,7 @@ def shard_paths(path: str) -> List[str]:
             raise ReshardError(f"{path}: no such checkpoint")
         return [path]
     stem = match["stem"]
-    ranks = sorted(int(SHARD_NAME.match(p)["rank"]) for p in glob.glob(glob.escape(stem) + "-rank-*.pt"))
+    ranks = sorted(int(SHARD_NAME.match(p)["rank"]) for p in rank_files(stem + ".pt") if SHARD_NAME.match(p))
     missing = sorted(set(range(max(ranks, default=0) + 1)) - set(ranks))
     if missing or not ranks:
         names = ", ".join(f"{stem}-rank-{r}.pt" for r in missing or [int(match["rank"])])
@@ -108,7 +107,8 @@ class Checkpoint:
         self.paths, self.states = self.paths[:parallel], self.states[:parallel]
         self.experts = {p: {} for p in self.layers}  # prefix -> global id -> {rest: tensor}
         self.expert_optim = {}  # (prefix, global id, rest) -> optimizer state
-        optim = [self._optimizer_state_by_name(s) for s in self.states]
+        optim = [state_by_name(s.get("last_optimizer_state"), [(n, s["model"][n].shape) for n in parameter_names(s["model"])])
+                 for s in self.states]
         self.shared_optim = optim[0]
         for path, state, by_name in zip(self.paths, self.states, optim):
             model = state["model"]
@@ -164,25 +164,6 @@ class Checkpoint:
                             f"size {parallel}) but {key} differs: replicas that drifted apart; use a checkpoint "
                             f"saved by fairseq-train with this plugin")
 
-    @staticmethod
-    def _optimizer_state_by_name(state):
-        """Optimizer state per parameter name, or None where it cannot be mapped safely."""
-        optim = state.get("last_optimizer_state")
-        if not optim or len(optim.get("param_groups", [])) != 1:
-            return None
-        names = parameter_names(state["model"])
-        indices = optim["param_groups"][0]["params"]
-        if len(indices) != len(names):
-            return None  # e.g. fp16 training keeps one flat fp32 copy of all parameters
-        by_name = {}
-        for name, index in zip(names, indices):
-            entry = optim["state"].get(index, {})
-            shape = state["model"][name].shape
-            if any(torch.is_tensor(v) and v.dim() > 0 and v.shape != shape for v in entry.values()):
-                return None
-            by_name[name] = entry
-        return by_name
-
     def write(self, world_size: int, parallel: int, out: str) -> List[str]:
         if world_size % parallel != 0:
             raise ReshardError(f"--expert-parallel-size {parallel} does not divide --world-size {world_size}; "
@@ -236,8 +217,7 @@ class Checkpoint:
         by_key = dict(names_in_order)
         entries = [stack_entries([self.expert_optim[e] for e in by_key[n]]) if by_key[n] else self.shared_optim[n]
                    for n in params]
-        group = dict(template["last_optimizer_state"]["param_groups"][0], params=list(range(len(params))))
-        return {"state": {i: e for i, e in enumerate(entries) if e}, "param_groups": [group]}
+        return regrouped(template["last_optimizer_state"], entries)
 
 
 def output_paths(out: str, world_size: int, parallel: int, inputs: List[str]) -> List[str]:
@@ -264,7 +244,7 @@ def output_paths(out: str, world_size: int, parallel: int, inputs: List[str]) ->
                            f"choose another --out") from None
     if not os.access(directory, os.W_OK | os.X_OK):
         raise ReshardError(f"--out {out}: directory {directory} is not writable; choose another --out")
-    stale = [p for p in sorted(glob.glob(glob.escape(stem) + "-rank-*.pt"))
+    stale = [p for p in rank_files(out)
              if world_size > 1 and SHARD_NAME.match(p) and int(SHARD_NAME.match(p)["rank"]) >= parallel]
     if stale:
         raise ReshardError(f"{stale[0]} (and {len(stale) - 1} more) would be left beside the new files as shards of "

@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -98,29 +99,32 @@ def main():
             torch.nn.init.normal_(p, std=0.02)
         module.to(args.device, dtype).train()
     x = torch.randn(args.tokens, 1, args.dim, device=args.device, dtype=dtype, requires_grad=True)
-    times = {name: [] for name in modules}
+    times, faults = {name: [] for name in modules}, {name: [] for name in modules}
     for module in modules.values():
         step(module, x)  # warm-up (and kernel build)
     for _ in range(args.repeats):
         for name, module in modules.items():
             if args.device == "cuda":
                 torch.cuda.synchronize()
-            start = time.perf_counter()
+            start, faults_before = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             step(module, x)
             if args.device == "cuda":
                 torch.cuda.synchronize()
             times[name].append(time.perf_counter() - start)
+            faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before)
     ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+    page_faults = {name: statistics.median(f) for name, f in faults.items()}
     reference = ms[f"E={counts[0]}"]
     print(f"\nforward+backward, T={args.tokens}, d={args.dim}, ffn={args.ffn}, {args.sublayers} sublayers, "
           f"{args.dtype}, {args.device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} "
           f"threads), median of {args.repeats}, balanced routing")
-    print(f"| module | ms | ratio to E={counts[0]} |\n|---|---|---|")
+    print(f"| module | ms | ratio to E={counts[0]} | host page faults per step |\n|---|---|---|---|")
     for name, value in ms.items():
-        print(f"| {'BASE layer, ' if name.startswith('E=') else ''}{name} | {value:.1f} | {value / reference:.3f}x |")
+        print(f"| {'BASE layer, ' if name.startswith('E=') else ''}{name} | {value:.1f} | {value / reference:.3f}x | "
+              f"{page_faults[name]:,.0f} |")
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     with open(args.json, "w") as f:
-        json.dump({"args": vars(args), "machine": platform.platform(), "ms": ms,
+        json.dump({"args": vars(args), "machine": platform.platform(), "ms": ms, "page_faults": page_faults,
                    "ratio_to_first": {name: value / reference for name, value in ms.items()}}, f, indent=2)
     print(f"\nwrote {args.json}")
 

@@ -56,6 +56,14 @@ def test_readme_options_table_is_what_the_options_command_prints():
     assert "--base-router (model.base_router, default balanced)" in text_form
 
 
+def test_options_command_piped_into_a_reader_that_stops_early_ends_quietly():
+    """``python -m fairseq_base.options --text | head``: no BrokenPipeError traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "fairseq_base.options", "--text"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=REPO)
+    proc.stdout.close()  # before it prints: its write meets a closed pipe
+    assert proc.wait(timeout=120) == 0 and b"Traceback" not in proc.stderr.read()
+
+
 def commands(markdown, sections=("## Set-up and quick run", "## Use")):
     """The shell commands in the ``bash`` blocks of those sections: continuation lines joined, one
     per pipeline stage or ``&&``."""

@@ -132,7 +132,8 @@ def test_two_gpus_with_fp16_and_nccl_match_one_gpu(data_bin, tmp_path, monkeypat
     assert_same_parameters(global_parameters(tmp_path / "one", 1), global_parameters(tmp_path / "two", 2), 2e-2)
 
 
-@pytest.mark.parametrize("workers,router", [(1, "balanced"), pytest.param(2, "balanced", marks=pytest.mark.slow), (1, "lossfree")])
+@pytest.mark.parametrize("workers,router", [(1, "balanced"), pytest.param(2, "balanced", marks=pytest.mark.slow), (1, "lossfree"),
+                                            pytest.param(2, "lossfree", marks=pytest.mark.slow)])
 def test_bf16_trains_on_cpu(data_bin, tmp_path, workers, router):  # noqa: F811
     flags = ["--bf16", "--base-experts", "4", "--max-update", "30", "--log-interval", "5", *router_flags(router)]
     if workers == 1:
@@ -148,3 +149,5 @@ def test_bf16_trains_on_cpu(data_bin, tmp_path, workers, router):  # noqa: F811
                for key, value in saved["model"].items() if key.endswith("expert_bias"))
     if workers == 2:
         global_parameters(tmp_path, 2)  # shared parameters identical on both workers
+        models = [torch.load(tmp_path / f"checkpoint_last-rank-{r}.pt", weights_only=False)["model"] for r in range(2)]
+        assert all(torch.equal(models[0][key], models[1][key]) for key in models[0] if key.endswith("expert_bias"))

@@ -193,11 +193,33 @@ def test_a_crash_while_writing_leaves_no_output(trained, tmp_path, monkeypatch):
 def test_optimizer_state_that_cannot_be_mapped_is_dropped_with_a_notice(trained, tmp_path, capsys):
     shards = _copy(trained, tmp_path)
     for rank in range(2):
-        _edit(shards / f"checkpoint_last-rank-{rank}.pt",
-              lambda s: s["last_optimizer_state"]["param_groups"][0].update(params=[0]))  # like fp16's flat copy
+        _edit(shards / f"checkpoint_last-rank-{rank}.pt",  # two parameter groups: no order to regroup by
+              lambda s: s["last_optimizer_state"]["param_groups"].append(s["last_optimizer_state"]["param_groups"][0]))
     reshard(str(shards / "checkpoint_last-rank-0.pt"), 1, str(tmp_path / "one.pt"))
     assert "resume training with --reset-optimizer" in capsys.readouterr().out
     assert torch.load(tmp_path / "one.pt", weights_only=False)["last_optimizer_state"] is None
+
+
+def flatten_optimizer_state(state):
+    """``state`` with its optimizer state as --fp16 and --bf16 keep it: one flat entry over all parameters."""
+    optim = state["last_optimizer_state"]
+    entries = [optim["state"][i] for i in optim["param_groups"][0]["params"]]
+    optim["state"] = {0: {key: torch.cat([e[key].reshape(-1) for e in entries]) if torch.is_tensor(value) and value.dim() else value
+                          for key, value in entries[0].items()}}
+    optim["param_groups"][0]["params"] = [0]
+
+
+def test_flat_optimizer_state_is_resharded_flat(trained, tmp_path):
+    shards = _copy(trained, tmp_path)
+    for rank in range(2):
+        _edit(shards / f"checkpoint_last-rank-{rank}.pt", flatten_optimizer_state)
+    per_parameter = reshard(str(trained / "checkpoint_last-rank-0.pt"), 1, str(tmp_path / "one.pt"))[0]
+    flat = reshard(str(shards / "checkpoint_last-rank-0.pt"), 1, str(tmp_path / "one-flat.pt"))[0]
+    expected, got = torch.load(per_parameter, weights_only=False), torch.load(flat, weights_only=False)
+    flatten_optimizer_state(expected)
+    assert got["last_optimizer_state"]["param_groups"] == expected["last_optimizer_state"]["param_groups"]
+    for key, value in expected["last_optimizer_state"]["state"][0].items():
+        assert torch.equal(torch.as_tensor(value), torch.as_tensor(got["last_optimizer_state"]["state"][0][key])), key
 
 
 def _reshard_cli(*args):

@@ -10,7 +10,7 @@ from fairseq_base.experts import LocalExperts, expert_batches
 from fairseq_base.reshard import reshard
 from test_end_to_end import data_bin, run  # noqa: F401  (fixture)
 from test_reshard import eval_loss
-from test_torchrun import TINY_MODEL, losses
+from test_torchrun import TINY_MODEL, losses, torchrun_train
 
 
 def one_expert(weights, x, num_sublayers):
@@ -94,7 +94,24 @@ def test_a_checkpoint_in_the_per_expert_layout_evaluates_resumes_and_reshards(da
                                torch.load(tmp_path / "new" / "checkpoint_last.pt", weights_only=True))
         assert eval_loss(data_bin, tmp_path / "old-two" / "model.pt", workers=2) == pytest.approx(
             eval_loss(data_bin, tmp_path / "one.pt"), abs=1e-4)
+    else:  # the flat state of --bf16 through fairseq-base-reshard and back
+        two = reshard(str(tmp_path / "old" / "checkpoint_last.pt"), 2, str(tmp_path / "two.pt"))
+        back = reshard(two[0], 1, str(tmp_path / "back.pt"))[0]
+        assert_same_checkpoint(torch.load(back, weights_only=True),
+                               torch.load(tmp_path / "new" / "checkpoint_last.pt", weights_only=True))
     resumed = {name: losses(train(data_bin, tmp_path / name, 10, *flags)) for name in ("new", "old")}
+    assert sorted(resumed["old"]) == list(range(7, 11)) and resumed["old"] == resumed["new"]
+
+
+@pytest.mark.slow
+def test_per_worker_files_in_the_per_expert_layout_resume_training_on_their_workers(data_bin, tmp_path):  # noqa: F811
+    flags = ["--base-experts", "4", "--base-moe-freq", "2", "--ddp-backend", "legacy_ddp", "--log-interval", "1"]
+    torchrun_train(2, data_bin, tmp_path / "new", *flags, "--max-update", "6")
+    for rank in range(2):
+        write_per_expert_layout(tmp_path / "new" / f"checkpoint_last-rank-{rank}.pt",
+                                tmp_path / "old" / f"checkpoint_last-rank-{rank}.pt")
+    resumed = {name: losses(torchrun_train(2, data_bin, tmp_path / name, *flags, "--max-update", "10"))
+               for name in ("new", "old")}
     assert sorted(resumed["old"]) == list(range(7, 11)) and resumed["old"] == resumed["new"]
 
 
