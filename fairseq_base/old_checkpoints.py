@@ -102,7 +102,7 @@ def _upgrade_optimizer_state(optim: dict, old_params: List[tuple], new_params: L
     by_name = state_by_name(optim, old_params)
     if by_name is None:
         logger.warning("fairseq_base: this checkpoint predates the stacked experts and its optimizer state (not "
-                       "one parameter group over the model's parameters) cannot be regrouped: it is left out, and "
+                       "one state per parameter, or one flat state, in one parameter group) cannot be regrouped: it is left out, and "
                        "training from it starts a new optimizer state")
         return None
     return regrouped(optim, [stack_entries([{key: _new_layout(name, value) for key, value in by_name[source].items()}

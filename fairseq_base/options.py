@@ -36,14 +36,15 @@ def main(argv=None) -> None:
     parser.add_argument("--text", action="store_true", help="plain text instead of a markdown table")
     args = parser.parse_args(argv)
     if args.text:
-        text = "\n".join(f"{option} ({key}, default {default})\n    {help}\n"
-                         for option, key, default, help in plugin_options())
+        text = "\n".join(f"{option} ({key}, default {default})\n    {meaning}\n"
+                         for option, key, default, meaning in plugin_options())
     else:
         text = table()
     try:
         print(text, flush=True)
     except BrokenPipeError:  # e.g. `| head`, which has read what it wanted: no traceback at exit
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
 
 if __name__ == "__main__":
     main()

@@ -13,7 +13,11 @@ weights; the row "one by one" times the same layer at the largest E with its exp
 after another (as before the weights were stacked, and as now when padding would more than
 double the rows). Each step starts without gradients, as fairseq's does: E experts then write
 E times the weight gradients of one. Runs alternate; the table shows medians and ratios to
-E = 1.
+E = 1, and the host's minor page faults per step: on CPU, glibc gives the memory of large freed
+tensors back to the system, so that each step's new weight gradients fault it in again (the
+CUDA caching allocator keeps it). To time the layer without that cost on CPU:
+
+    MALLOC_MMAP_THRESHOLD_=4000000000 MALLOC_TRIM_THRESHOLD_=8000000000 python scripts/bench_layer.py
 """
 
 import argparse
