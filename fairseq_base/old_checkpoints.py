@@ -102,8 +102,8 @@ def _upgrade_optimizer_state(optim: dict, old_params: List[tuple], new_params: L
     by_name = state_by_name(optim, old_params)
     if by_name is None:
         logger.warning("fairseq_base: this checkpoint predates the stacked experts and its optimizer state (not "
-                       "one state per parameter, or one flat state, in one parameter group) cannot be regrouped: it is left out, and "
-                       "training from it starts a new optimizer state")
+                       "one state per parameter, or one flat state, in one parameter group) cannot be regrouped: it "
+                       "is left out, and training from it starts a new optimizer state")
         return None
     return regrouped(optim, [stack_entries([{key: _new_layout(name, value) for key, value in by_name[source].items()}
                                             for source in groups[name]]) if name in groups else by_name[name]
@@ -117,6 +117,13 @@ def _new_layout(name: str, value):
 
 def per_element(value) -> bool:
     return torch.is_tensor(value) and value.dim() > 0
+
+
+def optimizer_state_by_name(state: dict) -> Optional[Dict[str, dict]]:
+    """``state_by_name`` of a checkpoint's optimizer state and model."""
+    model = state["model"]
+    params = [(name, model[name].shape) for name in parameter_names(model)]
+    return state_by_name(state.get("last_optimizer_state"), params)
 
 
 def state_by_name(optim: Optional[dict], params: List[tuple]) -> Optional[Dict[str, dict]]:

@@ -34,7 +34,7 @@ import torch
 from fairseq_base import old_checkpoints
 from fairseq_base.checkpoints import check_finite, num_updates, provenance, rank_files, read_checkpoint, stamp
 from fairseq_base.errors import BaseLayerConfigError
-from fairseq_base.old_checkpoints import parameter_names, per_element, regrouped, stack_entries, state_by_name
+from fairseq_base.old_checkpoints import optimizer_state_by_name, parameter_names, per_element, regrouped, stack_entries
 
 SHARD_NAME = re.compile(r"^(?P<stem>.*)-rank-(?P<rank>\d+)\.pt$")
 EXPERT_IDS = "expert_ids"
@@ -107,8 +107,7 @@ class Checkpoint:
         self.paths, self.states = self.paths[:parallel], self.states[:parallel]
         self.experts = {p: {} for p in self.layers}  # prefix -> global id -> {rest: tensor}
         self.expert_optim = {}  # (prefix, global id, rest) -> optimizer state
-        optim = [state_by_name(s.get("last_optimizer_state"), [(n, s["model"][n].shape) for n in parameter_names(s["model"])])
-                 for s in self.states]
+        optim = [optimizer_state_by_name(s) for s in self.states]
         self.shared_optim = optim[0]
         for path, state, by_name in zip(self.paths, self.states, optim):
             model = state["model"]

@@ -204,7 +204,8 @@ def flatten_optimizer_state(state):
     """``state`` with its optimizer state as --fp16 and --bf16 keep it: one flat entry over all parameters."""
     optim = state["last_optimizer_state"]
     entries = [optim["state"][i] for i in optim["param_groups"][0]["params"]]
-    optim["state"] = {0: {key: torch.cat([e[key].reshape(-1) for e in entries]) if torch.is_tensor(value) and value.dim() else value
+    per_element = [key for key, value in entries[0].items() if torch.is_tensor(value) and value.dim()]
+    optim["state"] = {0: {key: torch.cat([e[key].reshape(-1) for e in entries]) if key in per_element else value
                           for key, value in entries[0].items()}}
     optim["param_groups"][0]["params"] = [0]
 
