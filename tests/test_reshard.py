@@ -13,6 +13,7 @@ import torch
 from test_end_to_end import data_bin, run, run_two_at_a_time  # noqa: F401  (fixture)
 from test_torchrun import BIN, TINY_MODEL, error_messages, losses, torchrun_train
 
+from fairseq_base.old_checkpoints import state_by_name
 from fairseq_base.reshard import ReshardError, cli_main, reshard
 
 EVAL = ["--user-dir", "fairseq_base", "--cpu", "--tokens-per-sample", "64", "--batch-size", "8",
@@ -221,6 +222,15 @@ def test_flat_optimizer_state_is_resharded_flat(trained, tmp_path):
     assert got["last_optimizer_state"]["param_groups"] == expected["last_optimizer_state"]["param_groups"]
     for key, value in expected["last_optimizer_state"]["state"][0].items():
         assert torch.equal(torch.as_tensor(value), torch.as_tensor(got["last_optimizer_state"]["state"][0][key])), key
+
+
+def test_optimizer_state_shaped_otherwise_than_its_parameter_is_not_mapped():
+    params = [("weight", torch.Size([4, 3])), ("bias", torch.Size([3]))]
+    factored = {"exp_avg_sq_row": torch.zeros(4), "exp_avg_sq_col": torch.zeros(3)}  # as Adafactor's
+    optim = {"param_groups": [{"params": [0, 1]}], "state": {0: factored, 1: {"exp_avg_sq": torch.zeros(3)}}}
+    assert state_by_name(optim, params) is None
+    optim["state"][0] = {"exp_avg_sq": torch.ones(4, 3)}
+    assert torch.equal(state_by_name(optim, params)["weight"]["exp_avg_sq"], torch.ones(4, 3))
 
 
 def _reshard_cli(*args):
