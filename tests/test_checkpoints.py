@@ -85,6 +85,7 @@ def test_resume_from_files_that_do_not_belong_together_is_refused(data_bin, runs
     assert "num_updates=" not in result.stdout + result.stderr  # no step was taken
 
 
+@pytest.mark.slow
 def test_restore_file_from_two_runs_is_refused(data_bin, runs, tmp_path):  # noqa: F811
     _mixed(tmp_path, runs / "b" / "checkpoint_last-rank-0.pt", runs / "a10-rank-1.pt", name="mixed")
     result = torchrun_train(2, data_bin, tmp_path / "save", *COMMON, "--max-update", "30",

@@ -105,6 +105,7 @@ def test_the_expert_sweep_table_says_whether_more_experts_helped():
                         "| -1.00 (within the spread) |")
 
 
+@pytest.mark.slow
 def test_bench_layer_workers_compares_the_three_layers(tmp_path):
     out = tmp_path / "layer_workers.json"
     result = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "bench_layer_workers.py"), "--tokens", "64",
@@ -175,6 +176,7 @@ def test_cuda_tests_skip_before_any_fixture_with_one_line_each(tmp_path):
     assert " passed" not in result.stdout and "error" not in result.stdout.lower()
 
 
+@pytest.mark.slow
 def test_gpu_check_without_cuda_says_so_in_one_line():
     if __import__("torch").cuda.is_available():
         pytest.skip("this machine has CUDA")
