@@ -49,7 +49,7 @@ def unreadable(path: str, err: Exception) -> UnreadableCheckpoint:
         return UnreadableCheckpoint(f"{path} is empty (0 bytes): an interrupted copy or save; restore it from "
                                     f"its source")
     # Damaged bytes make torch's readers raise almost anything.
-    return UnreadableCheckpoint(f"{path} is truncated or corrupt ({type(err).__name__}: {_first_line(err)}); "
+    return UnreadableCheckpoint(f"{path} is truncated or corrupt ({type(err).__name__}: {first_line(err)}); "
                                 f"restore it from its source")
 
 
@@ -86,7 +86,7 @@ def refuse_plain_name_of_rank_files(path: str) -> None:
             f"process: fairseq-base-reshard {found[0]} --world-size 1 --out {path}")
 
 
-def _first_line(err: Exception) -> str:
+def first_line(err: Exception) -> str:
     text = str(err).strip().splitlines()
     return text[0][:200] if text else type(err).__name__
 
@@ -205,20 +205,22 @@ def agree_across_workers(record: dict, group=None) -> List[dict]:
     """Gather every worker's ``record`` ({"file", "run_id", "num_updates", "checksum"}) and
     raise the same CheckpointError on every worker if they differ. Returns the records."""
     records = gather(record, group)
-    check_agreement(records)
+    problem = disagreement(records)
+    if problem:
+        raise CheckpointError(problem)
     return records
 
 
-def check_agreement(records: List[dict]) -> None:
-    """Raise a CheckpointError naming the first two files whose records differ."""
+def disagreement(records: List[dict]) -> Optional[str]:
+    """The line naming the first two files whose records (one per worker) differ, or None."""
     first = records[0]
     for other in records[1:]:
         for key, what in (("run_id", "runs"), ("num_updates", "updates"), ("checksum", "shared parameters")):
-            if other[key] != first[key]:
-                raise CheckpointError(
-                    f"the workers loaded checkpoint files that do not belong together (different {what}): "
-                    f"{_describe(first)} and {_describe(other)}; give every worker files of one save "
-                    f"(fairseq-base-reshard checks a set and rewrites it for any number of workers)")
+            if other.get(key) != first.get(key):
+                return (f"the workers loaded checkpoint files that do not belong together (different {what}): "
+                        f"{_describe(first)} and {_describe(other)}; give every worker files of one save "
+                        f"(fairseq-base-reshard checks a set and rewrites it for any number of workers)")
+    return None
 
 
 def _describe(record: dict) -> str:

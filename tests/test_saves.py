@@ -1,7 +1,9 @@
-"""Nothing is lost when saving goes wrong (2 gloo workers under torchrun, a save every 5
-updates): faults injected into the workers (``faults/sitecustomize.py``) at a write or a
-rename, damaged files, a missing --restore-file, a save directory in use, diverged weights.
-Each test checks that every earlier checkpoint is still there and readable."""
+"""Nothing is lost when saving or resuming goes wrong, and every worker takes the same steps
+whatever each one finds (2 gloo workers under torchrun, a save every 5 updates), under every DDP
+backend the plugin accepts: faults injected into the workers (``faults/sitecustomize.py``) at a
+write or a rename, damaged files on one worker or all, files of different saves, diverged
+weights, a missing --restore-file, a save directory in use. Each test checks that every earlier
+checkpoint is still there and readable."""
 
 import json
 import os
@@ -20,15 +22,23 @@ from fairseq_base.fairseq_patches import saves
 
 pytestmark = pytest.mark.slow
 FAULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "faults")
-SAVES = ["--base-experts", "2", "--ddp-backend", "legacy_ddp", "--save-interval-updates", "5", "--log-interval", "5"]
+SAVES = ["--base-experts", "2", "--save-interval-updates", "5", "--log-interval", "5"]
+# Every DDP backend the plugin accepts with experts (c10d is fairseq's alias of pytorch_ddp). torch's
+# DDP (pytorch_ddp) wraps the model in a collective at the first touch of trainer.model: a worker
+# that decided alone to skip fairseq's loading would meet the others in another collective.
+BACKENDS = ["legacy_ddp", "pytorch_ddp", "no_c10d"]
 
 
-def train(data, save_dir, updates, *flags, fault=None, check=True):
+def train(data, save_dir, updates, *flags, backend="legacy_ddp", workers=2, fault=None, check=True):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if fault:
         env.update(FAIRSEQ_BASE_FAULT=fault, PYTHONPATH=FAULTS + os.pathsep + env.get("PYTHONPATH", ""))
-    result = subprocess.run(torchrun_command(2, data, save_dir, *SAVES, "--max-update", str(updates), *flags),
-                            capture_output=True, text=True, timeout=600, env=env)
+    command = torchrun_command(workers, data, save_dir, *SAVES, "--ddp-backend", backend, "--max-update", str(updates),
+                               *flags)
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    except subprocess.TimeoutExpired:  # a watchdog, not a speed bound: the workers waited on each other
+        raise AssertionError(f"fairseq-train on {workers} workers hung: no exit after 600 s") from None
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
@@ -53,70 +63,149 @@ def one_error(result, fragment):
     return next(iter(errors))
 
 
-@pytest.fixture(scope="module")
-def saved_at_5(data_bin, tmp_path_factory):  # noqa: F811
-    """A run saved at update 5: checkpoint_1_5-rank-{0,1} and checkpoint_last-rank-{0,1}."""
-    root = tmp_path_factory.mktemp("saved_at_5")
-    train(data_bin, root, 5)
-    assert_readable_set(root, "checkpoint_last", 5)
-    return root
+@pytest.fixture(scope="module", params=BACKENDS)
+def saved(request, data_bin, tmp_path_factory):  # noqa: F811
+    """(backend, save dir) of a run on 2 workers under that backend, saved at updates 5 and 10:
+    checkpoint_1_{5,10}-rank-{0,1} and checkpoint_last-rank-{0,1} (update 10)."""
+    root = tmp_path_factory.mktemp(f"saved-{request.param}")
+    train(data_bin, root, 10, backend=request.param)
+    assert_readable_set(root, "checkpoint_last", 10)
+    return request.param, root
 
 
-def copy_of(saved, tmp_path):
+def copy_of(saved_dir, tmp_path):
     target = tmp_path / "save"
-    shutil.copytree(saved, target)
+    shutil.copytree(saved_dir, target)
     return target
 
 
-def test_a_full_disk_on_one_worker_keeps_every_earlier_file(data_bin, saved_at_5, tmp_path):  # noqa: F811
-    save_dir = copy_of(saved_at_5, tmp_path)
-    result = train(data_bin, save_dir, 10, fault="enospc:1:1", check=False)
-    assert result.returncode != 0
-    line = one_error(result, "saving the checkpoint of update 10 to")
-    assert str(save_dir) in line and "No space left on device" in line and "nothing of this save was kept" in line
-    assert_readable_set(save_dir, "checkpoint_last", 5)
-    assert_readable_set(save_dir, "checkpoint_1_5", 5)
-    assert not list(save_dir.glob("checkpoint_1_10*")) and no_temporaries(save_dir)
-    resumed = train(data_bin, save_dir, 10)  # the disk has room again: the run goes on from update 5
-    assert "(epoch 1 @ 5 updates)" in resumed.stdout + resumed.stderr and sorted(losses(resumed)) == [10]
+def truncate(path):
+    path.write_bytes(path.read_bytes()[:1000])
 
 
-def test_a_kill_while_renaming_resumes_from_the_newest_complete_set(data_bin, saved_at_5, tmp_path):  # noqa: F811
-    """Worker 1 dies after renaming checkpoint_1_10 and checkpoint_best, before checkpoint_last (its 3rd rename)."""
-    save_dir = copy_of(saved_at_5, tmp_path)
-    killed = train(data_bin, save_dir, 10, fault="kill:1:3", check=False)
-    assert killed.returncode != 0
-    assert updates_of(save_dir / "checkpoint_last-rank-1.pt") == 5
-    resumed = train(data_bin, save_dir, 15)
+def put_nan(path):
+    state = torch.load(path, weights_only=True)
+    name = next(key for key, value in state["model"].items() if value.is_floating_point())
+    state["model"][name].view(-1)[0] = float("nan")
+    torch.save(state, path)
+
+
+# How each case breaks checkpoint_last (worker r reads checkpoint_last-rank-r.pt), and what the
+# line that says why the workers resume from the newest complete set names.
+BROKEN_LAST = {
+    "one worker's file empty": (lambda save_dir: (save_dir / "checkpoint_last-rank-1.pt").write_bytes(b""),
+                                "checkpoint_last-rank-1.pt is empty (0 bytes)"),
+    "every worker's file unreadable": (lambda save_dir: (truncate(save_dir / "checkpoint_last-rank-0.pt"),
+                                                         (save_dir / "checkpoint_last-rank-1.pt").write_bytes(b"")),
+                                       "checkpoint_last-rank-0.pt is truncated or corrupt"),
+    "files of different saves": (lambda save_dir: shutil.copy(save_dir / "checkpoint_1_5-rank-1.pt",
+                                                              save_dir / "checkpoint_last-rank-1.pt"),
+                                 "do not belong together (different updates)"),
+    "NaN in one worker's file": (lambda save_dir: put_nan(save_dir / "checkpoint_last-rank-1.pt"),
+                                 "checkpoint_last-rank-1.pt: tensor model/"),
+}
+
+
+def assert_resumed_from_set(resumed, updates, why, through):
+    """The workers resumed from checkpoint_1_{updates}-rank-{0,1}, saying why, and trained on to ``through``."""
     log = resumed.stdout + resumed.stderr
-    newest = re.search(r"resuming from \S*checkpoint_1_(\d+)-rank-\d\.pt \(update (\d+)\), the newest checkpoint set",
-                       log)
-    assert newest and newest.group(1) == newest.group(2) in ("5", "10"), log[-3000:]
-    assert sorted(losses(resumed))[-1] == 15
+    for rank in range(2):
+        assert re.search(rf"resuming from \S*checkpoint_1_{updates}-rank-{rank}\.pt \(update {updates}\), the newest "
+                         rf"checkpoint set that is complete on every worker, because the last one cannot be used: "
+                         rf".*{re.escape(why)}", log), log[-3000:]
+    assert "Traceback" not in log and sorted(losses(resumed))[-1] == through
+
+
+@pytest.mark.parametrize("case", list(BROKEN_LAST))
+def test_a_broken_last_checkpoint_resumes_every_worker_from_the_newest_complete_set(data_bin, saved, tmp_path,  # noqa: F811
+                                                                                    case):
+    backend, saved_dir = saved
+    save_dir = copy_of(saved_dir, tmp_path)
+    breaks, why = BROKEN_LAST[case]
+    breaks(save_dir)
+    resumed = train(data_bin, save_dir, 15, backend=backend)
+    assert_resumed_from_set(resumed, 10, why, 15)
     assert_readable_set(save_dir, "checkpoint_last", 15)
 
 
-def test_unreadable_last_checkpoints_resume_from_the_newest_complete_set(data_bin, saved_at_5, tmp_path):  # noqa: F811
-    save_dir = copy_of(saved_at_5, tmp_path)
-    last = save_dir / "checkpoint_last-rank-0.pt"
-    last.write_bytes(last.read_bytes()[:1000])  # truncated
-    (save_dir / "checkpoint_last-rank-1.pt").write_bytes(b"")  # empty
-    resumed = train(data_bin, save_dir, 10)
-    log = resumed.stdout + resumed.stderr
-    assert "resuming from" in log and "checkpoint_1_5-rank-0.pt (update 5)" in log, log[-3000:]
-    assert "checkpoint_last-rank-0.pt is truncated or corrupt" in log
-    assert "Traceback" not in log and sorted(losses(resumed)) == [10]
-
-
-def test_with_no_complete_set_one_line_says_what_to_pass(data_bin, saved_at_5, tmp_path):  # noqa: F811
-    save_dir = copy_of(saved_at_5, tmp_path)
+def test_with_no_complete_set_one_line_says_what_to_pass(data_bin, saved, tmp_path):  # noqa: F811
+    backend, saved_dir = saved
+    save_dir = copy_of(saved_dir, tmp_path)
     (save_dir / "checkpoint_last-rank-1.pt").write_bytes(b"")
-    for stale in save_dir.glob("checkpoint_1_5*"):
+    for stale in save_dir.glob("checkpoint_1_*-rank-1.pt"):
         stale.unlink()
-    result = train(data_bin, save_dir, 10, check=False)
+    result = train(data_bin, save_dir, 15, backend=backend, check=False)
     line = one_error(result, "checkpoint_last-rank-1.pt is empty (0 bytes)")
     assert "no set of checkpoint_E_U-rank-*.pt" in line and "pass --restore-file" in line
-    assert "EOFError" not in result.stderr and "PytorchStreamReader" not in result.stderr  # torch's raw errors
+    # Neither torch's raw errors nor a worker that lost the others (torchrun's own traceback follows any failure).
+    for other in ("EOFError", "PytorchStreamReader", "Connection closed", "DDP expects same model"):
+        assert other not in result.stderr, result.stderr[-3000:]
+
+
+def test_a_full_disk_on_one_worker_keeps_every_earlier_file(data_bin, saved, tmp_path):  # noqa: F811
+    backend, saved_dir = saved
+    save_dir = copy_of(saved_dir, tmp_path)
+    result = train(data_bin, save_dir, 15, backend=backend, fault="enospc:1:1", check=False)
+    assert result.returncode != 0
+    line = one_error(result, "saving the checkpoint of update 15 to")
+    assert str(save_dir) in line and "No space left on device" in line and "nothing of this save was kept" in line
+    assert_readable_set(save_dir, "checkpoint_last", 10)
+    assert_readable_set(save_dir, "checkpoint_1_10", 10)
+    assert not list(save_dir.glob("checkpoint_1_15*")) and no_temporaries(save_dir)
+    resumed = train(data_bin, save_dir, 15, backend=backend)  # the disk has room again: on from update 10
+    assert "(epoch 1 @ 10 updates)" in resumed.stdout + resumed.stderr and sorted(losses(resumed)) == [15]
+
+
+def test_a_kill_while_renaming_resumes_from_the_newest_complete_set(data_bin, saved, tmp_path):  # noqa: F811
+    """Worker 1 dies after renaming checkpoint_1_15 and checkpoint_best, before checkpoint_last (its 3rd rename)."""
+    backend, saved_dir = saved
+    save_dir = copy_of(saved_dir, tmp_path)
+    killed = train(data_bin, save_dir, 15, backend=backend, fault="kill:1:3", check=False)
+    assert killed.returncode != 0
+    assert updates_of(save_dir / "checkpoint_last-rank-1.pt") == 10
+    resumed = train(data_bin, save_dir, 20, backend=backend)
+    log = resumed.stdout + resumed.stderr
+    newest = re.search(r"resuming from \S*checkpoint_1_(\d+)-rank-\d\.pt \(update (\d+)\), the newest checkpoint set",
+                       log)
+    assert newest and newest.group(1) == newest.group(2) in ("10", "15"), log[-3000:]
+    assert sorted(losses(resumed))[-1] == 20
+    assert_readable_set(save_dir, "checkpoint_last", 20)
+
+
+def test_diverged_weights_are_never_saved(data_bin, saved, tmp_path):  # noqa: F811
+    """An lr of 1e39 makes the weights inf in one step while the gradients stay finite."""
+    backend, saved_dir = saved
+    save_dir = copy_of(saved_dir, tmp_path)
+    result = train(data_bin, save_dir, 15, "--lr", "1e39", "--reset-lr-scheduler", "--save-interval-updates", "1",
+                   backend=backend, check=False)
+    one_error(result, "the weights hold inf or NaN at update 11")
+    assert_readable_set(save_dir, "checkpoint_last", 10)
+    assert no_temporaries(save_dir) and not list(save_dir.glob("checkpoint_1_11*"))
+
+
+def test_four_workers_with_expert_replicas_resume_together(data_bin, tmp_path):  # noqa: F811
+    """W = 4 in expert-parallel groups of P = 2 (torch's DDP): workers 1 and 3 read
+    checkpoint_last-rank-1.pt, which is empty; all four resume from the newest complete set."""
+    flags = ["--base-expert-parallel-size", "2"]
+    train(data_bin, tmp_path, 10, *flags, backend="pytorch_ddp", workers=4)
+    (tmp_path / "checkpoint_last-rank-1.pt").write_bytes(b"")
+    resumed = train(data_bin, tmp_path, 15, *flags, backend="pytorch_ddp", workers=4)
+    assert_resumed_from_set(resumed, 10, "checkpoint_last-rank-1.pt is empty (0 bytes)", 15)
+    assert len(re.findall(r"resuming from \S*checkpoint_1_10-rank-1\.pt", resumed.stdout + resumed.stderr)) == 2
+    assert_readable_set(tmp_path, "checkpoint_last", 15)
+
+
+def test_spawned_workers_resume_together(data_bin, tmp_path):  # noqa: F811
+    """fairseq's own launch (--distributed-world-size 2, no torchrun) with torch's DDP: one worker's
+    checkpoint_last is empty."""
+    command = [os.path.join(BIN, "fairseq-train"), str(data_bin / "bin"), "--user-dir", "fairseq_base", "--cpu",
+               "--distributed-world-size", "2", *TINY_MODEL, *SAVES, "--ddp-backend", "pytorch_ddp",
+               "--save-dir", str(tmp_path)]
+    os.environ["OMP_NUM_THREADS"] = "1"
+    run(*command, "--max-update", "10")
+    (tmp_path / "checkpoint_last-rank-0.pt").write_bytes(b"")
+    resumed = run(*command, "--max-update", "15")
+    assert_resumed_from_set(resumed, 10, "checkpoint_last-rank-0.pt is empty (0 bytes)", 15)
 
 
 def one_process(data, save_dir, updates, *flags):
@@ -162,16 +251,6 @@ def test_two_runs_started_together_one_stops(data_bin, tmp_path):  # noqa: F811
     assert sorted([first.returncode, second.returncode])[0] == 0, (first.stderr[-2000:], second.stderr[-2000:])
     loser = first if first.returncode else second
     one_line(loser, "is in use by another run")
-
-
-def test_diverged_weights_are_never_saved(data_bin, saved_at_5, tmp_path):  # noqa: F811
-    """An lr of 1e39 makes the weights inf in one step while the gradients stay finite."""
-    save_dir = copy_of(saved_at_5, tmp_path)
-    result = train(data_bin, save_dir, 10, "--lr", "1e39", "--reset-lr-scheduler", "--save-interval-updates", "1",
-                   check=False)
-    one_error(result, "the weights hold inf or NaN at update 6")
-    assert_readable_set(save_dir, "checkpoint_last", 5)
-    assert no_temporaries(save_dir) and not list(save_dir.glob("checkpoint_1_6*"))
 
 
 def test_crash_dump_is_named_per_expert_parallel_rank(monkeypatch, tmp_path):

@@ -16,6 +16,7 @@ c10d would otherwise fail, and left for every model on a GPU.
 
 from fairseq import models
 from fairseq.models import distributed_fairseq_model
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from fairseq_base.errors import BaseLayerConfigError
@@ -58,7 +59,7 @@ def wrap_model(args, model, process_group, device):
 
 def torch_ddp(module, device_ids=None, output_device=None, **kwargs):
     """torch's DDP as fairseq builds it, for modules on the CPU too (fairseq always passes a device id)."""
-    if next(module.parameters()).device.type == "cpu":
+    if isinstance(module, nn.Module) and next(module.parameters()).device.type == "cpu":
         device_ids = output_device = None
     return DistributedDataParallel(module, device_ids=device_ids, output_device=output_device, **kwargs)
 

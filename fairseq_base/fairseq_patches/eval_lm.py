@@ -31,6 +31,7 @@ from argparse import Namespace
 import torch
 import torch.distributed as dist
 from fairseq_cli import eval_lm as fairseq_eval_lm
+from omegaconf import DictConfig
 
 from fairseq_base import checkpoints
 from fairseq_base.errors import BaseLayerConfigError
@@ -79,6 +80,8 @@ def tokens_per_sample_from_checkpoint(cfg) -> None:
 
 
 def main(cfg, **kwargs):
+    if not isinstance(cfg, (Namespace, DictConfig)):
+        return FAIRSEQ_MAIN(cfg, **kwargs)
     chosen = isinstance(cfg, Namespace) or any(arg.startswith("--tokens-per-sample") for arg in sys.argv)
     cfg = as_config(cfg)
     workers = cfg.distributed_training.distributed_world_size

@@ -75,9 +75,9 @@ def infer_cpu_init(cfg) -> bool:
     return True
 
 
-def infer_init_method(cfg, force_distributed=False):
+def infer_init_method(cfg, *args, **kwargs):  # as fairseq's: (cfg, force_distributed=False)
     if not infer_cpu_init(cfg):
-        FAIRSEQ_INFER_INIT_METHOD(cfg, force_distributed)
+        return FAIRSEQ_INFER_INIT_METHOD(cfg, *args, **kwargs)
 
 
 def spawn_on_cpu(cfg, main, **kwargs) -> None:
@@ -99,7 +99,7 @@ def check_amp(cfg) -> None:
 def bf16_without_tpu(cfg) -> None:
     """Undo the --tpu that fairseq's command line sets for --bf16 where there can be no TPU (in
     every config group: the command line copies it into distributed_training too)."""
-    if cfg.common.bf16 and cfg.common.tpu and importlib.util.find_spec("torch_xla") is None:
+    if cfg.common.bf16 is True and cfg.common.tpu is True and importlib.util.find_spec("torch_xla") is None:
         for name in cfg:
             group = cfg[name]
             if isinstance(group, DictConfig) and group.get("tpu") is True:

@@ -16,34 +16,45 @@ Replaces:
   and, once per optimizer step as fairseq calls it, the lossfree router's bias moves toward the
   under-loaded experts (``update_expert_biases``).
 Touches: models with experts. Without experts the flat copy records no slices, the norm is
-fairseq's ``utils.clip_grad_norm_`` over the same parameters, and there is nothing to reduce.
+fairseq's own ``clip_grad_norm``, and there is nothing to reduce.
 """
 
 from fairseq.optim import FairseqOptimizer
 from fairseq.optim.fp16_optimizer import _FP16OptimizerMixin
+from torch import nn
 
 from fairseq_base.grad_norm import clip_grad_norm_with_experts, mark_flat_expert_slices
 from fairseq_base.layer import reduce_expert_grads, update_expert_biases
 
 FAIRSEQ_BUILD_FP32_PARAMS = _FP16OptimizerMixin.build_fp32_params.__func__
 FAIRSEQ_ALL_REDUCE_GRADS = FairseqOptimizer.all_reduce_grads
+FAIRSEQ_CLIP_GRAD_NORM = FairseqOptimizer.clip_grad_norm
+
+
+def holds_experts(params) -> bool:
+    """Parameters of a model with experts, or fairseq's flat fp32 copy of them (``build_fp32_params``)."""
+    return any(hasattr(param, "expert") or getattr(param, "expert_slices", None) for param in params)
 
 
 def build_fp32_params(cls, args, params, flatten=True):
     fp32_params = FAIRSEQ_BUILD_FP32_PARAMS(cls, args, params, flatten)
-    if flatten:
+    if flatten and holds_experts(params):
         mark_flat_expert_slices(fp32_params, params)
     return fp32_params
 
 
-def clip_grad_norm(self, max_norm, aggregate_norm_fn=None):
-    return clip_grad_norm_with_experts(self.params, max_norm, aggregate_norm_fn)
+def clip_grad_norm(self, *args, **kwargs):  # as fairseq's: (max_norm, aggregate_norm_fn=None)
+    if not holds_experts(self.params):
+        return FAIRSEQ_CLIP_GRAD_NORM(self, *args, **kwargs)
+    return clip_grad_norm_with_experts(self.params, *args, **kwargs)
 
 
 def all_reduce_grads(self, module):
-    FAIRSEQ_ALL_REDUCE_GRADS(self, module)
-    reduce_expert_grads(module)
-    update_expert_biases(module)
+    reduced = FAIRSEQ_ALL_REDUCE_GRADS(self, module)
+    if isinstance(module, nn.Module):
+        reduce_expert_grads(module)
+        update_expert_biases(module)
+    return reduced
 
 
 def install() -> None:

@@ -131,7 +131,7 @@ def save_checkpoint(cfg, trainer, epoch_itr, val_loss):  # on every worker
 
 
 def trainer_save_checkpoint(self, filename, extra_state):
-    if os.path.basename(filename) == "crash.pt" and self.data_parallel_world_size > 1 and has_experts(self.get_model()):
+    if has_experts(self.get_model()) and self.data_parallel_world_size > 1 and os.path.basename(filename) == "crash.pt":
         filename = os.path.join(os.path.dirname(filename), f"crash{self.checkpoint_suffix}.pt")
     return FAIRSEQ_TRAINER_SAVE_CHECKPOINT(self, filename, extra_state)
 
