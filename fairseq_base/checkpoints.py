@@ -14,6 +14,7 @@
 import glob
 import os
 import pickle
+import re
 import uuid
 from typing import Dict, List, Optional
 
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 from fairseq_base.errors import BaseLayerConfigError
 
 PROVENANCE = "fairseq_base"
+SHARDED = re.compile(r"-rank-\d+\.pt$")
 INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 # Provenance of the checkpoint files this process has loaded, by path (see ``remember``).
 LOADED: Dict[str, dict] = {}
@@ -75,6 +77,24 @@ def rank_files(path: str) -> List[str]:
     return sorted(glob.glob(glob.escape(stem) + "-rank-*.pt"))
 
 
+def refuse_two_kinds(path: str, how_to_choose: str) -> None:
+    """One line where ``path`` (NAME.pt) and NAME-rank-*.pt both exist: a one-process run's file and
+    the files of a run on several workers under one name, which no reader could tell apart."""
+    found = rank_files(path)
+    if found and os.path.isfile(path):
+        raise CheckpointError(
+            f"{path} and {', '.join(os.path.basename(f) for f in found)} both exist: the file of a run in one "
+            f"process and the files of a run on {len(found)} workers, under one name; {how_to_choose}")
+
+
+def runs_of_the_other_kind(save_dir: str, workers: int) -> List[str]:
+    """The checkpoint files in ``save_dir`` that a run on ``workers`` workers would not write:
+    ``checkpoint*-rank-*.pt`` for one process, plain ``checkpoint*.pt`` for several."""
+    names = os.listdir(save_dir) if os.path.isdir(save_dir) else []
+    return sorted(name for name in names if name.startswith("checkpoint") and name.endswith(".pt")
+                  and bool(SHARDED.search(name)) == (workers == 1))
+
+
 def refuse_plain_name_of_rank_files(path: str) -> None:
     """One line for a ``--path`` that does not exist in one process when its ``-rank-*`` files do."""
     found = rank_files(path)
@@ -83,7 +103,7 @@ def refuse_plain_name_of_rank_files(path: str) -> None:
         raise CheckpointError(
             f"{path} does not exist, but {names} do: the files of a run on several workers. Score them with "
             f"the same --path on {len(found)} (or a multiple of {len(found)}) workers, or join them for one "
-            f"process: fairseq-base-reshard {found[0]} --world-size 1 --out {path}")
+            f"process: fairseq-base-reshard {found[0]} --world-size 1 --out {path[: -len('.pt')]}-joined.pt")
 
 
 def first_line(err: Exception) -> str:

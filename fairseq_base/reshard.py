@@ -32,7 +32,8 @@ from typing import List
 import torch
 
 from fairseq_base import old_checkpoints
-from fairseq_base.checkpoints import check_finite, num_updates, provenance, rank_files, read_checkpoint, stamp
+from fairseq_base.checkpoints import (check_finite, num_updates, provenance, rank_files, read_checkpoint,
+                                     refuse_two_kinds, stamp)
 from fairseq_base.errors import BaseLayerConfigError
 from fairseq_base.old_checkpoints import optimizer_state_by_name, parameter_names, per_element, regrouped, stack_entries
 
@@ -47,6 +48,8 @@ class ReshardError(BaseLayerConfigError):
 def shard_paths(path: str) -> List[str]:
     """The files of the checkpoint that ``path`` belongs to, in rank order."""
     match = SHARD_NAME.match(path)
+    refuse_two_kinds(path, f"pass {rank_files(path)[0] if rank_files(path) else ''} for the run on several workers, "
+                           f"or move those files to another directory to read {path}")
     if match is None and not os.path.isfile(path) and rank_files(path):  # NAME.pt for NAME-rank-*.pt, as fairseq
         match = SHARD_NAME.match(rank_files(path)[0])
     if match is None:
@@ -97,7 +100,11 @@ class Checkpoint:
                                f"{', '.join(missing) or 'none (extra shards?)'}")
         self.layers = [k[: -len(EXPERT_IDS)] for k in first["model"] if k.endswith(EXPERT_IDS)]
         if not self.layers:
-            raise ReshardError(f"{paths[0]}: no BASE layer in this checkpoint (not a transformer_lm_base model)")
+            arch = ((first.get("cfg") or {}).get("model") or {}).get("_name")
+            kind = ("a transformer_lm_base model without experts (--base-layers 0)" if arch == "transformer_lm_base"
+                    else "not a transformer_lm_base model")
+            raise ReshardError(f"{paths[0]}: no expert layer in this checkpoint ({kind}): it has nothing to "
+                               f"reshard, and fairseq loads it as it is on any number of workers")
         self.num_updates = num_updates(first)
         self.run_id = provenance(first)["run_id"]
         # Every file holds E / P experts (hash layers have no centroids to count them by).

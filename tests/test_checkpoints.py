@@ -101,3 +101,19 @@ def test_eval_lm_on_files_of_two_runs_is_refused(data_bin, runs, tmp_path):  # n
                  *EVAL, "--distributed-backend", "gloo", check=False)
     _assert_refused(result, "(different runs)", "mixed-rank-0.pt", "mixed-rank-1.pt")
     assert "Perplexity" not in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_eval_lm_with_one_workers_file_damaged_stops_every_worker_with_one_line(data_bin, runs, tmp_path):  # noqa: F811
+    """Each worker reads its own file before the first collective: worker 1's empty file stops both."""
+    shutil.copy(runs / "a" / "checkpoint_last-rank-0.pt", tmp_path / "model-rank-0.pt")
+    (tmp_path / "model-rank-1.pt").write_bytes(b"")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    result = run(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                 os.path.join(BIN, "fairseq-eval-lm"), str(data_bin / "bin"), "--path", str(tmp_path / "model.pt"),
+                 *EVAL, "--distributed-backend", "gloo", check=False)
+    assert result.returncode != 0
+    assert error_messages(result.stderr) == {f"fairseq_base: error: {tmp_path / 'model-rank-1.pt'} is empty (0 bytes): "
+                                             f"an interrupted copy or save; restore it from its source"}
+    assert result.stderr.count("fairseq_base: error:") == 2, result.stderr[-3000:]  # from both workers
+    assert "Connection closed" not in result.stderr and "Perplexity" not in result.stdout + result.stderr

@@ -23,8 +23,10 @@ TINY = ["--arch", "transformer_lm", "--decoder-layers", "1", "--decoder-embed-di
         "--max-tokens", "64", "--cpu"]
 
 
-def dense_objects(tmp_path):
+@pytest.fixture(scope="module")
+def dense_objects(tmp_path_factory):
     """A dense transformer_lm as fairseq builds it: (cfg, model, stand-in trainer, stand-in optimizer)."""
+    tmp_path = tmp_path_factory.mktemp("dense")
     dictionary = Dictionary()
     for symbol in "abc":
         dictionary.add_symbol(symbol)
@@ -85,21 +87,21 @@ REPLACEMENTS = [
 @pytest.mark.parametrize("objects", ["MagicMock", "dense transformer_lm"])
 @pytest.mark.parametrize("module,fairseqs,ours,mocked,dense", REPLACEMENTS,
                          ids=[f"{module.__name__.split('.')[-1]}.{ours.__name__}" for module, _, ours, _, _ in REPLACEMENTS])
-def test_a_replacement_calls_fairseqs_function_unchanged_for_what_is_not_ours(monkeypatch, tmp_path, objects, module,
-                                                                               fairseqs, ours, mocked, dense):
+def test_a_replacement_calls_fairseqs_function_unchanged_for_what_is_not_ours(monkeypatch, dense_objects, objects,
+                                                                               module, fairseqs, ours, mocked, dense):
     fairseq_function = MagicMock(return_value={"returned by": "fairseq"})  # a state dict, for the loaders
     monkeypatch.setattr(module, fairseqs, fairseq_function)
-    args = mocked(MagicMock()) if objects == "MagicMock" else dense(dense_objects(tmp_path))
+    args = mocked(MagicMock()) if objects == "MagicMock" else dense(dense_objects)
     assert ours(*args) is fairseq_function.return_value
     assert fairseq_function.call_args_list == [call(*args)]
 
 
 @pytest.mark.parametrize("objects", ["MagicMock", "dense transformer_lm"])
-def test_which_files_a_worker_saves_is_fairseqs_for_what_is_not_ours(monkeypatch, tmp_path, objects):
+def test_which_files_a_worker_saves_is_fairseqs_for_what_is_not_ours(monkeypatch, dense_objects, objects):
     """``Trainer.should_save_checkpoint_on_current_rank`` is a property: fairseq's getter, unchanged."""
     getter = MagicMock(return_value=object())
     monkeypatch.setattr(checkpoint_files, "FAIRSEQ_SHOULD_SAVE", property(getter))
-    trainer = MagicMock() if objects == "MagicMock" else dense_objects(tmp_path).trainer
+    trainer = MagicMock() if objects == "MagicMock" else dense_objects.trainer
     assert checkpoint_files.should_save_checkpoint_on_current_rank(trainer) is getter.return_value
     assert getter.call_args_list == [call(trainer)]
 

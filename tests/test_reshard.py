@@ -115,8 +115,56 @@ def test_the_plain_name_of_per_worker_files_is_one_line_for_path_and_read_by_res
         f"fairseq_base: error: {trained / 'checkpoint_last.pt'} does not exist, but checkpoint_last-rank-0.pt, "
         f"checkpoint_last-rank-1.pt do: the files of a run on several workers. Score them with the same --path on 2 "
         f"(or a multiple of 2) workers, or join them for one process: fairseq-base-reshard "
-        f"{trained / 'checkpoint_last-rank-0.pt'} --world-size 1 --out {trained / 'checkpoint_last.pt'}"}
+        f"{trained / 'checkpoint_last-rank-0.pt'} --world-size 1 --out {trained / 'checkpoint_last-joined.pt'}"}
     assert reshard(str(trained / "checkpoint_last.pt"), 1, str(tmp_path / "one.pt")) == [str(tmp_path / "one.pt")]
+
+
+def test_two_kinds_of_checkpoint_under_one_name_are_never_read_silently(data_bin, trained, tmp_path):  # noqa: F811
+    """NAME.pt of a one-process run beside NAME-rank-{0,1}.pt of a run on several workers: fairseq-base-reshard
+    and --path stop with one line naming both and how to choose; a shard's own name still reads its set."""
+    both = tmp_path / "both"
+    shutil.copytree(trained, both)
+    reshard(str(trained / "checkpoint_last-rank-0.pt"), 1, str(tmp_path / "one.pt"))
+    shutil.copy(tmp_path / "one.pt", both / "checkpoint_last.pt")
+    named = (f"{both / 'checkpoint_last.pt'} and checkpoint_last-rank-0.pt, checkpoint_last-rank-1.pt both exist: the "
+             f"file of a run in one process and the files of a run on 2 workers, under one name; ")
+    line = _reshard_cli(both / "checkpoint_last.pt", "--world-size", "1", "--out", tmp_path / "x.pt")
+    assert line == (f"fairseq-base-reshard: error: {named}pass {both / 'checkpoint_last-rank-0.pt'} for the run on "
+                    f"several workers, or move those files to another directory to read {both / 'checkpoint_last.pt'}")
+    assert reshard(str(both / "checkpoint_last-rank-0.pt"), 1, str(tmp_path / "y.pt")) == [str(tmp_path / "y.pt")]
+    result = run(*eval_command(data_bin, both / "checkpoint_last.pt"), check=False)
+    assert result.returncode != 0 and "Perplexity" not in result.stdout + result.stderr
+    assert error_messages(result.stderr) == {
+        f"fairseq_base: error: {named}move one of them to another directory, so that --path names one model"}
+
+
+def test_a_run_is_refused_a_save_dir_with_checkpoints_of_another_number_of_workers(data_bin, trained):  # noqa: F811
+    """In one process, into a --save-dir that holds a run's -rank-* files: one line, and nothing written."""
+    before = sorted(p.name for p in trained.iterdir())
+    result = run("fairseq-train", str(data_bin / "bin"), "--user-dir", "fairseq_base", "--cpu", *TINY_MODEL,
+                 "--base-experts", "4", "--save-dir", str(trained), "--max-update", "1", check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert error_messages(result.stderr) == {
+        f"fairseq_base: error: --save-dir {trained} holds the checkpoints of a run on several workers "
+        f"(checkpoint_best-rank-0.pt, checkpoint_best-rank-1.pt, checkpoint_last-rank-0.pt and 1 more); this run "
+        f"in one process would write its own beside them, and resume, --path and fairseq-base-reshard could not tell the two apart: pass another --save-dir (to "
+        f"go on from that run here, join or split its files with fairseq-base-reshard --world-size 1 into another "
+        f"directory and pass --restore-file)"}
+    assert sorted(p.name for p in trained.iterdir()) == before
+
+
+def test_a_model_without_expert_layers_has_nothing_to_reshard(trained, tmp_path):
+    reshard(str(trained / "checkpoint_last-rank-0.pt"), 1, str(tmp_path / "one.pt"))
+
+    def dense(state):
+        for key in [k for k in state["model"] if k.endswith("expert_ids")]:
+            del state["model"][key]
+        state["cfg"]["model"]["base_layers"] = 0
+    _edit(tmp_path / "one.pt", dense)
+    line = _reshard_cli(tmp_path / "one.pt", "--world-size", "2", "--out", tmp_path / "two.pt")
+    assert line == (f"fairseq-base-reshard: error: {tmp_path / 'one.pt'}: no expert layer in this checkpoint (a "
+                    f"transformer_lm_base model without experts (--base-layers 0)): it has nothing to reshard, and "
+                    f"fairseq loads it as it is on any number of workers")
 
 
 def test_eval_lm_on_workers_that_cannot_share_the_files_is_one_line(trained):

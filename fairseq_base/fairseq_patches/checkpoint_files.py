@@ -104,7 +104,8 @@ def trainer_state_dict(self):
 
 
 def load_checkpoint_to_cpu(path, *args, **kwargs):  # as fairseq's: (path, arg_overrides=None, load_on_all_ranks=False)
-    if not args and kwargs.get("arg_overrides") is None and os.path.abspath(path) in READ_AHEAD:
+    overrides = args[0] if args else kwargs.get("arg_overrides")
+    if not overrides and os.path.abspath(path) in READ_AHEAD:
         return READ_AHEAD.pop(os.path.abspath(path))  # read in full by ``read_own_file``
     try:
         state = FAIRSEQ_LOAD_CHECKPOINT_TO_CPU(path, *args, **kwargs)

@@ -8,7 +8,8 @@ Replaces:
   which eval-lm does not apply by itself; K must divide W). Without --tokens-per-sample on
   the command line, a transformer_lm_base checkpoint is scored in blocks of the length it
   was trained on (fairseq's default, 1024, skips every longer block); a Namespace from a
-  Python caller is taken as it is.
+  Python caller is taken as it is. Each worker reads its own file before the first collective,
+  and a file that one worker cannot use stops every worker with the same line.
 - ``fairseq_cli.eval_lm.eval_lm``: for models with experts on W > 1 workers, workers run in
   lockstep, a worker out of batches joining the others' all-to-alls with a dummy batch, the
   files they loaded must belong together, and the perplexity printed is the one of all
@@ -35,6 +36,7 @@ from omegaconf import DictConfig
 
 from fairseq_base import checkpoints
 from fairseq_base.errors import BaseLayerConfigError
+from fairseq_base.fairseq_patches import checkpoint_files
 from fairseq_base.fairseq_patches.which_models import as_config, has_experts
 
 logger = logging.getLogger(__name__)
@@ -58,6 +60,22 @@ def rank_suffix_for_eval(cfg, rank: int, workers: int) -> None:
             f"workers cannot share; run on a multiple of {files} workers, or rewrite it with fairseq-base-reshard "
             f"--world-size {workers} --expert-parallel-size Q (Q a divisor of {workers})")
     cfg.checkpoint.checkpoint_suffix = f"-rank-{rank % files}"
+
+
+def read_own_files_together(cfg, workers: int) -> None:
+    """Where each of W > 1 workers scores its own ``NAME-rank-{k}.pt``: every worker reads its file
+    in full (kept for fairseq's read of it) and the workers gather what each found before any
+    collective, so that a file missing, damaged or of another save on one worker stops all of them
+    with the same line."""
+    suffix = cfg.checkpoint.checkpoint_suffix
+    if not suffix or not dist.is_initialized():
+        return
+    for path in cfg.common_eval.path.split(os.pathsep):
+        own = path.replace(".pt", suffix + ".pt")  # fairseq's rule (get_maybe_sharded_checkpoint_filename)
+        problem = checkpoint_files.problem_with(checkpoints.gather(checkpoint_files.read_own_file(own, workers)))
+        if problem:
+            checkpoint_files.READ_AHEAD.clear()
+            raise checkpoints.CheckpointError(problem)
 
 
 def tokens_per_sample_from_checkpoint(cfg) -> None:
@@ -84,9 +102,12 @@ def main(cfg, **kwargs):
         return FAIRSEQ_MAIN(cfg, **kwargs)
     chosen = isinstance(cfg, Namespace) or any(arg.startswith("--tokens-per-sample") for arg in sys.argv)
     cfg = as_config(cfg)
+    for path in cfg.common_eval.path.split(os.pathsep) if cfg.common_eval.path else []:
+        checkpoints.refuse_two_kinds(path, "move one of them to another directory, so that --path names one model")
     workers = cfg.distributed_training.distributed_world_size
     if workers > 1:
         rank_suffix_for_eval(cfg, cfg.distributed_training.distributed_rank, workers)
+        read_own_files_together(cfg, workers)
     if not chosen:
         tokens_per_sample_from_checkpoint(cfg)
     return FAIRSEQ_MAIN(cfg, **kwargs)

@@ -151,11 +151,26 @@ def restore_file_error(cfg, suffix: str):
             f"or leave --restore-file out to start a new run or resume from --save-dir")
 
 
+def other_kind_error(save_dir: str, workers: int):
+    """Why this run must not share ``save_dir`` with the checkpoints of a run on another number of
+    workers (later commands could not tell the two apart), or None."""
+    found = checkpoints.runs_of_the_other_kind(save_dir, workers)
+    if not found:
+        return None
+    theirs, ours = ("several workers", "in one process") if workers == 1 else ("one process", f"on {workers} workers")
+    shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+    return (f"--save-dir {save_dir} holds the checkpoints of a run on {theirs} ({shown}); this run {ours} would "
+            f"write its own beside them, and resume, --path and fairseq-base-reshard could not tell the two apart: "
+            f"pass another --save-dir (to go on from that run here, join or split its files with "
+            f"fairseq-base-reshard --world-size {workers} into another directory and pass --restore-file)")
+
+
 def load_checkpoint(cfg, trainer, **kwargs):
     if not has_expert_options(trainer.cfg.model):
         return FAIRSEQ_LOAD_CHECKPOINT(cfg, trainer, **kwargs)
-    checkpoints.raise_on_every_worker(restore_file_error(cfg, trainer.checkpoint_suffix),
-                                      trainer.data_parallel_process_group, trainer.data_parallel_world_size)
+    workers = (trainer.data_parallel_process_group, trainer.data_parallel_world_size)
+    checkpoints.raise_on_every_worker(restore_file_error(cfg, trainer.checkpoint_suffix) or
+                                      other_kind_error(cfg.save_dir, trainer.data_parallel_world_size), *workers)
     lock = hold_save_dir(cfg.save_dir, trainer)
     loaded = FAIRSEQ_LOAD_CHECKPOINT(cfg, trainer, **kwargs)
     if lock is not None:
