@@ -2,19 +2,22 @@
 # Everything the plugin needs beyond torch, for a machine without internet (a cluster's compute
 # nodes, a GPU node): fairseq-fixed's source, which compiles against the torch it finds there,
 # and the wheels it and the plugin need, for the target Python. Run it where pip reaches PyPI:
-#   bash scripts/offline_bundle.sh DIR [--python X.Y] [--text FILE]
+#   bash scripts/offline_bundle.sh DIR [--python X.Y] [--have FILE] [--text FILE]
 # then copy DIR and this checkout to the machine and run there (torch installed):
 #   bash scripts/setup.sh --offline DIR
 # --python: the target's Python (default: this one's); wheels are for Linux x86_64.
+# --have: what the target has installed, as `python3 -m pip list --format=freeze > FILE` prints it
+#   there; the bundle leaves those packages out (the target's own copies serve).
 # --text: a small English text for the tests (default: data-bin/brown.txt or ../shared's
 #   Shakespeare, where present), which setup.sh --offline puts where the tests look.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-usage="usage: bash scripts/offline_bundle.sh DIR [--python X.Y] [--text FILE]"
+usage="usage: bash scripts/offline_bundle.sh DIR [--python X.Y] [--have FILE] [--text FILE]"
 [ $# -ge 1 ] && [[ "$1" != -* ]] || { echo "offline_bundle: error: $usage" >&2; exit 2; }
 DIR=$1; shift
 PYVER=$(python3 -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
 TEXT=""
+HAVE=""
 for candidate in data-bin/brown.txt ../shared/data/tinyshakespeare/input.txt; do
   [ -z "$TEXT" ] && [ -f "$candidate" ] && TEXT=$candidate
 done
@@ -22,6 +25,9 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --python) PYVER=${2:?"offline_bundle: error: --python needs X.Y"}; shift 2 ;;
     --text) TEXT=${2:?"offline_bundle: error: --text needs a file"}; shift 2 ;;
+    --have) HAVE=${2:?"offline_bundle: error: --have needs a file (python3 -m pip list --format=freeze > FILE on the target)"}
+            [ -f "$HAVE" ] || { echo "offline_bundle: error: --have $HAVE: no such file; make it on the target with python3 -m pip list --format=freeze > FILE" >&2; exit 2; }
+            shift 2 ;;
     *) echo "offline_bundle: error: unknown option $1; $usage" >&2; exit 2 ;;
   esac
 done
@@ -62,6 +68,20 @@ echo "| wheels for Python $PYVER (Linux x86_64)"
 "${PIP[@]}" download -d "$DIR" --find-links "$DIR" --only-binary :all: --python-version "$PYVER" \
   --implementation cp --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux_2_28_x86_64 --platform any -r "$DIR/requirements.txt"
+if [ -n "$HAVE" ]; then
+  # Project names as pip normalises them (PEP 503): lower case, runs of -_. as one -.
+  normalise() { tr 'A-Z' 'a-z' | sed -E 's/[-_.]+/-/g'; }
+  have=$(sed -nE 's/^([A-Za-z0-9][A-Za-z0-9._-]*)[ =@].*/\1/p; s/^([A-Za-z0-9][A-Za-z0-9._-]*)$/\1/p' "$HAVE" | normalise | sort -u)
+  left_out=()
+  for file in "$DIR"/*.whl; do
+    project=$(basename "$file" | cut -d- -f1 | normalise)
+    if grep -qxF "$project" <<<"$have"; then
+      rm "$file"
+      left_out+=("$project")
+    fi
+  done
+  echo "| left out, the target has them (--have $HAVE): ${left_out[*]:-nothing}"
+fi
 if [ -n "$TEXT" ]; then
   cp "$TEXT" "$DIR/text.txt"
   echo "| test text: $TEXT"

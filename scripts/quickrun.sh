@@ -38,6 +38,7 @@ train() {
 
 evaluate() {
   local name=$1
+  echo "== scoring $name on the test split (log: $OUT/$name.eval.log)" >&2
   fairseq-eval-lm "$DATA" --user-dir fairseq_base --path "$OUT/$name/checkpoint_last.pt" --gen-subset test \
     --tokens-per-sample 128 --batch-size 16 --cpu --num-workers 0 2>&1 | tee "$OUT/$name.eval.log" \
     | sed -n 's/.*Perplexity: \([0-9.]*\).*/\1/p'

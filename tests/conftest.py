@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 
 import pytest
@@ -18,3 +19,30 @@ def pytest_collection_modifyitems(config, items):
         if needed > available:
             reason = "needs CUDA" if needed == 1 else f"needs {needed} CUDA devices (has {available})"
             item.add_marker(pytest.mark.skip(reason=f"{reason}: run scripts/gpu_check.sh on a GPU machine"))
+
+
+# What running the suite may leave in the checkout: Python's and pytest's caches, and the
+# compiled kernel that the install tier's editable installs rebuild.
+CACHES = ("__pycache__/", ".pytest_cache/", ".hypothesis/", ".egg-info/", "fairseq_base/_auction.")
+
+
+def untracked_files():
+    """The untracked or ignored paths of the checkout, and its top-level folders, less caches (None outside
+    a git checkout)."""
+    if not os.path.isdir(os.path.join(REPO, ".git")):
+        return None
+    listed = subprocess.run(["git", "status", "--porcelain", "--ignored", "--untracked-files=all"], cwd=REPO,
+                            capture_output=True, text=True).stdout.splitlines()
+    found = {line[3:] for line in listed if line[:2] in ("??", "!!")}
+    found |= {name + "/" for name in os.listdir(REPO) if os.path.isdir(os.path.join(REPO, name))}  # empty ones too
+    return {path for path in found if not any(cache in path for cache in CACHES)}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def the_suite_leaves_nothing_in_the_checkout():
+    """Tests write under pytest's temporary directories, never into the checkout."""
+    before = untracked_files()
+    yield
+    after = untracked_files()
+    if before is not None:
+        assert not after - before, f"the tests left these in the checkout: {sorted(after - before)}"

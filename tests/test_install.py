@@ -1,13 +1,15 @@
-"""Installing where users train: a machine without internet, with torch and nothing else.
-`scripts/offline_bundle.sh` gathers what the plugin needs beyond torch (with internet), and
-`scripts/setup.sh --offline` installs it with pip's --no-index into a fresh virtual
-environment that has only torch; the plugin then trains.
+"""Installing where users train: a machine without internet that has torch and what a GPU node
+with PyTorch usually has (numpy, scipy, scikit-learn) and nothing else. `scripts/offline_bundle.sh
+--have` gathers what the plugin needs beyond what that machine lists as installed (with internet),
+and `scripts/setup.sh --offline` installs it with pip's --no-index into a fresh virtual
+environment that has only those; the plugin then trains.
 
 Marked `install` (a few minutes: fairseq-fixed compiles from source), and run by .ci/run after
 the suite: `python3 -m pytest -q -m install tests`.
 """
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,31 +21,39 @@ from test_end_to_end import REPO, data_bin, run  # noqa: F401  (fixture)
 from test_torchrun import TINY_MODEL
 
 pytestmark = pytest.mark.install
-# torch's own files and what it requires (its packages and their .dist-info, by project name)
+# torch's own files and what it requires (its packages and their .dist-info, by project name), and the
+# numerical packages of a GPU node (scikit-learn's files are named sklearn and scikit_learn)
 TORCH_AND_ITS_DEPENDENCIES = {"torch", "torchgen", "functorch", "filelock", "fsspec", "jinja2", "markupsafe",
                               "networkx", "sympy", "isympy", "mpmath", "typing_extensions"}
+GPU_NODE = TORCH_AND_ITS_DEPENDENCIES | {"numpy", "numpy.libs", "scipy", "scipy.libs", "sklearn", "scikit_learn",
+                                         "scikit_learn.libs", "joblib", "threadpoolctl", "narwhals"}
 
 
-def venv_with_only_torch(path):
-    """A fresh virtual environment whose only package (with its own dependencies) is this
-    Python's torch, linked in rather than installed again."""
+def venv_with_only_torch(path, packages=TORCH_AND_ITS_DEPENDENCIES):
+    """A fresh virtual environment whose only packages (with their own dependencies) are this
+    Python's torch and ``packages``, linked in rather than installed again."""
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True)
     run(str(path / "bin" / "python"), "-c", "import ensurepip; ensurepip.bootstrap()")  # pip alone
     site = run(str(path / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])")
     target, ours = site.stdout.strip(), sysconfig.get_paths()["purelib"]
     for name in os.listdir(ours):
         project = name.split("-")[0].removesuffix(".py").lower()
-        if project in TORCH_AND_ITS_DEPENDENCIES and project != "torchaudio":
+        if project in packages and project != "torchaudio":
             os.symlink(os.path.join(ours, name), os.path.join(target, name))
     return path
 
 
-def test_offline_bundle_installs_into_an_environment_with_only_torch_and_trains(data_bin, tmp_path):  # noqa: F811
-    bundle = tmp_path / "bundle"
-    run("bash", "scripts/offline_bundle.sh", str(bundle))
-    env_dir = venv_with_only_torch(tmp_path / "venv")
+def test_a_bundle_of_what_the_target_lacks_installs_there_and_trains(data_bin, tmp_path):  # noqa: F811
+    env_dir = venv_with_only_torch(tmp_path / "venv", GPU_NODE)
     python = str(env_dir / "bin" / "python")
-    assert run(python, "-c", "import fairseq", check=False).returncode != 0  # nothing but torch
+    assert run(python, "-c", "import fairseq", check=False).returncode != 0  # no fairseq there
+    installed = tmp_path / "installed.txt"  # the target's list, as the bundle's --have takes it
+    installed.write_text(run(python, "-m", "pip", "list", "--format=freeze").stdout)
+    bundle = tmp_path / "bundle"
+    made = run("bash", "scripts/offline_bundle.sh", str(bundle), "--have", str(installed))
+    left_out = re.search(r"left out, the target has them \(--have \S+\): (.*)", made.stdout).group(1).split()
+    assert {"numpy", "scipy", "scikit-learn"} <= set(left_out), made.stdout
+    assert not list(bundle.glob("numpy-*")) and not list(bundle.glob("scipy-*")) and not list(bundle.glob("scikit_learn-*"))
     checkout = tmp_path / "checkout"
     shutil.copytree(REPO, checkout, ignore=shutil.ignore_patterns(".git", "data-bin", "runs", "build", "*.so",
                                                                   "__pycache__", "*.egg-info", "checkpoints"))

@@ -138,6 +138,14 @@ def test_two_kinds_of_checkpoint_under_one_name_are_never_read_silently(data_bin
         f"fairseq_base: error: {named}move one of them to another directory, so that --path names one model"}
 
 
+def test_a_path_that_does_not_exist_is_one_line(data_bin, tmp_path):  # noqa: F811
+    result = run(*eval_command(data_bin, tmp_path / "missing.pt"), check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert error_messages(result.stderr) == {
+        f"fairseq_base: error: --path {tmp_path / 'missing.pt'}: no such checkpoint; pass the path of a "
+        f"checkpoint_*.pt that fairseq-train wrote (relative paths are read from the current directory)"}
+
+
 def test_a_run_is_refused_a_save_dir_with_checkpoints_of_another_number_of_workers(data_bin, trained):  # noqa: F811
     """In one process, into a --save-dir that holds a run's -rank-* files: one line, and nothing written."""
     before = sorted(p.name for p in trained.iterdir())

@@ -185,3 +185,12 @@ def test_gpu_check_without_cuda_says_so_in_one_line():
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         "gpu_check: torch sees no CUDA device; install a CUDA build of torch (then bash scripts/setup.sh)"]
+
+
+def test_long_set_up_steps_say_they_are_still_running():
+    """scripts/setup.sh runs its long pip steps through scripts/progress.sh's ``progress``."""
+    script = (f"source {os.path.join(REPO, 'scripts', 'progress.sh')}; "
+              f"PROGRESS_EVERY=1 progress 'sleeping' sleep 2.5; progress 'failing' false || echo 'failed as false'")
+    result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["|   still sleeping (1 s)", "|   still sleeping (2 s)", "failed as false"]

@@ -19,7 +19,8 @@ Replaces:
 - ``checkpoint_utils.load_model_ensemble_and_task`` (every ``--path``: eval-lm, generate,
   interactive, ``from_pretrained``): a path that does not exist, in one process, beside the
   ``-rank-*`` files of a run on several workers is one line naming them and the two ways to use
-  them, instead of fairseq's "Model file not found" traceback.
+  them, and any other path that does not exist is one line too, instead of fairseq's "Model
+  file not found" traceback (for every model: only where fairseq fails).
 - ``checkpoint_utils.load_checkpoint_to_cpu`` also turns a file that cannot be read (empty,
   truncated, corrupt) into one line naming it, for every model, instead of torch's traceback.
 - ``Trainer.load_checkpoint``, for models with experts (resume, ``--restore-file``): decide
@@ -126,7 +127,14 @@ def load_model_ensemble_and_task(filenames, *args, **kwargs):
     for filename in filenames if not suffix else []:
         if not os.path.exists(filename):
             checkpoints.refuse_plain_name_of_rank_files(filename)
-    return FAIRSEQ_LOAD_MODEL_ENSEMBLE_AND_TASK(filenames, *args, **kwargs)
+    try:
+        return FAIRSEQ_LOAD_MODEL_ENSEMBLE_AND_TASK(filenames, *args, **kwargs)
+    except OSError as err:
+        if not str(err).startswith("Model file not found: "):
+            raise
+        raise checkpoints.CheckpointError(f"--path {str(err).split(': ', 1)[1]}: no such checkpoint; pass the path of "
+                                          f"a checkpoint_*.pt that fairseq-train wrote (relative paths are read from "
+                                          f"the current directory)") from None
 
 
 def read_own_file(path: str, workers: int) -> dict:
