@@ -21,9 +21,9 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=f"{reason}: run scripts/gpu_check.sh on a GPU machine"))
 
 
-# What running the suite may leave in the checkout: Python's and pytest's caches, and the
-# compiled kernel that the install tier's editable installs rebuild.
-CACHES = ("__pycache__/", ".pytest_cache/", ".hypothesis/", ".egg-info/", "fairseq_base/_auction.")
+# What running the suite may leave in the checkout: Python's and pytest's caches (pytest-benchmark's
+# too, where it is installed), and the compiled kernel that the install tier's editable installs rebuild.
+CACHES = ("__pycache__/", ".pytest_cache/", ".hypothesis/", ".benchmarks/", ".egg-info/", "fairseq_base/_auction.")
 
 
 def untracked_files():

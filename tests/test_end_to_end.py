@@ -123,10 +123,11 @@ def test_train_then_eval_lm_beats_unigram(data_bin):
     assert model_ppl < 0.8 * unigram_ppl, (model_ppl, unigram_ppl)
 
 
-def test_bad_option_is_one_line_without_traceback(data_bin):
+def test_bad_option_is_one_line_without_traceback(data_bin, tmp_path):
     result = run("fairseq-train", str(data_bin / "bin"), "--user-dir", "fairseq_base",
                  "--task", "language_modeling", "--arch", "transformer_lm_base", "--decoder-layers", "2",
-                 "--base-positions", "5", "--batch-size", "4", "--cpu", "--max-update", "1", check=False)
+                 "--base-positions", "5", "--batch-size", "4", "--cpu", "--max-update", "1",
+                 "--save-dir", str(tmp_path), check=False)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("fairseq_base: error:")]
