@@ -14,8 +14,7 @@
 # if a step failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=runs/gpu_check
-mkdir -p "$OUT"
+OUT=runs/gpu_check  # made once the checks below pass: a machine that cannot run them keeps nothing
 if [ $# -gt 0 ]; then
   [ "$1" = "--offline" ] && [ $# -eq 2 ] || { echo "gpu_check: error: usage: bash scripts/gpu_check.sh [--offline DIR]" >&2; exit 2; }
   if ! python3 -c "import fairseq, hydra, fairseq_base" 2>/dev/null; then
@@ -34,6 +33,7 @@ fi
 MACHINE=$(python3 -c "import torch, platform; print(f'{torch.cuda.device_count()} x {torch.cuda.get_device_name()}, '
   f'torch {torch.__version__} (CUDA {torch.version.cuda}), Python {platform.python_version()}')")
 echo "| $MACHINE"
+mkdir -p "$OUT"
 STEP_LIMIT=240
 
 timeout $STEP_LIMIT python3 -m pytest -q -rs -m cuda tests > "$OUT/pytest_cuda.log" 2>&1

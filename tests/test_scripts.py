@@ -185,6 +185,7 @@ def test_gpu_check_without_cuda_says_so_in_one_line():
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         "gpu_check: torch sees no CUDA device; install a CUDA build of torch (then bash scripts/setup.sh)"]
+    assert not os.path.exists(os.path.join(REPO, "runs", "gpu_check"))  # nothing written
 
 
 def test_long_set_up_steps_say_they_are_still_running():
