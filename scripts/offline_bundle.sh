@@ -34,17 +34,34 @@ done
 [[ "$PYVER" =~ ^3\.[0-9]+$ ]] || { echo "offline_bundle: error: --python takes X.Y (e.g. 3.12), got $PYVER" >&2; exit 2; }
 mkdir -p "$DIR"
 PIP=(python3 -m pip --disable-pip-version-check -q)
-echo "| fairseq-fixed's source"
-"${PIP[@]}" download --no-deps --no-build-isolation --no-binary fairseq-fixed -d "$DIR" "fairseq-fixed==0.12.3.1"
+echo "| fairseq-fixed's source, without the copy of its examples/ (17 MB) and with its two Cython files translated"
+# fairseq's speech tasks import examples/ lazily and its language models never do; with the .pyx
+# files translated to C++ here, setuptools compiles those on the target without Cython.
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+"${PIP[@]}" download --no-deps --no-build-isolation --no-binary fairseq-fixed -d "$WORK" "fairseq-fixed==0.12.3.1"
+tar -xzf "$WORK/fairseq_fixed-0.12.3.1.tar.gz" -C "$WORK"
+SRC=$WORK/fairseq_fixed-0.12.3.1
+rm -rf "$SRC/fairseq/examples"  # setup.py links it to the top-level examples/, which holds the one C++ file it builds
+if ! python3 -c "import Cython" 2>/dev/null; then
+  "${PIP[@]}" install --target "$WORK/cython" "cython>=3"
+  export PYTHONPATH=$WORK/cython${PYTHONPATH:+:$PYTHONPATH}
+fi
+for pyx in "$SRC"/fairseq/data/*.pyx; do
+  python3 -m cython -3 --cplus "$pyx" -o "${pyx%.pyx}.cpp"
+done
+tar -czf "$DIR/fairseq_fixed-0.12.3.1.tar.gz" -C "$WORK" fairseq_fixed-0.12.3.1
 echo "| antlr4-python3-runtime 4.9.3 (hydra's parser runtime; a source archive only): its pure-Python wheel"
 "${PIP[@]}" wheel --no-deps -w "$DIR" "antlr4-python3-runtime==4.9.3"
 # fairseq-fixed installs without its declared dependencies (torchaudio among them, which a
-# torch-only machine lacks and fairseq's language models never import); these are the ones used.
+# torch-only machine lacks and fairseq's language models never import; Cython, which the
+# translated sources make unneeded): these are the ones its language models use. fairseq imports
+# sacrebleu when imported (for translation's scores, which work with 1.x as with 2.x); 2.x brings
+# lxml (5 MB), 1.x nothing of that size.
 cat > "$DIR/requirements.txt" <<'REQ'
 # fairseq-fixed's build and the dependencies its language models use
 setuptools
 wheel
-cython
 numpy
 cffi
 bitarray
@@ -54,7 +71,7 @@ antlr4-python3-runtime==4.9.3
 PyYAML
 packaging
 regex
-sacrebleu
+sacrebleu>=1.4.12,<2
 scikit-learn
 tqdm
 # the plugin: its kernel's build and its tests
@@ -83,7 +100,7 @@ if [ -n "$HAVE" ]; then
   echo "| left out, the target has them (--have $HAVE): ${left_out[*]:-nothing}"
 fi
 if [ -n "$TEXT" ]; then
-  cp "$TEXT" "$DIR/text.txt"
+  gzip -c "$TEXT" > "$DIR/text.txt.gz"
   echo "| test text: $TEXT"
 else
   echo "offline_bundle: note: no test text (no data-bin/brown.txt or ../shared); pass --text FILE for the tests" >&2

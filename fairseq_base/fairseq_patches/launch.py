@@ -17,6 +17,14 @@ Replaces:
   experts: ``--ddp-backend fully_sharded`` stops with one line (``ddp.check_sharding``), and so
   does ``--amp`` on several workers (torch's GradScaler skips a step from each worker's own
   overflow check, so one worker could skip while the others step).
+- ``distributed_utils.distributed_main``, in each process fairseq's spawn launch starts (on CPU
+  and GPU alike): fairseq makes a ``multiprocessing.Lock`` when imported (``fairseq/pdb.py``),
+  and a spawned process imports fairseq while it unpickles its task, before multiprocessing
+  drops the finalizers it was handed, the lock's among them; the lock's semaphore was then
+  never unlinked, and the run ended with "resource_tracker: There appear to be N leaked
+  semaphore objects". The lock gets its finalizer back, and the process starts its DataLoader
+  workers by fork, as it would under torchrun or in one process (spawned workers import fairseq
+  too, and nothing of the plugin runs there to give their lock back its finalizer).
 Touches: every model, only where fairseq would fail: torchrun or --distributed-world-size N on
 a machine without CUDA devices, ``--bf16`` without torch_xla. The checks: models with experts.
 Everything else goes to fairseq unchanged.
@@ -24,8 +32,11 @@ Everything else goes to fairseq unchanged.
 
 import importlib.util
 import logging
+import multiprocessing
 import os
 import socket
+import sys
+from multiprocessing import synchronize, util
 
 import torch
 from fairseq.distributed import utils as distributed_utils
@@ -40,6 +51,7 @@ logger = logging.getLogger(__name__)
 TORCHRUN_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK")
 FAIRSEQ_INFER_INIT_METHOD = distributed_utils.infer_init_method
 FAIRSEQ_CALL_MAIN = distributed_utils.call_main
+FAIRSEQ_DISTRIBUTED_MAIN = distributed_utils.distributed_main
 
 
 def free_port() -> int:
@@ -84,7 +96,7 @@ def spawn_on_cpu(cfg, main, **kwargs) -> None:
     """fairseq's spawn launch with one process per worker instead of one per GPU (as its call_main)."""
     start_rank = cfg.distributed_training.distributed_rank
     cfg.distributed_training.distributed_rank = None  # distributed_main numbers them from start_rank
-    torch.multiprocessing.spawn(fn=distributed_utils.distributed_main, args=(main, cfg, {**kwargs, "start_rank": start_rank}),
+    torch.multiprocessing.spawn(fn=distributed_main, args=(main, cfg, {**kwargs, "start_rank": start_rank}),
                                 nprocs=cfg.distributed_training.distributed_world_size, join=True)
 
 
@@ -106,6 +118,24 @@ def bf16_without_tpu(cfg) -> None:
                 group.tpu = False
 
 
+def finalize_fairseq_lock() -> None:
+    """Give ``fairseq.pdb``'s lock back the finalizer that unlinks its semaphore at exit, unless it has one."""
+    lock = getattr(sys.modules.get("fairseq.pdb"), "_stdin_lock", None)
+    name = getattr(getattr(lock, "_semlock", None), "name", None)  # None: unlinked at creation (fork)
+    registry = getattr(util, "_finalizer_registry", None)
+    if name is None or registry is None or not hasattr(synchronize.SemLock, "_cleanup"):
+        return
+    if not any(getattr(finalizer, "_args", None) == (name,) for finalizer in list(registry.values())):
+        util.Finalize(lock, synchronize.SemLock._cleanup, (name,), exitpriority=0)
+
+
+def distributed_main(i, main, cfg, kwargs):  # as fairseq's, in each process its spawn launch starts
+    finalize_fairseq_lock()
+    if multiprocessing.get_start_method(allow_none=True) == "spawn":
+        multiprocessing.set_start_method("fork", force=True)  # the DataLoader workers', as under torchrun
+    return FAIRSEQ_DISTRIBUTED_MAIN(i, main, cfg, kwargs)
+
+
 def call_main(cfg, main, **kwargs):
     bf16_without_tpu(cfg)
     check_sharding(cfg)
@@ -122,3 +152,4 @@ def call_main(cfg, main, **kwargs):
 def install() -> None:
     distributed_utils.infer_init_method = infer_init_method
     distributed_utils.call_main = call_main
+    distributed_utils.distributed_main = distributed_main
