@@ -1,17 +1,29 @@
 from setuptools import find_packages, setup
 
 
+import platform
+
+# The balanced-assignment kernel for each x86-64 level, as PyTorch builds its CPU kernels:
+# fairseq_base/assignment.py loads the widest one the CPU it runs on supports. Elsewhere (ARM)
+# the portable build alone. Keep in step with KERNEL_VARIANTS in fairseq_base/assignment.py.
+X86_64_LEVELS = {"_avx2": ["-mavx2", "-mfma", "-mbmi2", "-mf16c"],
+                 "_avx512": ["-mavx2", "-mfma", "-mbmi2", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl",
+                             "-mavx512dq"]}
+
+
 def assignment_kernel():
     """The balanced-assignment kernel, compiled at install as fairseq compiles its libbase. Where
     the build has no torch (pip's build isolation), it is compiled at its first use instead.
-    Portable flags: the machine that installs may not be the one that trains."""
+    No -march=native: the machine that installs may not be the one that trains."""
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError:
         return {}
-    kernel = CppExtension("fairseq_base._auction", ["fairseq_base/csrc/auction.cpp"],
-                          extra_compile_args=["-O3", "-fopenmp"], extra_link_args=["-fopenmp"])
-    return {"ext_modules": [kernel], "cmdclass": {"build_ext": BuildExtension}}
+    levels = {"": [], **(X86_64_LEVELS if platform.machine() in ("x86_64", "AMD64") else {})}
+    kernels = [CppExtension(f"fairseq_base._auction{suffix}", ["fairseq_base/csrc/auction.cpp"],
+                            extra_compile_args=["-O3", "-fopenmp", *flags], extra_link_args=["-fopenmp"])
+               for suffix, flags in levels.items()]
+    return {"ext_modules": kernels, "cmdclass": {"build_ext": BuildExtension}}
 
 
 setup(

@@ -15,8 +15,8 @@ the auction's epsilon-complementary-slackness bound holds:
 
     objective >= optimum - (number of slot holders) * epsilon.
 
-The auction runs in a small C++ kernel (``csrc/auction.cpp``, compiled on first use, one
-bid at a time), on a host copy of the scores when they are on a GPU. Where the kernel
+The auction runs in a small C++ kernel (``csrc/auction.cpp``, built at install for each
+x86-64 vector width and loaded for the CPU's, or compiled on first use; one bid at a time), on a host copy of the scores when they are on a GPU. Where the kernel
 cannot be built it runs in PyTorch, where all unassigned tokens bid at once (Jacobi
 auction) and each slot column keeps its highest bidders, with no Python loop over tokens.
 
@@ -26,6 +26,7 @@ a capped auction is finished by ``_complete_assignment``, which keeps the exact 
 """
 
 import hashlib
+import importlib
 import logging
 import math
 import os
@@ -127,12 +128,14 @@ def balanced_assignment_and_counts(scores: Tensor) -> Tuple[Tensor, Optional[Lis
     kernel = _cpu_kernel()
     if kernel is None:
         return _torch_auction_assignment(scores), None
-    host = scores.detach().cpu()  # the one host synchronisation
-    # The kernel reads float32 or float64 scores and keeps its prices in float64.
-    host = sanitize_scores(host, torch.float64 if host.dtype == torch.float64 else torch.float32)
+    # The one host synchronisation. The kernel reads float32 or float64 scores (its prices are float64).
+    host = scores.detach().to("cpu", torch.float64 if scores.dtype == torch.float64 else torch.float32)
     rows = _slot_rows(num_tokens, num_experts)
     initial_eps, final_eps = _eps_range(rows)
     slot = kernel.auction_assignment(host, initial_eps, final_eps, EPS_FACTOR, MAX_BIDS_PER_ROW * rows)
+    if slot.numel() == 0:  # the kernel met a NaN or infinite score: stand-ins, then solve
+        host = sanitize_scores(host, host.dtype)
+        slot = kernel.auction_assignment(host, initial_eps, final_eps, EPS_FACTOR, MAX_BIDS_PER_ROW * rows)
     if bool((slot < 0).any()):
         slot = _complete_assignment(slot, host)
     ids = slot[:num_tokens] % num_experts
@@ -238,18 +241,21 @@ def _complete_assignment(slot: Tensor, scores: Tensor) -> Tensor:
 
 
 _KERNEL = {}
+# The kernel's builds (setup.py), widest first, by the vector instructions torch finds on this CPU.
+KERNEL_VARIANTS = {"AVX512": ("_auction_avx512", "_auction_avx2", "_auction"), "AVX2": ("_auction_avx2", "_auction")}
 
 
 def _cpu_kernel():
-    """The compiled CPU auction: the one built at install (setup.py), else built here at first
-    use, else None (with one warning)."""
+    """The compiled CPU auction: the widest build installed (setup.py) that this CPU runs, else
+    one built here at first use, else None (with one warning)."""
     if "auction" not in _KERNEL:
-        try:
-            from fairseq_base import _auction
-            _KERNEL["auction"] = _auction
-            return _auction
-        except ImportError:  # a checkout used without installing it
-            pass
+        capability = torch.backends.cpu.get_cpu_capability() if hasattr(torch.backends, "cpu") else "DEFAULT"
+        for variant in KERNEL_VARIANTS.get(capability, ("_auction",)):
+            try:  # importing a build for wider vectors than the CPU has could stop the process: never tried
+                _KERNEL["auction"] = importlib.import_module(f"fairseq_base.{variant}")
+                return _KERNEL["auction"]
+            except ImportError:  # a checkout used without installing it
+                pass
         try:
             from torch.utils.cpp_extension import load
             source = os.path.join(os.path.dirname(__file__), "csrc", "auction.cpp")

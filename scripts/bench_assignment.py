@@ -9,7 +9,8 @@ alternation, each timed `--repeats` times; the table shows medians, the speed-up
 libbase, and each solver's objective (sum of chosen scores) against libbase's and, where
 small enough, against the exact optimum (scipy on the expanded problem). A second table
 compares Sinkhorn with the auction on speed, balance (busiest and idlest expert over the
-mean load) and objective.
+mean load) and objective. A third times the kernel alone as installed (the build for this
+CPU's vector width, from setup.py) against a -march=native build of the same source.
 """
 
 import argparse
@@ -22,6 +23,7 @@ import time
 import numpy as np
 import torch
 
+from fairseq_base import assignment
 from fairseq_base.assignment import _torch_auction_assignment, balanced_assignment, sinkhorn_assignment
 
 SIZES = [(512, 8), (2048, 16), (8192, 64), (16384, 128)]
@@ -101,6 +103,26 @@ def print_cuda_table(rows):
               f"{ms['Sinkhorn on the GPU']:.2f} | {faster} |")
 
 
+def build_rows(repeats):
+    """The kernel alone: the installed build this CPU loads against -march=native, same source."""
+    from torch.utils.cpp_extension import load
+    source = os.path.join(os.path.dirname(assignment.__file__), "csrc", "auction.cpp")
+    builds = {"installed": assignment._cpu_kernel(),
+              "-march=native": load(name="fairseq_base_auction_bench_native", sources=[source],
+                                    extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])}
+    rows = []
+    for tokens, experts in SIZES[2:]:
+        scores = problem(tokens, experts)
+        slot_rows = assignment._slot_rows(tokens, experts)
+        args = (*assignment._eps_range(slot_rows), assignment.EPS_FACTOR, assignment.MAX_BIDS_PER_ROW * slot_rows)
+        ms = {name: [] for name in builds}
+        for _ in range(repeats):
+            for name, build in builds.items():
+                ms[name].append(1e3 * timed(lambda s: build.auction_assignment(s, *args), scores, 1, cuda=False))
+        rows.append({"tokens": tokens, "experts": experts, "ms": {n: statistics.median(t) for n, t in ms.items()}})
+    return builds["installed"].__name__.rsplit(".", 1)[-1], rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=7)
@@ -156,7 +178,17 @@ def main():
         print(f"| {r['tokens']} x {r['experts']} | {r['ms']['fairseq_base']:.2f} | {r['ms']['sinkhorn']:.2f} | "
               f"{r['sinkhorn_load_max']:.3f} / {r['sinkhorn_load_min']:.3f} | "
               f"{r['objective']['sinkhorn'] - r['objective']['fairseq_base']:+.3f} |")
-    report = {"machine": platform.platform(), "threads": torch.get_num_threads(), "rows": rows}
+    build, kernel_rows = build_rows(args.repeats)
+    print(f"\nthe kernel alone: the installed build this CPU loads ({build}; torch finds "
+          f"{torch.backends.cpu.get_cpu_capability()}) against -march=native, median ms")
+    print("| T x E | installed | -march=native | installed / native |")
+    print("|---|---|---|---|")
+    for r in kernel_rows:
+        ms = r["ms"]
+        print(f"| {r['tokens']} x {r['experts']} | {ms['installed']:.2f} | {ms['-march=native']:.2f} | "
+              f"{ms['installed'] / ms['-march=native']:.2f} |")
+    report = {"machine": platform.platform(), "threads": torch.get_num_threads(), "rows": rows,
+              "kernel_build": build, "kernel_rows": kernel_rows}
     if torch.cuda.is_available():
         report["cuda_device"] = torch.cuda.get_device_name()
         report["cuda_rows"] = cuda_rows(args.repeats)

@@ -108,6 +108,43 @@ def test_nan_and_inf_do_not_break_it():
     assert greedy_assignment(torch.tensor([[float("nan"), 1.0, 0.0]])).tolist() == [1]
 
 
+def test_stand_ins_are_computed_only_for_scores_that_need_them(backend, monkeypatch):
+    """The kernel's one pass over the scores finds NaN and inf; finite scores skip the stand-ins."""
+    if backend == "torch":
+        pytest.skip("the PyTorch auction always computes the stand-ins (on the device, without reading them)")
+    calls, sanitize = [], assignment.sanitize_scores
+    monkeypatch.setattr(assignment, "sanitize_scores", lambda s, dtype: calls.append(1) or sanitize(s, dtype))
+    scores = torch.randn(64, 4, generator=torch.Generator().manual_seed(4))
+    for dtype in (torch.float32, torch.float64):
+        assert assignment._cpu_kernel().auction_assignment(scores.to(dtype).clone().fill_(float("nan")), 1e-3, 1e-9,
+                                                           16.0, 1000).numel() == 0
+    balanced_assignment(scores)
+    assert calls == []
+    scores[5, 1] = float("inf")
+    assert balanced_assignment(scores)[5] == 1 and calls == [1]
+
+
+def test_every_installed_build_this_cpu_runs_gives_the_same_assignment(backend):
+    """setup.py builds the kernel for each x86-64 vector width; the loader takes the widest the
+    CPU supports, and every build solves alike."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    runnable = assignment.KERNEL_VARIANTS.get(capability, ("_auction",))
+    builds = []
+    for name in runnable:
+        try:
+            builds.append(__import__(f"fairseq_base.{name}", fromlist=["_"]))
+        except ImportError:
+            pass
+    if backend == "torch" or not builds:
+        pytest.skip("no installed kernel (a checkout used without installing it)")
+    assert assignment._cpu_kernel() is builds[0]  # the widest this CPU runs
+    scores = torch.randn(2000, 24, generator=torch.Generator().manual_seed(5))
+    rows = assignment._slot_rows(2000, 24)
+    slots = [build.auction_assignment(scores, *assignment._eps_range(rows), assignment.EPS_FACTOR, 1000 * rows)
+             for build in builds]
+    assert all(torch.equal(slot, slots[0]) for slot in slots)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 def test_dtypes(dtype):
     scores = torch.randn(33, 5, generator=torch.Generator().manual_seed(3)).to(dtype)

@@ -11,7 +11,9 @@
 // The epsilons are given in units of the largest row spread. Where the scores are far from 0
 // next to that spread, each row is shifted as in assignment.py's _shifted (its maximum
 // subtracted; the optimum does not change), so that an epsilon step is never lost to rounding.
-// At most max_bids bids are placed; rows still unassigned then are returned as -1.
+// At most max_bids bids are placed; rows still unassigned then are returned as -1. The pass
+// that measures the spread also finds NaN and infinite scores, for which the caller computes
+// stand-ins only then.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -45,26 +47,33 @@ struct SlotProblem {
   }
 
   // Points scores at ``raw``, or at a copy with each row shifted (in double, then rounded)
-  // where the scores' magnitude would swamp the final epsilon.
-  void shift(const scalar_t* raw) {
+  // where the scores' magnitude would swamp the final epsilon. False if a score is not finite
+  // (the sum of a row is then NaN or infinite; a false alarm for double scores whose sum
+  // overflows costs only the caller's stand-ins), in the one pass that reads the scores.
+  bool shift(const scalar_t* raw) {
     scores = raw;
     std::vector<double> row_spread(tokens, 0.0), row_magnitude(tokens, 0.0);
+    std::vector<char> row_finite(tokens, 1);
     at::parallel_for(0, tokens, 1024, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const scalar_t* s = raw + t * experts;
         scalar_t hi = s[0], lo = s[0];
-        for (int64_t e = 1; e < experts; ++e) {
+        double sum = 0.0;
+        for (int64_t e = 0; e < experts; ++e) {
           hi = s[e] > hi ? s[e] : hi;
           lo = s[e] < lo ? s[e] : lo;
+          sum += s[e];
         }
+        row_finite[t] = std::isfinite(sum);
         row_spread[t] = static_cast<double>(hi) - static_cast<double>(lo);
         row_magnitude[t] = std::max(std::abs(static_cast<double>(hi)), std::abs(static_cast<double>(lo)));
       }
     });
+    if (std::find(row_finite.begin(), row_finite.end(), 0) != row_finite.end()) return false;
     const double spread = *std::max_element(row_spread.begin(), row_spread.end());
     const double magnitude = *std::max_element(row_magnitude.begin(), row_magnitude.end());
     unit = spread >= kSmallestUnit ? spread : 1.0;
-    if (magnitude <= kUnshiftedMagnitude * unit && rows <= kUnshiftedRows) return;
+    if (magnitude <= kUnshiftedMagnitude * unit && rows <= kUnshiftedRows) return true;
     shifted_scores.resize(tokens * experts);
     at::parallel_for(0, tokens, 1024, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
@@ -74,8 +83,42 @@ struct SlotProblem {
       }
     });
     scores = shifted_scores.data();
+    return true;
   }
 };
+
+// The best and second-best of s[e] - price[e] over e < n (s == nullptr: scores of 0), kept
+// per lane without branches so that the compiler vectorises it at the vector width it builds
+// for (setup.py builds the kernel for several x86-64 levels; assignment.py loads the one the
+// CPU supports).
+template <typename scalar_t>
+inline void top_two(const scalar_t* s, const double* price, int64_t n, double* v1, double* v2) {
+  constexpr int kLanes = 8;
+  double m1[kLanes], m2[kLanes];
+  for (int l = 0; l < kLanes; ++l) m1[l] = m2[l] = kForbidden;
+  int64_t e = 0;
+  for (; e + kLanes <= n; e += kLanes) {
+#pragma omp simd
+    for (int l = 0; l < kLanes; ++l) {
+      const double v = (s ? static_cast<double>(s[e + l]) : 0.0) - price[e + l];
+      m2[l] = std::max(m2[l], std::min(m1[l], v));
+      m1[l] = std::max(m1[l], v);
+    }
+  }
+  for (; e < n; ++e) {
+    const double v = (s ? static_cast<double>(s[e]) : 0.0) - price[e];
+    m2[0] = std::max(m2[0], std::min(m1[0], v));
+    m1[0] = std::max(m1[0], v);
+  }
+  double best = kForbidden, second = kForbidden;
+  for (int l = 0; l < kLanes; ++l) {
+    second = std::max(second, std::max(m2[l], std::min(best, m1[l])));
+    best = std::max(best, m1[l]);
+  }
+  *v1 = best;
+  *v2 = second;
+}
+
 
 template <typename scalar_t>
 struct Auction {
@@ -92,32 +135,34 @@ struct Auction {
         other(problem.rows, std::numeric_limits<double>::infinity()), heap(problem.cols),
         bids_left(max_bids) {}
 
-  static void consider(double v, int64_t c, int64_t* best, double* v1, double* v2) {
-    if (v > *v1) {
-      *v2 = *v1;
-      *v1 = v;
-      *best = c;
-    } else if (v > *v2) {
-      *v2 = v;
-    }
-  }
-
-  // Best and second-best column of a row at current prices (the hot loop: one pass over
-  // the row's scores, no per-column branching on the slot kind).
+  // Best and second-best column of a row at current prices: the hot loop, one multi-ISA pass
+  // over the row's scores (see top_two), then a scan for the first column with the best value.
   void best_two(int64_t row, int64_t* best, double* v1, double* v2) const {
-    *best = -1;
-    *v1 = *v2 = kForbidden;
     const int64_t extra = p.main_cols;
     const bool has_extra = p.cols > p.main_cols;
     if (row >= p.tokens) {  // phantom: extra slots only, benefit 0
-      for (int64_t e = 0; e < p.experts; ++e) consider(-price[extra + e], extra + e, best, v1, v2);
+      top_two(static_cast<const scalar_t*>(nullptr), price.data() + extra, p.experts, v1, v2);
+      *best = extra + std::find_if(price.begin() + extra, price.end(), [&](double q) { return -q == *v1; }) -
+              (price.begin() + extra);
       return;
     }
     const scalar_t* s = p.scores + row * p.experts;
-    for (int64_t e = 0; e < p.experts; ++e) {
+    double main1 = kForbidden, main2 = kForbidden, extra1 = kForbidden, extra2 = kForbidden;
+    if (p.main_cols) top_two(s, price.data(), p.experts, &main1, &main2);
+    if (has_extra) top_two(s, price.data() + extra, p.experts, &extra1, &extra2);
+    *v1 = std::max(main1, extra1);
+    *v2 = std::max(std::min(main1, extra1), std::max(main2, extra2));
+    // The first column, in the order main e, extra e, main e + 1, ..., whose value is the best.
+    for (int64_t e = 0;; ++e) {
       const double score = s[e];
-      if (p.main_cols) consider(score - price[e], e, best, v1, v2);
-      if (has_extra) consider(score - price[extra + e], extra + e, best, v1, v2);
+      if (p.main_cols && score - price[e] == *v1) {
+        *best = e;
+        return;
+      }
+      if (has_extra && score - price[extra + e] == *v1) {
+        *best = extra + e;
+        return;
+      }
     }
   }
 
@@ -214,7 +259,7 @@ torch::Tensor run_auction(const torch::Tensor& s, double initial_eps, double fin
   p.rows = p.tokens + (remainder > 0 ? p.experts - remainder : 0);
   p.capacity.assign(p.main_cols, per_expert);
   p.capacity.resize(p.cols, 1);
-  p.shift(s.data_ptr<scalar_t>());
+  if (!p.shift(s.data_ptr<scalar_t>())) return torch::empty({0}, torch::kLong);
 
   Auction<scalar_t> auction(p, max_bids);
   initial_eps *= p.unit;
@@ -229,9 +274,10 @@ torch::Tensor run_auction(const torch::Tensor& s, double initial_eps, double fin
 
 }  // namespace
 
-// scores: finite float32 or float64 [T, E] on CPU with T >= 1, E >= 2; epsilons in units of
-// the largest row spread.
-// Returns the slot column of every row (tokens, then phantoms), -1 where the bid budget ran out.
+// scores: float32 or float64 [T, E] on CPU with T >= 1, E >= 2; epsilons in units of the
+// largest row spread.
+// Returns the slot column of every row (tokens, then phantoms), -1 where the bid budget ran
+// out; an empty tensor if a score is NaN or infinite (the caller gives them stand-ins).
 torch::Tensor auction_assignment(torch::Tensor scores, double initial_eps, double final_eps, double eps_factor,
                                  int64_t max_bids) {
   TORCH_CHECK(scores.dim() == 2 && scores.size(0) >= 1 && scores.size(1) >= 2 && !scores.is_cuda());
