@@ -129,6 +129,17 @@ def test_bench_layer_times_every_expert_count_and_the_dense_block(tmp_path):
     assert saved["ratio_to_first"]["E=1"] == 1.0 and "| BASE layer, E=4 |" in result.stdout
 
 
+def test_bench_guard_reads_every_committed_figure_and_says_which_got_slower():
+    guard = runpy.run_path(os.path.join(REPO, "scripts", "bench_guard.py"))
+    committed = guard["committed_figures"]()
+    assert set(committed) == set(guard["FIGURES"])  # docs/performance.md carries each one
+    speed_up, time_ratio = "solver speed-up over libbase, 8192 x 64", "BASE layer E=64 over E=1"
+    assert guard["verdict"](speed_up, 8.0, 10.0, 0.15).startswith("SLOWER: 20% worse")
+    assert guard["verdict"](speed_up, 9.0, 10.0, 0.15).startswith("as committed")
+    assert guard["verdict"](time_ratio, 1.9, 1.5, 0.15).startswith("SLOWER: 21% worse")
+    assert guard["verdict"](time_ratio, 1.2, 1.5, 0.15).startswith("faster")
+
+
 @pytest.mark.slow
 def test_bench_experts_train_reports_the_optimizers_share(data_bin, tmp_path):  # noqa: F811
     out = tmp_path / "experts_train.json"
