@@ -1,6 +1,7 @@
 """The BASE layer: score tokens against expert centroids, route, dispatch, run experts, combine."""
 
-from typing import Optional
+import logging
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -12,9 +13,11 @@ from fairseq_base.dispatcher import SizeExchange, TokenDispatcher, all_to_all, e
 from fairseq_base.errors import BaseLayerConfigError
 from fairseq_base.experts import LocalExperts
 from fairseq_base.groups import ExpertLayout, expert_layout
-from fairseq_base.router import (BASE_ROUTERS, DEFAULT_CAPACITY_FACTOR, ROUTERS, Routing, hash_routing,
-                                 lossfree_routing, random_hash, routing_counts, sigmoid_gated, stats_from_counts,
-                                 update_expert_bias)
+from fairseq_base.router import (BASE_ROUTERS, DEFAULT_CAPACITY_FACTOR, ROUTERS, Routing, balanced_hash,
+                                 hash_routing, lossfree_routing, random_hash, routing_counts, sigmoid_gated,
+                                 stats_from_counts, top2_routing, update_expert_bias)
+
+logger = logging.getLogger(__name__)
 
 
 class BaseLayer(nn.Module):
@@ -31,13 +34,23 @@ class BaseLayer(nn.Module):
     and gate differently, and may leave a token out of an expert over capacity. Called like
     a fairseq decoder layer: ``forward(x, ...)`` returns ``(x, None, None)``. The hash router
     needs the token ids of ``x`` in ``self.token_ids`` ([B, T], set by the model).
+
+    ``score_norm``: where the layer takes the place of a decoder layer's feed-forward block, the
+    LayerNorm that block applied to its input; the router scores its output, as fairseq's MoE
+    gates, DeepSeek-V3 and torchtitan route the normalised FFN input (the experts, pre-LayerNorm
+    blocks, normalise for themselves). A stand-alone BASE layer scores raw h, as fairseq's
+    ``base_layer.py`` does. ``hash_counts``: each token id's count (a dictionary's), for a
+    balanced hash; without it, a random one. ``top2_second``: "sampled" (fairseq's MoE default)
+    or "greedy", top2's second expert in training.
     """
 
     def __init__(self, embed_dim: int, ffn_dim: int, num_experts: int, num_sublayers: int = 1,
                  activation_fn: str = "relu", eval_routing: str = "greedy", shuffle: bool = True,
                  layout: Optional[ExpertLayout] = None, name: str = "base", router: str = "balanced",
                  capacity_factor: Optional[float] = None, balance_loss_weight: float = 0.0,
-                 vocab_size: int = 0, dropout: float = 0.0, bias_update_rate: float = 1e-3):
+                 vocab_size: int = 0, dropout: float = 0.0, bias_update_rate: float = 1e-3,
+                 score_norm: Optional[nn.Module] = None, hash_counts: Optional[Sequence[int]] = None,
+                 top2_second: str = "sampled"):
         super().__init__()
         self.layout = layout or expert_layout()
         self.dispatcher = TokenDispatcher(num_experts, self.layout.expert_parallel_group)
@@ -52,16 +65,22 @@ class BaseLayer(nn.Module):
         # Set by the model before each training forward (see ``_token_counts``).
         self.token_count_exchange: Optional[SizeExchange] = None
         self.name = name
+        self.top2_second = top2_second
         if router == "hash":
-            self.register_buffer("hash_table", random_hash(vocab_size, num_experts))
+            table = random_hash(vocab_size, num_experts) if hash_counts is None else balanced_hash(hash_counts,
+                                                                                                    num_experts)
+            self.register_buffer("hash_table", table)
             self.token_ids: Optional[Tensor] = None
         else:
             self.centroids = nn.Parameter(nn.init.orthogonal_(torch.empty(num_experts, embed_dim), gain=0.1))
+            self.score_norm = score_norm
         if router == "lossfree":
             # The choice bias, saved with the model and the same on every worker; and the tokens
             # each expert received, from every worker, since the last ``update_bias``.
             self.register_buffer("expert_bias", torch.zeros(num_experts))
             self.register_buffer("pending_load", torch.zeros(num_experts), persistent=False)
+            # Saved, so that a checkpoint says how its bias chooses (absent: on the raw score, as before).
+            self.register_buffer("bias_on_affinity", torch.tensor(True))
             self.bias_update_rate = bias_update_rate
         local = self.dispatcher.num_local_experts
         first = self.layout.expert_parallel_rank * local
@@ -99,9 +118,12 @@ class BaseLayer(nn.Module):
             return hash_routing(self.token_ids.t(), self.hash_table), None
         scores = self._scores(tokens)
         if self.router == "lossfree":
-            return lossfree_routing(scores, self.expert_bias), scores
+            return lossfree_routing(scores, self.expert_bias, bool(self.bias_on_affinity)), scores
         if self.router in BASE_ROUTERS:
             return ROUTERS[self.router if self.training else self.eval_routing](scores), scores
+        if self.router == "top2":
+            return top2_routing(scores, self.capacity_factor if self.training else None,
+                                sample_second=self.training and self.top2_second == "sampled"), scores
         # Outside training nothing is dropped, so that no token's output depends on its batch.
         return ROUTERS[self.router](scores, self.capacity_factor if self.training else None), scores
 
@@ -111,6 +133,8 @@ class BaseLayer(nn.Module):
         In float32 whatever the model's dtype: in fp16 or bf16 the products would round
         (bf16 keeps 8 bits), and routing decisions would follow the rounding. Autocast
         (fairseq's --amp) would recast the product to fp16 despite the casts, so it is off here."""
+        if self.score_norm is not None:
+            tokens = self.score_norm(tokens)
         with torch.autocast(tokens.device.type, enabled=False):
             return tokens.float().matmul(self.centroids.float().t())
 
@@ -245,11 +269,28 @@ class BaseLayer(nn.Module):
                 f"{prefix.rstrip('.')}: the checkpoint has {saved_experts} experts but this model was built "
                 f"with {self.num_experts}; pass --base-experts {saved_experts} (for fairseq-eval-lm: "
                 f"--model-overrides \"{{'base_experts': {saved_experts}}}\")")
+        self._route_as_saved(state_dict, prefix)
         saved_ids = state_dict.get(prefix + "expert_ids")
         if saved_ids is not None and not torch.equal(saved_ids.cpu(), self.expert_ids.cpu()):
             self._take_own_experts(state_dict, prefix, saved_ids.tolist())
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+
+    def _route_as_saved(self, state_dict, prefix: str) -> None:
+        """Checkpoints written before the routers followed their references route as they were
+        trained: lossfree's bias on the raw score (no ``bias_on_affinity`` saved), and expert
+        FFN slots scoring the raw residual stream (no ``score_norm`` saved)."""
+        name = prefix.rstrip(".")
+        if self.router == "lossfree" and prefix + "expert_bias" in state_dict \
+                and prefix + "bias_on_affinity" not in state_dict:
+            logger.info(f"fairseq_base: {name} routes as it was trained: lossfree's bias on the raw score "
+                        f"(a checkpoint written before the bias moved to the sigmoid affinity)")
+            state_dict[prefix + "bias_on_affinity"] = torch.tensor(False)
+        if getattr(self, "score_norm", None) is not None and prefix + "centroids" in state_dict \
+                and not any(key.startswith(prefix + "score_norm.") for key in state_dict):
+            logger.info(f"fairseq_base: {name} routes as it was trained: on the raw residual stream (a checkpoint "
+                        f"written before expert FFN slots scored the normalised input)")
+            self.score_norm = None
 
     def _take_own_experts(self, state_dict, prefix: str, saved_ids) -> None:
         """Keep this worker's experts from a checkpoint that holds others too (e.g. one file for all)."""

@@ -1,26 +1,31 @@
 """Routers: pure functions from token-expert scores (or token ids) to a ``Routing``.
 
 A token's output is h + sum_k gate_k * update_k(h), over its chosen experts k that had
-room for it; update_k(h) = expert_k(h) - h. Routers differ in how they choose and gate:
+room for it; update_k(h) = expert_k(h) - h. Routers differ in how they choose and gate
+(docs/routers.md names the reference code each follows):
 
     balanced  BASE (training): the balanced assignment, gate sigmoid(score)
     sbase     S-BASE (training): Sinkhorn's approximately balanced assignment, gate sigmoid(score)
     greedy    BASE and S-BASE (inference): top-1 score, gate sigmoid(score)
     switch    Switch Transformer: top-1 of softmax, gate = its probability, capacity, balance loss
-    top2      GShard: top-2 of softmax, gates renormalised over the two, capacity, balance loss
-    hash      Hash layers: a fixed random expert per token id, gate 1, no parameters
-    lossfree  DeepSeek-V3's auxiliary-loss-free balancing: top-1 of score + a per-expert bias
-              (used to choose only), gate sigmoid(score); the bias moves toward the
-              under-loaded experts once per optimizer step (``update_expert_bias``)
+    top2      GShard / fairseq's MoE top-2: the first expert by softmax, the second sampled in
+              training (Gumbel noise on the other logits) or the runner-up; capacity; the two
+              gates renormalised over the pairs kept; balance loss
+    hash      Hash layers: a fixed expert per token id (random, or balanced by the tokens'
+              counts), gate 1, no parameters
+    lossfree  DeepSeek-V3's auxiliary-loss-free balancing: top-1 of sigmoid(score) + a
+              per-expert bias (used to choose only), gate sigmoid(score); the bias moves toward
+              the under-loaded experts once per optimizer step (``update_expert_bias``)
 
 Capacity: expert e takes at most ceil(capacity_factor * T / E) (token, choice) pairs; first
 choices come before second choices, then token order. A token over capacity gets no
 update from that expert (with no expert left it passes through the residual).
 """
 
+import heapq
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -68,11 +73,15 @@ def greedy_routing(scores: Tensor) -> Routing:
     return sigmoid_gated(scores, greedy_assignment(scores.detach()))
 
 
-def lossfree_routing(scores: Tensor, bias: Tensor) -> Routing:
-    """Top-1 of ``scores + bias`` (``bias`` [E]), gated by the unbiased sigmoid(score): the bias
-    steers the choice and nothing else (Wang et al., 2024; DeepSeek-V3). The same in training
-    and inference; nothing is dropped."""
-    return sigmoid_gated(scores, greedy_assignment(scores.detach() + bias))
+def lossfree_routing(scores: Tensor, bias: Tensor, bias_on_affinity: bool = True) -> Routing:
+    """Top-1 of ``sigmoid(scores) + bias`` (``bias`` [E]), gated by the unbiased sigmoid(score):
+    the bias steers the choice and nothing else (Wang et al., 2024; DeepSeek-V3's
+    ``inference/model.py`` adds it to the sigmoid affinity, in (0, 1), where a step of the bias
+    is commensurate with the gaps it must close). The same in training and inference; nothing
+    is dropped. ``bias_on_affinity`` False: the bias on the raw score, as this plugin did before
+    (kept for the checkpoints trained that way)."""
+    choice = torch.sigmoid(scores.detach()) if bias_on_affinity else scores.detach()
+    return sigmoid_gated(scores, greedy_assignment(choice + bias))
 
 
 def update_expert_bias(bias: Tensor, load: Tensor, rate: float) -> None:
@@ -108,31 +117,63 @@ def switch_balance_loss(probs: Tensor, top1: Tensor) -> Tensor:
     return num_experts * torch.dot(fraction, probs.mean(0))
 
 
-def _softmax_routing(scores: Tensor, k: int, capacity_factor: Optional[float]) -> Routing:
+def switch_routing(scores: Tensor, capacity_factor: Optional[float] = 1.0) -> Routing:
+    """Top-1 (Fedus et al., 2021); ``capacity_factor`` None keeps every token."""
     probs = F.softmax(scores.float(), dim=1)
-    top_probs, ids = probs.topk(k, dim=1)
-    gates = top_probs if k == 1 else top_probs / top_probs.sum(1, keepdim=True).clamp_min(1e-9)
-    num_experts = scores.size(1)
+    gates, ids = probs.max(dim=1, keepdim=True)
     kept = None
     if capacity_factor is not None:
-        kept = within_capacity(ids, num_experts, capacity(scores.size(0), num_experts, capacity_factor))
+        kept = within_capacity(ids, scores.size(1), capacity(scores.size(0), scores.size(1), capacity_factor))
     return Routing(ids, gates, kept, switch_balance_loss(probs, ids[:, 0]))
 
 
-def switch_routing(scores: Tensor, capacity_factor: Optional[float] = 1.0) -> Routing:
-    """Top-1 (Fedus et al., 2021); ``capacity_factor`` None keeps every token."""
-    return _softmax_routing(scores, 1, capacity_factor)
-
-
-def top2_routing(scores: Tensor, capacity_factor: Optional[float] = 2.0) -> Routing:
-    """Top-2 (Lepikhin et al., 2021), without GShard's random dispatch of the second expert."""
-    return _softmax_routing(scores, 2, capacity_factor)
+def top2_routing(scores: Tensor, capacity_factor: Optional[float] = 2.0, sample_second: bool = False) -> Routing:
+    """Top-2 as fairseq's MoE branch gates it (``top2gate.py``, after GShard, Lepikhin et al.,
+    2021): the first expert is the most probable; the second is sampled (``sample_second``: the
+    Gumbel-max trick on the other experts' logits, fairseq's default policy in training) or the
+    runner-up. Both gates are the softmax probabilities of the chosen experts, renormalised over
+    the pairs that found room (a token whose second pair was dropped gets gate 1 on its first).
+    ``capacity_factor`` None keeps every pair."""
+    logits = scores.float()
+    probs = F.softmax(logits, dim=1)
+    first = probs.argmax(dim=1, keepdim=True)
+    if sample_second:
+        gumbel = -torch.log(-torch.log(torch.rand_like(logits).clamp(1e-20, 1 - 1e-7)))
+        others = logits.detach() + gumbel
+    else:
+        others = logits.detach()
+    second = others.scatter(1, first, float("-inf")).argmax(dim=1, keepdim=True)
+    ids = torch.cat([first, second], dim=1)
+    num_experts = scores.size(1)
+    kept = None
+    gates = probs.gather(1, ids)
+    if capacity_factor is not None:
+        kept = within_capacity(ids, num_experts, capacity(scores.size(0), num_experts, capacity_factor))
+        gates = gates * kept
+    gates = gates / gates.sum(1, keepdim=True).clamp_min(torch.finfo(gates.dtype).eps)
+    return Routing(ids, gates, kept, switch_balance_loss(probs, first[:, 0]))
 
 
 def random_hash(vocab_size: int, num_experts: int, seed: int = HASH_SEED) -> Tensor:
     """[V]: a fixed random expert for every token id (Roller et al., 2021)."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(num_experts, (vocab_size,), generator=generator)
+
+
+def balanced_hash(token_counts: Sequence[int], num_experts: int) -> Tensor:
+    """[V]: every token id to an expert so that each expert's total count is about the same
+    (Roller et al., 2021, "balanced assignment": the most frequent tokens first, each to the
+    expert with the smallest total so far; ties to the lower token id and expert)."""
+    totals = [(0, expert) for expert in range(num_experts)]
+    table = torch.empty(len(token_counts), dtype=torch.long)
+    for token in sorted(range(len(token_counts)), key=lambda t: (-token_counts[t], t)):
+        total, expert = heapq.heappop(totals)
+        table[token] = expert
+        heapq.heappush(totals, (total + token_counts[token], expert))
+    return table
+
+
+HASHES = ("random", "balanced")
 
 
 def hash_routing(token_ids: Tensor, table: Tensor) -> Routing:

@@ -2,7 +2,7 @@
 """The paper's language-model comparison at laptop scale, with several seeds: two comparisons.
 
     python scripts/reproduce_small.py [--minutes 3] [--seeds 3] [--out runs/reproduce_small]
-    python scripts/reproduce_small.py --comparison routers --out runs/reproduce_routers
+    python scripts/reproduce_small.py --comparison routers --updates 1000 --out runs/reproduce_routers
     python scripts/reproduce_small.py --models dense,BASE,Hash --experts 1,2,4,8,16   # the expert-count sweep
 
 ``--comparison architectures`` (the default): each method in its paper's architecture: dense,
@@ -21,6 +21,20 @@ gives each model's mean, standard deviation and range over its seeds at equal wa
 reached), and marks the models whose range does not overlap the reference's (BASE, or dense
 in a sweep): only those differences exceed the seed-to-seed spread.
 
+``--updates N`` trains every run for N updates instead of a wall-clock budget (equal training
+compute; the routers comparison's default is 1,000), and the table compares validation
+perplexity at equal updates. ``--parallel K`` runs K trainings at once, each on its own core
+(``taskset``, one thread); the default is one per core for --updates, one at a time otherwise.
+In the routers comparison, lossfree runs at DeepSeek-V3's rate (1e-3); where a run ends with
+its busiest expert above 1.2 / E in training (not balanced within the run), "lossfree (rate
+scaled)" runs too, at 10 / N (the bias can then cross the sigmoid's whole range in a tenth of
+the run), labelled as such.
+
+Resumable: a finished run's result is kept in --out (``RUN.result.json``) and skipped when the
+same command runs again, so a sweep can span days; a run that did not finish starts again from
+its beginning. Each run prints a progress line at every validation: which run, its update, and
+the time elapsed and left.
+
 ``--experts`` runs every routed model of ``--models`` at each expert count (the compute per
 token does not change with E: every token goes through one expert per layer, two for top-2).
 
@@ -36,14 +50,18 @@ writes the tables and plots again from --out's results.json, without training.
 """
 
 import argparse
+import concurrent.futures
 import datetime
 import json
 import os
 import platform
+import queue
 import re
+import shutil
 import statistics
 import subprocess
 import sys
+import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # expert_load imports this checkout's fairseq_base, whichever one pip installed
@@ -61,6 +79,9 @@ DROPPED = re.compile(r"\b\w+_dropped=([0-9.]+)")
 LOAD_MAX = re.compile(r"\b\w+_load_max=([0-9.]+)")
 CHURN = re.compile(r"\b(\w+)_churn ([0-9.]+)")
 STAMP = re.compile(r"^(?:\[)?(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)")
+ROUTERS_UPDATES = 1000  # the routers comparison's default length (--updates)
+BALANCED_BUSIEST = 1.2  # a busiest expert at most this over the mean counts as balanced
+LOSSFREE_SCALED = "lossfree (rate scaled)"
 
 
 def log_time(line):
@@ -73,8 +94,10 @@ def run_name(config, overrides, experts, seed):
     return f"{config}{variant}{f'-e{experts}' if experts else ''}-seed{seed}"
 
 
-def train(config, overrides, data, minutes, out, seed, experts=None, validate_every=50, max_update=100000):
-    """(save_dir, validation curve, training statistics of the last logged batches)."""
+def train(config, overrides, data, minutes, out, seed, experts=None, validate_every=50, max_update=100000,
+          core=None, progress=""):
+    """(save_dir, validation curve, training statistics of the last logged batches). ``minutes`` 0:
+    no wall-clock budget (``max_update`` ends the run); ``core``: run on that core, one thread."""
     name = run_name(config, overrides, experts, seed)
     save_dir = os.path.join(out, name)
     log_path = os.path.join(out, f"{name}.log")
@@ -84,8 +107,12 @@ def train(config, overrides, data, minutes, out, seed, experts=None, validate_ev
            f"dataset.validate_interval_updates={validate_every}", "checkpoint.save_interval_updates=100000",
            "common.log_interval=25", f"common.seed={seed}", *overrides] + (
                [f"model.base_experts={experts}"] if experts else [])
-    curve, start, stats = [], None, {"dropped": 0.0, "busiest": None}
     env = dict(os.environ, PYTHONUNBUFFERED="1")  # progress lines as they come
+    if core is not None:
+        cmd = ["taskset", "-c", str(core)] + cmd
+        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    curve, start, stats = [], None, {"dropped": 0.0, "busiest": None}
+    began = time.monotonic()
     with open(log_path, "w") as log, subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, env=env,
                                                       stderr=subprocess.STDOUT, text=True) as proc:
         for line in proc.stdout:
@@ -98,9 +125,13 @@ def train(config, overrides, data, minutes, out, seed, experts=None, validate_ev
                 ppl = float(re.search(r"\| ppl ([0-9.]+)", line).group(1))
                 updates = int(re.search(r"\| num_updates (\d+)", line).group(1))
                 seconds = (log_time(line) - start).total_seconds()
-                curve.append({"updates": updates, "seconds": seconds, "valid_ppl": ppl,
+                curve.append({"updates": updates, "seconds": seconds, "valid_ppl": ppl, "busiest": stats["busiest"],
                               "churn": {layer: float(v) for layer, v in CHURN.findall(line)}})
-                print(f"|   {name}: update {updates}, {seconds:.0f}s, valid ppl {ppl:.2f}", flush=True)
+                elapsed = time.monotonic() - began
+                left = elapsed * (max_update - updates) / updates if minutes == 0 and updates else None
+                print(f"| {progress}{name}: update {updates}{f'/{max_update}' if minutes == 0 else ''}, valid ppl "
+                      f"{ppl:.2f}, {elapsed / 60:.1f} min" + (f", about {left / 60:.0f} min left" if left else ""),
+                      flush=True)
     if proc.returncode != 0:
         sys.exit(f"reproduce_small: {name} failed; see {log_path}")
     return save_dir, curve, stats
@@ -185,14 +216,24 @@ def describe(s):
     return f"{s['mean']:.2f} ± {s['std']:.2f} [{s['min']:.2f}, {s['max']:.2f}]" if s else "-"
 
 
-def versus(r, reference):
+def versus(r, reference, key="test_ppl"):
     if r is reference:
         return "reference"
-    difference = r["test_ppl"]["mean"] - reference["test_ppl"]["mean"]
-    if min(r["test_ppl"]["n"], reference["test_ppl"]["n"]) < 2:
+    if not r.get(key) or not reference.get(key):
+        return "-"
+    difference = r[key]["mean"] - reference[key]["mean"]
+    if min(r[key]["n"], reference[key]["n"]) < 2:
         return f"{difference:+.2f} (one seed: no spread)"
-    beyond = "beyond the spread" if separated(r["test_ppl"], reference["test_ppl"]) else "within the spread"
+    beyond = "beyond the spread" if separated(r[key], reference[key]) else "within the spread"
     return f"{difference:+.2f} ({beyond})"
+
+
+def bands(runs, value):
+    """(updates, mean, min, max) of ``value(point)`` over the runs, at the updates every run validated."""
+    common = sorted(set.intersection(*({p["updates"] for p in run["curve"] if value(p) is not None}
+                                       for run in runs)))
+    at = [[next(value(p) for p in run["curve"] if p["updates"] == u) for run in runs] for u in common]
+    return common, [statistics.mean(v) for v in at], [min(v) for v in at], [max(v) for v in at]
 
 
 def plot(results, out, common):
@@ -204,22 +245,36 @@ def plot(results, out, common):
     import matplotlib.pyplot as plt
 
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    routed_in_training = {n: r for n, r in results.items() if any(p.get("busiest") for run in r["runs"]
+                                                                 for p in run["curve"])}
+    fig, axes = plt.subplots(1, 3 if routed_in_training else 2, figsize=(16 if routed_in_training else 11, 4))
     for i, (name, r) in enumerate(results.items()):
+        color = colors[i % len(colors)]
         for j, run in enumerate(r["runs"]):
-            label = name if j == 0 else None
-            color = colors[i % len(colors)]
             axes[0].plot([p["seconds"] / 60 for p in run["curve"]], [p["valid_ppl"] for p in run["curve"]],
-                         label=label, color=color, linewidth=1)
-            axes[1].plot([p["updates"] for p in run["curve"]], [p["valid_ppl"] for p in run["curve"]], label=label,
-                         color=color, linewidth=1)
+                         label=name if j == 0 else None, color=color, linewidth=1)
+        updates, mean, low, high = bands(r["runs"], lambda p: p["valid_ppl"])
+        axes[1].plot(updates, mean, label=name, color=color, linewidth=1.2)
+        axes[1].fill_between(updates, low, high, color=color, alpha=0.2, linewidth=0)
+        if name in routed_in_training:
+            updates, mean, low, high = bands(r["runs"], lambda p: p.get("busiest"))
+            axes[2].plot(updates, mean, label=name, color=color, linewidth=1.2)
+            axes[2].fill_between(updates, low, high, color=color, alpha=0.2, linewidth=0)
     for ax, xlabel in zip(axes, ["wall-clock (minutes)", "updates"]):
         ax.set_xlabel(xlabel)
         ax.set_ylabel("validation perplexity")
         ax.set_yscale("log")
+    axes[0].set_title("one line per seed")
+    axes[1].set_title("mean over seeds, band: min to max")
+    if routed_in_training:
+        axes[2].axhline(BALANCED_BUSIEST, color="k", linestyle="--", linewidth=1, label=f"{BALANCED_BUSIEST} x mean")
+        axes[2].set_xlabel("updates")
+        axes[2].set_ylabel("busiest expert's load over the mean, training")
+        axes[2].set_title("mean over seeds and layers, band: min to max")
+    for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle("Small-scale comparison of routers (Brown corpus, 2 CPU cores; one line per seed)")
+    fig.suptitle("Small-scale comparison (Brown corpus, CPU)")
     fig.tight_layout()
     fig.savefig(os.path.join(out, "valid_ppl.png"), dpi=120)
 
@@ -329,16 +384,21 @@ def write_results(results, meta, out):
     reference = results.get("dense" if sweep else "BASE") or next(iter(results.values()))
     title = {"architectures": "Small-scale reproduction (each method in its paper's architecture)",
              "routers": "Router comparison (only the router changes: the expert FFNs of configs/small_routers.yaml)"}
-    lines = [f"{title[meta.get('comparison', 'architectures')]}: {meta['minutes']:g} minutes of training per run, "
+    budget = f"{meta['updates']} updates per run" if meta.get("updates") else \
+        f"{meta['minutes']:g} minutes of training per run"
+    key = "valid_ppl_at_common_updates" if meta.get("updates") else "test_ppl"
+    test_at = f"update {meta['updates']}" if meta.get("updates") else "equal wall-clock"
+    lines = [f"{title[meta.get('comparison', 'architectures')]}: {budget}, "
              f"{meta['seeds']} seed(s) per model, on {meta['machine']}.",
              f"Command: `{' '.join(['python', 'scripts/reproduce_small.py'] + meta['command'])}`",
              "", f"Perplexities: mean ± standard deviation [min, max] over seeds. Validation at equal updates: at "
-             f"update {common}, the last every run reached. \"vs {reference['label']}\": test perplexity difference; "
+             f"update {common}, the last every run reached. \"vs {reference['label']}\": "
+             f"{'validation perplexity difference at that update' if key != 'test_ppl' else 'test perplexity difference'}; "
              "beyond the spread where the two ranges do not overlap. Busiest expert: its share of the tokens, per "
              "expert layer, against 1/E for perfect balance (in training: the last logged batches, mean over seeds "
              "and layers). Churn: the share of a fixed probe of validation tokens whose expert changed since the "
              "previous validation (the last one, mean over seeds and layers).", "",
-             f"| model | config | seeds | updates (mean) | test ppl (equal wall-clock) | valid ppl at update {common} "
+             f"| model | config | seeds | updates (mean) | test ppl ({test_at}) | valid ppl at update {common} "
              f"| vs {reference['label']} | busiest expert in training | busiest expert at inference (first seed) "
              f"| churn | dropped in training |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -353,7 +413,7 @@ def write_results(results, meta, out):
         churn = [statistics.mean(run["curve"][-1]["churn"].values()) for run in r["runs"] if run["curve"][-1]["churn"]]
         churn = f"{statistics.mean(churn):.3f}" if churn else "-"
         lines.append(f"| {name} | {r['config']} | {len(r['runs'])} | {r['updates']:.0f} | {describe(r['test_ppl'])} | "
-                     f"{describe(r['valid_ppl_at_common_updates'])} | {versus(r, reference)} | {in_training} | "
+                     f"{describe(r['valid_ppl_at_common_updates'])} | {versus(r, reference, key)} | {in_training} | "
                      f"{busiest} | {churn} | {dropped:.1%} |")
     if sweep:
         lines += sweep_table(results, common)
@@ -379,6 +439,11 @@ def main():
     parser.add_argument("--validate-every", type=int, default=50, help="validation interval in updates")
     parser.add_argument("--max-update", type=int, default=100000,
                         help="also stop a run after this many updates (a quick smoke run: --minutes 1 --max-update 3)")
+    parser.add_argument("--updates", type=int, default=None,
+                        help=f"train every run for this many updates, with no time budget (the routers comparison's "
+                             f"default: {ROUTERS_UPDATES}; --updates 0: the wall-clock budget of --minutes)")
+    parser.add_argument("--parallel", type=int, default=None,
+                        help="trainings at once, each on its own core (default: one per core with --updates, else 1)")
     parser.add_argument("--redraw", action="store_true",
                         help="write the tables and plots again from --out's results.json, without training")
     args = parser.parse_args()
@@ -389,7 +454,8 @@ def main():
         except (OSError, ValueError) as err:
             parser.error(f"--redraw reads --out's results.json: {err}")
         write_results(saved.pop("models"), {key: saved[key] for key in ("minutes", "seeds", "machine", "command",
-                                                                         "comparison") if key in saved}, args.out)
+                                                                         "comparison", "updates") if key in saved},
+                      args.out)
         return
     # Hydra runs each training in its own working directory.
     args.out, args.data = os.path.abspath(args.out), os.path.abspath(args.data)
@@ -411,11 +477,14 @@ def main():
     for name in args.models.split(","):
         for count in experts if experts and name != "dense" else [None]:
             plan[name if count is None else f"{name} E={count}"] = (name, *models[name], count)
-    runs = [(label, seed) for seed in range(1, args.seeds + 1) for label in plan]  # seeds outermost: alternating
-    used = [run_name(*plan[label][1:], seed) for label, seed in runs]
-    used = [os.path.join(args.out, name) for name in used if os.path.exists(os.path.join(args.out, name))]
-    if used:  # fairseq would resume from them, and the curves would not start at update 0
-        parser.error(f"--out {args.out} already holds runs ({', '.join(used)}); pass a new --out or remove them")
+    if args.updates is None:
+        args.updates = ROUTERS_UPDATES if args.comparison == "routers" and not experts else 0
+    if args.updates < 0:
+        parser.error(f"--updates must be >= 0, got {args.updates}")
+    cores = sorted(os.sched_getaffinity(0))
+    args.parallel = args.parallel or (len(cores) if args.updates else 1)
+    if not 1 <= args.parallel <= len(cores):
+        parser.error(f"--parallel must be between 1 and this machine's {len(cores)} cores, got {args.parallel}")
     os.makedirs(args.out, exist_ok=True)
     if not os.path.exists(os.path.join(args.data, "train.bin")):
         subprocess.run([sys.executable, os.path.join(REPO, "scripts", "prepare_brown.py"), "--out", args.data],
@@ -427,25 +496,74 @@ def main():
     from fairseq_base.assignment import balanced_assignment
     balanced_assignment(torch.randn(4, 2))
 
+    minutes, max_update = (0, args.updates) if args.updates else (args.minutes, args.max_update)
+    results = run_plan(plan, args, minutes, max_update, cores)
+    lossfree = results.get("lossfree")
+    if args.updates and lossfree and "lossfree" in args.models.split(",") and any(
+            (run.get("train_busiest") or 0) > BALANCED_BUSIEST for run in lossfree["runs"]):
+        rate = 10 / args.updates
+        print(f"| lossfree at DeepSeek-V3's rate did not balance within {args.updates} updates (busiest expert above "
+              f"{BALANCED_BUSIEST} x the mean): {LOSSFREE_SCALED}, at {rate:g}", flush=True)
+        config, overrides = COMPARISONS[args.comparison]["lossfree"]
+        scaled = {LOSSFREE_SCALED: ("lossfree", config, [*overrides, f"model.base_bias_update_rate={rate}"], None)}
+        results.update(run_plan(scaled, args, minutes, max_update, cores))
+
+    machine = f"{platform.processor() or platform.machine()}, {len(cores)} of {os.cpu_count()} cores, no GPU" + (
+        f", {args.parallel} runs at once, one core each" if args.parallel > 1 else "")
+    write_results(results, {"minutes": args.minutes, "seeds": args.seeds, "machine": machine, "updates": args.updates,
+                            "command": sys.argv[1:], "comparison": args.comparison}, args.out)
+    print(f"\nwrote {args.out}/results.md, results.json and plots")
+
+
+def run_plan(plan, args, minutes, max_update, cores):
+    """Train and score every (label, seed) of ``plan`` not already done in --out, ``args.parallel``
+    at a time; returns the results per label, the kept ones included."""
     results = {label: {"label": label, "model": model, "config": " ".join([config, *overrides]), "experts": count,
                        "runs": []} for label, (model, config, overrides, count) in plan.items()}
-    for i, (label, seed) in enumerate(runs):
+    runs = [(label, seed) for seed in range(1, args.seeds + 1) for label in plan]  # seeds outermost: alternating
+    done, todo = {}, []
+    for label, seed in runs:
+        name = run_name(*plan[label][1:], seed)
+        try:
+            with open(os.path.join(args.out, f"{name}.result.json")) as f:
+                done[label, seed] = json.load(f)
+            print(f"| kept: {label}, seed {seed} (finished before: {name}.result.json)", flush=True)
+        except (OSError, ValueError):
+            if os.path.exists(os.path.join(args.out, name)):  # unfinished: fairseq would resume mid-curve
+                print(f"| {label}, seed {seed} did not finish before: starting it again", flush=True)
+                shutil.rmtree(os.path.join(args.out, name))
+            todo.append((label, seed))
+    free_cores = queue.Queue()
+    for core in cores[:args.parallel]:
+        free_cores.put(core)
+
+    def one_run(index, label, seed):
         model, config, overrides, count = plan[label]
-        print(f"== [{i + 1}/{len(runs)}] {label} ({results[label]['config']}), seed {seed}, {args.minutes:g} minutes",
-              flush=True)
-        save_dir, curve, stats = train(config, overrides, args.data, args.minutes, args.out, seed, count,
-                                       args.validate_every, args.max_update)
+        core = free_cores.get()
+        try:
+            progress = f"[{index}/{len(todo)}] "
+            budget = f"{max_update} updates" if minutes == 0 else f"{minutes:g} minutes"
+            print(f"== {progress}{label} ({results[label]['config']}), seed {seed}, {budget}"
+                  f"{f', core {core}' if args.parallel > 1 else ''}", flush=True)
+            save_dir, curve, stats = train(config, overrides, args.data, minutes, args.out, seed, count,
+                                           args.validate_every, max_update, core if args.parallel > 1 else None,
+                                           progress)
+        finally:
+            free_cores.put(core)
         run = {"seed": seed, "curve": curve, "test_ppl": evaluate(args.data, save_dir),
                "train_dropped": stats["dropped"], "train_busiest": stats["busiest"],
                "expert_load": expert_load(args.data, save_dir) if model != "dense" else {}}
-        results[label]["runs"].append(run)
+        with open(os.path.join(args.out, f"{run_name(config, overrides, count, seed)}.result.json"), "w") as f:
+            json.dump(run, f)
         print(f"|   {label}, seed {seed}: test perplexity {run['test_ppl']:.2f}", flush=True)
+        return run
 
-    cores = len(os.sched_getaffinity(0))
-    machine = f"{platform.processor() or platform.machine()}, {cores} of {os.cpu_count()} cores, no GPU"
-    write_results(results, {"minutes": args.minutes, "seeds": args.seeds, "machine": machine,
-                            "command": sys.argv[1:], "comparison": args.comparison}, args.out)
-    print(f"\nwrote {args.out}/results.md, results.json and plots")
+    with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
+        futures = {(label, seed): pool.submit(one_run, i + 1, label, seed) for i, (label, seed) in enumerate(todo)}
+        done.update({key: future.result() for key, future in futures.items()})
+    for label, seed in runs:
+        results[label]["runs"].append(done[label, seed])
+    return results
 
 
 if __name__ == "__main__":

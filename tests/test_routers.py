@@ -13,7 +13,7 @@ from fairseq_base.criterions.base_cross_entropy import take_balance_loss
 from fairseq_base.errors import BaseLayerConfigError
 from fairseq_base.layer import BaseLayer, update_expert_biases
 from fairseq_base.reshard import reshard
-from fairseq_base.router import (Routing, hash_routing, lossfree_routing, random_hash, routing_counts,
+from fairseq_base.router import (Routing, balanced_hash, hash_routing, lossfree_routing, random_hash, routing_counts,
                                  stats_from_counts, switch_balance_loss, switch_routing, top2_routing,
                                  update_expert_bias, within_capacity)
 from test_end_to_end import data_bin, run  # noqa: F401  (fixture)
@@ -88,8 +88,13 @@ def test_top2_first_choices_come_before_second_choices():
     assert routing.expert_ids.tolist() == [[0, 1], [1, 2], [1, 0], [2, 1]]
     # Expert 1 is the first choice of tokens 1 and 2, so token 0's and 3's second choices miss it.
     assert routing.kept.tolist() == [[True, False], [True, True], [True, True], [True, False]]
+    # The gates are renormalised over the pairs kept (fairseq's top2gating): a token whose second
+    # pair was dropped puts its whole weight on the first.
     top = torch.softmax(scores, 1).topk(2).values
-    assert torch.allclose(routing.gates, top / top.sum(1, keepdim=True))
+    assert torch.allclose(routing.gates[[1, 2]], top[[1, 2]] / top[[1, 2]].sum(1, keepdim=True))
+    assert routing.gates[[0, 3]].tolist() == [[1.0, 0.0], [1.0, 0.0]]
+    outside_training = top2_routing(scores, capacity_factor=None)
+    assert outside_training.kept is None and torch.allclose(outside_training.gates, top / top.sum(1, keepdim=True))
 
 
 def test_within_capacity_counts_each_expert_separately():
@@ -103,7 +108,7 @@ def busiest_share(expert_ids, num_experts):
 
 def test_lossfree_bias_chooses_and_the_unbiased_score_gates():
     scores = torch.tensor([[2.0, 1.0], [0.0, 0.5]])
-    routing = lossfree_routing(scores, torch.tensor([0.0, 1.5]))
+    routing = lossfree_routing(scores, torch.tensor([0.0, 0.2]))  # sigmoids 0.88, 0.73 and 0.5, 0.62
     assert routing.expert_ids[:, 0].tolist() == [1, 1] and routing.kept is None  # nothing dropped
     assert torch.equal(routing.gates[:, 0], torch.sigmoid(torch.tensor([1.0, 0.5])))
     bias = torch.zeros(3)
@@ -114,25 +119,50 @@ def test_lossfree_bias_chooses_and_the_unbiased_score_gates():
 
 
 def test_lossfree_busiest_experts_share_falls_toward_one_over_e():
-    """A skewed problem: expert 0 is every token's favourite (greedy gives it about 85% of the
+    """A skewed problem: expert 0 is every token's favourite (greedy gives it most of the
     tokens). A layer trained on it, its bias updated after every step as fairseq's optimizer
     step does, routes ever more evenly, in training and at inference alike."""
     torch.manual_seed(0)
     layer = BaseLayer(8, 16, num_experts=4, router="lossfree", bias_update_rate=0.01).train()
+    with torch.no_grad():  # scores of about unit spread, as in training (the initial gain is 0.1)
+        layer.centroids.copy_(nn.init.orthogonal_(torch.empty(4, 8)))
     model = nn.Sequential(layer)
-    tokens = torch.randn(512, 1, 8) + 2 * layer.centroids.detach()[0] / layer.centroids.detach()[0].norm() ** 2
+    tokens = torch.randn(512, 1, 8) + 2 * layer.centroids.detach()[0]
     shares = []
     for _ in range(300):
         shares.append(busiest_share(layer.route(tokens[:, 0])[0].expert_ids, 4))
         layer(tokens)
         update_expert_biases(model)
     assert shares[0] > 0.6
-    assert shares[100] < shares[0] - 0.2 and max(shares[-50:]) < 0.3, shares[::25]
-    assert layer.expert_bias[0] < 0 < layer.expert_bias[1:].min()
-    assert busiest_share(layer.eval().route(tokens[:, 0])[0].expert_ids, 4) < 0.3
-    pending = layer.pending_load.clone()
-    layer(tokens)  # inference leaves the load of training alone
-    assert torch.equal(layer.pending_load, pending)
+    assert shares[100] < shares[0] - 0.2 and max(shares[-50:]) < 0.35, shares[::25]
+
+
+def steps_to_balance(scores, bias_on_affinity, rate=1e-3, max_steps=6000):
+    """Bias updates (DeepSeek-V3's rate) until the busiest expert has at most 1.2 / E of the tokens."""
+    num_experts = scores.size(1)
+    bias = torch.zeros(num_experts)
+    for step in range(max_steps):
+        ids = lossfree_routing(scores, bias, bias_on_affinity).expert_ids
+        if busiest_share(ids, num_experts) <= 1.2 / num_experts:
+            return step
+        update_expert_bias(bias, torch.bincount(ids[:, 0], minlength=num_experts).float(), rate)
+    return max_steps
+
+
+def test_lossfree_bias_on_the_sigmoid_balances_scores_of_trained_scale_sooner():
+    """Scores of the scale seen in training (|s| around 3, one expert favoured by 3): a bias
+    step of 1e-3 closes gaps of a few units in thousands of steps on the raw score, and gaps of
+    the sigmoid's (0, 1) in hundreds. The rule that runs is the sigmoid's."""
+    generator = torch.Generator().manual_seed(0)
+    scores = 1.5 * torch.randn(2048, 8, generator=generator)
+    scores[:, 0] += 3.0
+    on_sigmoid, on_score = steps_to_balance(scores, True), steps_to_balance(scores, False)
+    assert on_sigmoid < on_score / 3, (on_sigmoid, on_score)
+    bias = torch.zeros(8)
+    bias[0] = -0.5  # moves sigmoid(s) by half its range, a raw score of about 3 by a sixth
+    assert torch.equal(lossfree_routing(scores, bias).expert_ids,
+                       (torch.sigmoid(scores) + bias).argmax(1, keepdim=True))
+    assert not torch.equal(lossfree_routing(scores, bias).expert_ids, (scores + bias).argmax(1, keepdim=True))
 
 
 def test_lossfree_bias_is_float32_and_saved_in_any_precision():
@@ -262,21 +292,27 @@ def test_balance_loss_without_the_criterion_is_refused():
         layer(torch.randn(16, 1, 8))  # nobody took the first loss
 
 
+def parse(data_bin, *flags):
+    """fairseq-train's options for TINY_MODEL without BASE layers, plus ``flags``."""
+    from fairseq import options
+    return options.parse_args_and_arch(options.get_training_parser(),
+                                       [str(data_bin / "bin"), "--user-dir", "fairseq_base", *TINY_MODEL, "--cpu",
+                                        "--base-layers", "0", *flags])
+
+
+def build(data_bin, *flags):
+    """The model fairseq-train would build from ``flags`` (see ``parse``), in eval mode."""
+    from fairseq import checkpoint_utils, tasks
+    cfg = checkpoint_utils.convert_namespace_to_omegaconf(parse(data_bin, *flags))
+    return tasks.setup_task(cfg.task).build_model(cfg.model).eval()
+
+
 def test_expert_ffn_layer_is_fairseqs_ffn_block_when_routing_is_trivial(data_bin):  # noqa: F811
     """With one expert and gate 1 (hash), an expert FFN computes what fairseq's FFN block does."""
-    from fairseq import checkpoint_utils, options, tasks
-
     from fairseq_base.models.transformer_lm_base import ExpertFeedForwardLayer
 
-    def build(*flags):
-        parser = options.get_training_parser()
-        args = options.parse_args_and_arch(parser, [str(data_bin / "bin"), "--user-dir", "fairseq_base",
-                                                    *TINY_MODEL, "--cpu", "--base-layers", "0", *flags])
-        cfg = checkpoint_utils.convert_namespace_to_omegaconf(args)
-        return tasks.setup_task(cfg.task).build_model(cfg.model).eval()
-
-    model = build("--base-moe-freq", "2", "--base-router", "hash", "--base-experts", "1")
-    moe_layer, reference = model.decoder.layers[1], build().decoder.layers[1]
+    model = build(data_bin, "--base-moe-freq", "2", "--base-router", "hash", "--base-experts", "1")
+    moe_layer, reference = model.decoder.layers[1], build(data_bin).decoder.layers[1]
     assert isinstance(moe_layer, ExpertFeedForwardLayer)
     assert not isinstance(model.decoder.layers[0], ExpertFeedForwardLayer)
     expert = moe_layer.moe.experts.sublayers[0]
@@ -293,13 +329,116 @@ def test_expert_ffn_layer_is_fairseqs_ffn_block_when_routing_is_trivial(data_bin
     assert torch.allclose(moe_layer(x)[0], reference(x)[0], atol=1e-5)
 
 
+def test_routers_in_feed_forward_slots_score_the_normalised_input_and_base_layers_raw_h(data_bin):  # noqa: F811
+    """As fairseq's MoE gates, DeepSeek-V3 and torchtitan route the FFN's normalised input; as
+    fairseq's base_layer.py, a stand-alone BASE layer routes raw h."""
+    model = build(data_bin, "--base-layers", "1", "--base-moe-freq", "2", "--base-router", "switch",
+                  "--base-experts", "2")
+    base, moe_layer = model.decoder.layers[1], model.decoder.layers[2]
+    assert isinstance(base, BaseLayer) and base.score_norm is None
+    assert isinstance(moe_layer.moe.score_norm, nn.LayerNorm)
+    assert isinstance(moe_layer.attention.final_layer_norm, nn.Identity)  # moved, not run twice
+    x = torch.randn(12, 32) * 40  # the residual stream's norm grows in training
+    expected = torch.layer_norm(x, (32,), moe_layer.moe.score_norm.weight, moe_layer.moe.score_norm.bias) \
+        @ moe_layer.moe.centroids.t()
+    assert torch.allclose(moe_layer.moe._scores(x), expected, atol=1e-5)
+    assert torch.allclose(base._scores(x), x @ base.centroids.t(), atol=1e-4)
+
+
+def test_checkpoints_written_before_route_as_they_were_trained(data_bin, caplog):  # noqa: F811
+    """A lossfree expert FFN saved before: no score_norm (it scored raw x) and no bias_on_affinity
+    (its bias was added to the raw score). Loaded now, it routes as it did."""
+    flags = ("--base-moe-freq", "2", "--base-router", "lossfree", "--base-experts", "4")
+    state = build(data_bin, *flags).state_dict()
+    old = {key: value for key, value in state.items() if ".score_norm." not in key and "bias_on_affinity" not in key}
+    old["decoder.layers.1.moe.expert_bias"] = torch.tensor([0.0, 3.0, 0.0, -3.0])
+    model = build(data_bin, *flags)
+    with caplog.at_level("INFO"):
+        model.load_state_dict(old, strict=True)
+    moe = model.decoder.layers[1].moe
+    assert moe.score_norm is None and not bool(moe.bias_on_affinity)
+    assert "routes as it was trained: on the raw residual stream" in caplog.text
+    assert "routes as it was trained: lossfree's bias on the raw score" in caplog.text
+    x = torch.randn(64, 32) * 3
+    raw = x @ moe.centroids.t()
+    assert torch.equal(moe.route(x)[0].expert_ids[:, 0], (raw + moe.expert_bias).argmax(1))
+    # A checkpoint written now keeps the new rules.
+    again = build(data_bin, *flags)
+    again.load_state_dict(model.state_dict(), strict=True)
+    assert again.decoder.layers[1].moe.score_norm is None and not bool(again.decoder.layers[1].moe.bias_on_affinity)
+    current = build(data_bin, *flags)
+    current.load_state_dict(state, strict=True)
+    assert current.decoder.layers[1].moe.score_norm is not None and bool(current.decoder.layers[1].moe.bias_on_affinity)
+
+
+def test_top2_samples_its_second_expert_in_training_as_fairseqs_moe_gate():
+    """fairseq's top2gating with its default policy ("sampling"): the second expert is the argmax of
+    the other experts' logits plus Gumbel noise, i.e. drawn from their softmax."""
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log().repeat(20000, 1)
+    torch.manual_seed(0)
+    sampled = top2_routing(logits, capacity_factor=None, sample_second=True)
+    assert (sampled.expert_ids[:, 0] == 0).all()
+    second = torch.bincount(sampled.expert_ids[:, 1], minlength=4).float() / 20000
+    assert second[0] == 0 and torch.allclose(second[1:], probs[1:] / probs[1:].sum(), atol=0.015), second
+    chosen = probs[sampled.expert_ids]
+    assert torch.allclose(sampled.gates, chosen / chosen.sum(1, keepdim=True))
+    assert (top2_routing(logits, capacity_factor=None).expert_ids[:, 1] == 1).all()  # greedy: the runner-up
+
+
+def test_top2_layer_samples_in_training_only_and_greedy_is_kept_as_an_option():
+    torch.manual_seed(0)
+    tokens = torch.randn(256, 8)
+    sampled = BaseLayer(8, 16, num_experts=4, router="top2")
+    greedy = BaseLayer(8, 16, num_experts=4, router="top2", top2_second="greedy")
+    greedy.load_state_dict(sampled.state_dict())
+    runner_up = (tokens @ sampled.centroids.t()).topk(2).indices[:, 1]
+    first, second = (sampled.train().route(tokens)[0].expert_ids[:, 1] for _ in range(2))
+    assert not torch.equal(first, second)
+    assert torch.equal(sampled.eval().route(tokens)[0].expert_ids[:, 1], runner_up)  # inference: deterministic
+    assert torch.equal(greedy.train().route(tokens)[0].expert_ids[:, 1], runner_up)
+
+
+def test_balanced_hash_gives_every_expert_about_the_same_count():
+    counts = [int(100000 / rank) for rank in range(1, 2001)]  # Zipf, as a dictionary's
+    table = balanced_hash(counts, 8)
+    totals = torch.zeros(8).index_add_(0, table, torch.tensor(counts, dtype=torch.float))
+    assert totals.max() / totals.mean() < 1.01
+    random_totals = torch.zeros(8).index_add_(0, random_hash(2000, 8), torch.tensor(counts, dtype=torch.float))
+    assert random_totals.max() / random_totals.mean() > 1.05
+    assert torch.equal(balanced_hash(counts, 8), table)  # the same on every worker
+    # The most frequent tokens first, each to the expert with the smallest total (ties: the lower one).
+    assert balanced_hash([5, 9, 4, 4], 2).tolist() == [1, 0, 1, 0]  # totals 9, 5; 9, 9; then a tie
+
+
+def test_base_hash_balanced_builds_the_table_from_the_dictionarys_counts(data_bin):  # noqa: F811
+    from fairseq.data import Dictionary
+    model = build(data_bin, "--base-layers", "1", "--base-router", "hash", "--base-hash", "balanced",
+                  "--base-experts", "4")
+    counts = Dictionary.load(str(data_bin / "bin" / "dict.txt")).count
+    assert torch.equal(model.decoder.layers[1].hash_table, balanced_hash(counts, 4))
+    assert torch.equal(build(data_bin, "--base-layers", "1", "--base-router", "hash", "--base-experts",
+                             "4").decoder.layers[1].hash_table, random_hash(len(counts), 4))
+
+
+def test_decoder_normalize_before_means_what_it_says(data_bin):  # noqa: F811
+    """fairseq turns a bool option whose default is True into a store_false flag: transformer_lm's
+    --decoder-normalize-before turned pre-LayerNorm off for transformer_lm_base."""
+    assert getattr(parse(data_bin), "decoder_normalize_before", True) is True
+    assert parse(data_bin, "--decoder-normalize-before").decoder_normalize_before is True
+    assert parse(data_bin, "--no-decoder-normalize-before").decoder_normalize_before is False
+    assert build(data_bin, "--decoder-normalize-before").decoder.layers[0].normalize_before
+    assert not build(data_bin, "--no-decoder-normalize-before").decoder.layers[0].normalize_before
+
+
 @pytest.mark.parametrize("option,value,match", [
     ("--base-capacity-factor", "1.5", "applies to --base-router switch or top2"),
     ("--base-moe-freq", "-1", "--base-moe-freq must be >= 0"),
+    ("--base-moe-freq", "2 --no-decoder-normalize-before", "remove --no-decoder-normalize-before"),
 ])
 def test_bad_router_options_are_refused(data_bin, tmp_path, option, value, match):  # noqa: F811
     result = run("fairseq-train", str(data_bin / "bin"), "--user-dir", "fairseq_base", *TINY_MODEL, "--cpu",
-                 "--save-dir", str(tmp_path), option, value, "--max-update", "1", check=False)
+                 "--save-dir", str(tmp_path), option, *value.split(), "--max-update", "1", check=False)
     assert result.returncode != 0
     assert re.search(f"fairseq_base: error: .*{re.escape(match)}", result.stderr), result.stderr[-2000:]
 

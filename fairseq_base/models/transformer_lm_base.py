@@ -16,11 +16,13 @@ from fairseq_base.errors import BaseLayerConfigError
 from fairseq_base.groups import expert_layout, resolve_num_experts
 from fairseq_base.layer import BaseLayer
 from fairseq_base.placement import base_layer_positions
-from fairseq_base.router import DEFAULT_CAPACITY_FACTOR
+from fairseq_base.router import DEFAULT_CAPACITY_FACTOR, HASHES
 
 EVAL_ROUTINGS = ("greedy", "balanced")
 EVAL_ROUTING_CHOICES = ChoiceEnum(list(EVAL_ROUTINGS))
 ROUTER_CHOICES = ChoiceEnum(["balanced", "sbase", "switch", "top2", "hash", "lossfree"])
+TOP2_SECOND_CHOICES = ChoiceEnum(["sampled", "greedy"])
+HASH_CHOICES = ChoiceEnum(list(HASHES))
 
 
 @dataclass
@@ -48,8 +50,17 @@ class TransformerLanguageModelBaseConfig(TransformerLanguageModelConfig):
         default="balanced",
         metadata={"help": "balanced: BASE; sbase: BASE with Sinkhorn's approximate balance (Clark et al.); "
                           "switch: top-1 softmax (Fedus et al.); top2: GShard top-2; "
-                          "hash: a fixed random expert per token id (Roller et al.); lossfree: top-1 of score + a "
-                          "per-expert bias nudged toward the under-loaded experts (DeepSeek-V3)"})
+                          "hash: a fixed expert per token id (Roller et al.; see --base-hash); lossfree: top-1 of "
+                          "sigmoid(score) + a per-expert bias nudged toward the under-loaded experts (DeepSeek-V3)"})
+    base_top2_second: TOP2_SECOND_CHOICES = field(
+        default="sampled",
+        metadata={"help": "top2: the second expert in training, sampled from the softmax of the other experts "
+                          "(fairseq's MoE default) or the runner-up (greedy); inference always takes the runner-up"})
+    base_hash: HASH_CHOICES = field(
+        default="random",
+        metadata={"help": "hash: random (a random expert per token id, as the paper's released code) or balanced "
+                          "(the most frequent tokens of dict.txt first, each to the expert with the smallest total "
+                          "count so far)"})
     base_bias_update_rate: float = field(
         default=1e-3,
         metadata={"help": "lossfree: the bias of each expert moves by this much per optimizer step, up if it "
@@ -70,6 +81,8 @@ class TransformerLanguageModelBaseConfig(TransformerLanguageModelConfig):
     # output dimensions follow the model dimension, and pre-LayerNorm (also the paper's).
     decoder_input_dim: int = field(default=II("model.decoder_embed_dim"), metadata={"help": "decoder input dimension"})
     decoder_output_dim: int = field(default=II("model.decoder_embed_dim"), metadata={"help": "decoder output dimension"})
+    # (fairseq makes a bool option whose default is True a store_false flag; add_args below makes
+    # --decoder-normalize-before mean what it says, and --no-decoder-normalize-before turn it off.)
     decoder_normalize_before: bool = field(default=True, metadata={"help": "apply layernorm before each decoder block"})
 
 
@@ -99,7 +112,8 @@ def check_options(args, num_experts: int) -> None:
     if args.base_moe_freq < 0:
         raise BaseLayerConfigError(f"--base-moe-freq must be >= 0 (0: no expert FFNs), got {args.base_moe_freq}")
     if args.base_moe_freq > 0 and not args.decoder_normalize_before:
-        raise BaseLayerConfigError("--base-moe-freq builds pre-LayerNorm expert blocks; add --decoder-normalize-before")
+        raise BaseLayerConfigError("--base-moe-freq builds pre-LayerNorm expert blocks; remove "
+                                   "--no-decoder-normalize-before (Hydra: model.decoder_normalize_before=true)")
     for option, value in (("--base-capacity-factor", args.base_capacity_factor),
                           ("--base-balance-loss", args.base_balance_loss),
                           ("--base-bias-update-rate", getattr(args, "base_bias_update_rate", 1e-3))):
@@ -131,6 +145,18 @@ def check_expert_memory(args, num_experts: int, expert_parallel_size: int) -> No
 @register_model("transformer_lm_base", dataclass=TransformerLanguageModelBaseConfig)
 class TransformerLanguageModelBase(TransformerLanguageModel):
     @classmethod
+    def add_args(cls, parser):
+        """fairseq's options from the config, with pre-LayerNorm's flags as transformer_lm's read:
+        fairseq turns a bool option whose default is True into a store_false flag, so that
+        --decoder-normalize-before (which transformer_lm users pass for pre-LayerNorm) turned it off."""
+        super().add_args(parser)
+        for action in getattr(parser, "_group_actions", parser._actions):  # a group (fairseq's) or a parser
+            if "--decoder-normalize-before" in action.option_strings:
+                action.const = True  # pre-LayerNorm, the default: a no-op kept for transformer_lm's command lines
+        parser.add_argument("--no-decoder-normalize-before", dest="decoder_normalize_before", action="store_false",
+                            help="post-LayerNorm (fairseq's transformer_lm default); not with --base-moe-freq")
+
+    @classmethod
     def build_model(cls, args, task):
         if task.source_dictionary is None:  # fairseq's language_modeling task without data
             raise BaseLayerConfigError("no data directory: pass it as task.data=DIR to fairseq-hydra-train (as the first "
@@ -146,14 +172,18 @@ class TransformerLanguageModelBase(TransformerLanguageModel):
         trunk = list(decoder.layers)  # fewer than --decoder-layers with --decoder-layers-to-keep
         positions = base_layer_positions(len(trunk), args.base_layers, args.base_positions)
 
-        def expert_layer(name, num_sublayers, dropout):
+        hash_counts = list(task.source_dictionary.count) if getattr(args, "base_hash", "random") == "balanced" \
+            else None
+
+        def expert_layer(name, num_sublayers, dropout, score_norm=None):
             return BaseLayer(
                 args.decoder_embed_dim, args.decoder_ffn_embed_dim, num_experts, num_sublayers=num_sublayers,
                 activation_fn=args.activation_fn, eval_routing=args.base_eval_routing,
                 shuffle=bool(args.base_shuffle), layout=layout, name=name, router=args.base_router,
                 capacity_factor=args.base_capacity_factor, balance_loss_weight=args.base_balance_loss,
                 vocab_size=len(task.source_dictionary), dropout=dropout,
-                bias_update_rate=getattr(args, "base_bias_update_rate", 1e-3))
+                bias_update_rate=getattr(args, "base_bias_update_rate", 1e-3), score_norm=score_norm,
+                hash_counts=hash_counts, top2_second=getattr(args, "base_top2_second", "sampled"))
 
         layers, num_base, num_moe = [], 0, 0
         for after in range(len(trunk) + 1):
@@ -164,7 +194,8 @@ class TransformerLanguageModelBase(TransformerLanguageModel):
                 layer = trunk[after]
                 if args.base_moe_freq and (after + 1) % args.base_moe_freq == 0:
                     num_moe += 1
-                    layer = ExpertFeedForwardLayer(layer, expert_layer(f"moe{num_moe}", 1, args.dropout))
+                    layer = ExpertFeedForwardLayer(layer, expert_layer(f"moe{num_moe}", 1, args.dropout,
+                                                                       score_norm=layer.final_layer_norm))
                 layers.append(layer)
         decoder.layers = nn.ModuleList(layers)
         decoder.num_layers = len(layers)
@@ -187,7 +218,9 @@ class ExpertFeedForwardLayer(nn.Module):
 
     fairseq's layer computes x + dropout(fc2(act(fc1(LayerNorm(x))))) after attention; with
     fc1 returning zero it keeps the attention block only, and the expert layer, whose
-    experts are pre-LayerNorm FFN blocks, takes the place of the feed-forward block.
+    experts are pre-LayerNorm FFN blocks, takes the place of the feed-forward block. The
+    block's LayerNorm moves to the expert layer's router, which scores LayerNorm(x) as the
+    block's FFN would have read it (``BaseLayer``'s ``score_norm``).
     """
 
     def __init__(self, layer: nn.Module, experts: BaseLayer):
