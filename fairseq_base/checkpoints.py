@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from fairseq_base.errors import BaseLayerConfigError
+from fairseq_base.experts import is_expert
 
 PROVENANCE = "fairseq_base"
 SHARDED = re.compile(r"-rank-\d+\.pt$")
@@ -162,7 +163,7 @@ def shared_checksum(model: nn.Module) -> List[float]:
     total = torch.zeros(2, dtype=torch.float64)
     with torch.no_grad():
         for param in model.parameters():
-            if not hasattr(param, "expert"):
+            if not is_expert(param):
                 # Cast inside the reductions: no float64 copy of the parameter.
                 total += torch.stack([param.sum(dtype=torch.float64),
                                       torch.linalg.vector_norm(param, dtype=torch.float64) ** 2]).cpu()

@@ -61,6 +61,16 @@ def _first_projections(num_sublayers: int, embed_dim: int, ffn_dim: int):
         yield ff1.weight.detach(), ff1.bias.detach()
 
 
+# The buffer in which an expert layer saves its local experts' global ids (``BaseLayer``).
+EXPERT_IDS = "expert_ids"
+
+
+def is_expert(param: Tensor) -> bool:
+    """Whether ``param`` belongs to experts (tagged by ``LocalExperts``): never averaged across
+    data-parallel workers, reduced over its replicas instead."""
+    return hasattr(param, "expert")
+
+
 class LocalExperts(nn.Module):
     """The experts held by this worker, ``len(global_ids)`` of them, as stacked weights: each is
     a stack of residual sublayers x <- x + sublayer(x), and returns its update expert(x) - x.

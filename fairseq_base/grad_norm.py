@@ -22,13 +22,15 @@ from fairseq import utils
 from fairseq.distributed import utils as distributed_utils
 from torch import Tensor
 
+from fairseq_base.experts import is_expert
+
 
 def expert_slices(params: Sequence[Tensor]) -> List[Tuple[int, int]]:
     """[start, end) ranges of the expert parameters in the flat concatenation of ``params``."""
     slices, offset = [], 0
     for param in params:
         end = offset + param.numel()
-        if hasattr(param, "expert"):
+        if is_expert(param):
             if slices and slices[-1][1] == offset:
                 slices[-1] = (slices[-1][0], end)
             else:
@@ -52,7 +54,7 @@ def shared_and_expert_grads(params) -> Tuple[List[Tensor], List[Tensor]]:
         grad = param.grad.detach()
         slices = getattr(param, "expert_slices", None)
         if slices is None:
-            (experts if hasattr(param, "expert") else shared).append(grad)
+            (experts if is_expert(param) else shared).append(grad)
             continue
         flat, start = grad.view(-1), 0
         for begin, end in slices:

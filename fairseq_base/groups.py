@@ -19,6 +19,7 @@ import torch.distributed as dist
 from fairseq.distributed import utils as distributed_utils
 
 from fairseq_base.errors import BaseLayerConfigError
+from fairseq_base.experts import is_expert
 
 _LAYOUTS: Dict[Tuple[int, int], "ExpertLayout"] = {}
 
@@ -47,7 +48,7 @@ class ExpertLayout:
         fairseq's trainer expects before it multiplies every gradient by W / sample size.
         Dividing first, as DDP does, keeps a loss-scaled fp16 sum of W/P replicas from
         overflowing sooner than the shared gradients' average."""
-        grads = [p.grad for p in params if hasattr(p, "expert") and p.grad is not None]
+        grads = [p.grad for p in params if is_expert(p) and p.grad is not None]
         if not grads or self.world_size == 1:
             return
         if self.replicas == 1:

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from fairseq_base.assignment import count_per_expert
 from fairseq_base.dispatcher import SizeExchange, TokenDispatcher, all_to_all, even_split, world_rank
 from fairseq_base.errors import BaseLayerConfigError
-from fairseq_base.experts import LocalExperts
+from fairseq_base.experts import EXPERT_IDS, LocalExperts
 from fairseq_base.groups import ExpertLayout, expert_layout
 from fairseq_base.router import (BASE_ROUTERS, DEFAULT_CAPACITY_FACTOR, ROUTERS, Routing, balanced_hash,
                                  hash_routing, lossfree_routing, random_hash, routing_counts, sigmoid_gated,
@@ -73,7 +73,6 @@ class BaseLayer(nn.Module):
             self.token_ids: Optional[Tensor] = None
         else:
             self.centroids = nn.Parameter(nn.init.orthogonal_(torch.empty(num_experts, embed_dim), gain=0.1))
-            self.score_norm = score_norm
         if router == "lossfree":
             # The choice bias, saved with the model and the same on every worker; and the tokens
             # each expert received, from every worker, since the last ``update_bias``.
@@ -91,7 +90,7 @@ class BaseLayer(nn.Module):
                                     activation_fn, experts_seed)
         self.dropout = nn.Dropout(dropout)
         # The global ids of the local experts, saved with them so that a checkpoint knows them.
-        self.register_buffer("expert_ids", torch.arange(first, first + local))
+        self.register_buffer(EXPERT_IDS, torch.arange(first, first + local))
         # The weighted balance loss of the last forward, until the criterion takes it.
         self.balance_loss: Optional[Tensor] = None
         self.criterion_takes_balance_loss = False
@@ -99,6 +98,9 @@ class BaseLayer(nn.Module):
         # the probe; its first-choice experts are compared with those of the previous probe.
         self.probe_next_batch = False
         self.probe_expert_ids: Optional[Tensor] = None
+        # Registered last: a checkpoint's entries (and the optimizer state that follows them) keep
+        # the order they had before the router had it (the old layout's converters rely on that).
+        self.score_norm = score_norm if router != "hash" else None
 
     def forward(self, x: Tensor, *args, **kwargs):
         tokens = x.reshape(-1, x.size(-1))
@@ -270,7 +272,7 @@ class BaseLayer(nn.Module):
                 f"with {self.num_experts}; pass --base-experts {saved_experts} (for fairseq-eval-lm: "
                 f"--model-overrides \"{{'base_experts': {saved_experts}}}\")")
         self._route_as_saved(state_dict, prefix)
-        saved_ids = state_dict.get(prefix + "expert_ids")
+        saved_ids = state_dict.get(prefix + EXPERT_IDS)
         if saved_ids is not None and not torch.equal(saved_ids.cpu(), self.expert_ids.cpu()):
             self._take_own_experts(state_dict, prefix, saved_ids.tolist())
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
@@ -304,7 +306,7 @@ class BaseLayer(nn.Module):
         rows = torch.tensor([position[global_id] for global_id in mine])
         for key in [k for k in state_dict if k.startswith(prefix + "experts.")]:  # stacked: expert j at row j
             state_dict[key] = state_dict[key].index_select(0, rows.to(state_dict[key].device))
-        state_dict[prefix + "expert_ids"] = self.expert_ids.clone()
+        state_dict[prefix + EXPERT_IDS] = self.expert_ids.clone()
 
 
 def update_expert_biases(model: nn.Module) -> None:

@@ -20,13 +20,13 @@ from typing import Dict, List, Optional
 import torch
 
 from fairseq_base.errors import BaseLayerConfigError
-from fairseq_base.experts import SUBLAYER_PARAMETERS
+from fairseq_base.experts import EXPERT_IDS, SUBLAYER_PARAMETERS
 
 logger = logging.getLogger(__name__)
 OLD_EXPERT_KEY = re.compile(r"^(?P<layer>.*?)experts\.(?P<expert>\d+)\.(?P<sublayer>\d+)\."
                             r"(?P<module>norm|ff1|ff2)\.(?P<param>weight|bias)$")
 # Buffers of transformer_lm_base: every other state-dict entry is a parameter.
-BUFFER_SUFFIXES = ("expert_ids", "decoder.version", "_float_tensor", "hash_table", "expert_bias")
+BUFFER_SUFFIXES = (EXPERT_IDS, "decoder.version", "_float_tensor", "hash_table", "expert_bias", "bias_on_affinity")
 
 
 def is_buffer(name: str) -> bool:
@@ -79,7 +79,7 @@ def _stacked_names(model) -> Dict[str, tuple]:
     layers: Dict[str, Dict[str, Dict[int, str]]] = {}
     for name in model:
         match = OLD_EXPERT_KEY.match(name)
-        if match and match["layer"] + "expert_ids" in model:
+        if match and match["layer"] + EXPERT_IDS in model:
             new_name = f"{match['layer']}experts.sublayers.{match['sublayer']}.{match['module']}_{match['param']}"
             layers.setdefault(match["layer"], {}).setdefault(new_name, {})[int(match["expert"])] = name
     found = {}

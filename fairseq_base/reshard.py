@@ -35,10 +35,10 @@ from fairseq_base import old_checkpoints
 from fairseq_base.checkpoints import (check_finite, num_updates, provenance, rank_files, read_checkpoint,
                                      refuse_two_kinds, stamp)
 from fairseq_base.errors import BaseLayerConfigError
+from fairseq_base.experts import EXPERT_IDS
 from fairseq_base.old_checkpoints import optimizer_state_by_name, parameter_names, per_element, regrouped, stack_entries
 
 SHARD_NAME = re.compile(r"^(?P<stem>.*)-rank-(?P<rank>\d+)\.pt$")
-EXPERT_IDS = "expert_ids"
 
 
 class ReshardError(BaseLayerConfigError):

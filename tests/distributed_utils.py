@@ -3,7 +3,6 @@
 import io
 import os
 import queue
-import socket
 import time
 import traceback
 
@@ -11,11 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from fairseq_base.fairseq_patches.launch import free_port
 
 
 def _to_bytes(value) -> bytes:

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from fairseq_base.experts import EXPERT_IDS
 from test_end_to_end import data_bin, run, run_two_at_a_time  # noqa: F401  (fixture)
 from test_torchrun import BIN, TINY_MODEL, losses, torchrun_train
 
@@ -40,7 +41,7 @@ def global_parameters(save_dir, files, name="checkpoint_last"):
     for key, value in shards[0].items():
         if ".experts." in key:
             merged[key] = torch.cat([shard[key] for shard in shards])
-        elif not key.endswith("expert_ids"):
+        elif not key.endswith(EXPERT_IDS):
             for shard in shards[1:]:
                 assert torch.equal(shard[key], value), key  # shared parameters agree on every worker
             merged[key] = value
@@ -56,7 +57,7 @@ def assert_same_losses(one, many, loss_tolerance, updates=10):
 
 
 def assert_same_parameters(one, many, tolerance):
-    assert sorted(k for k in one if not k.endswith("expert_ids")) == sorted(many)
+    assert sorted(k for k in one if not k.endswith(EXPERT_IDS)) == sorted(many)
     worst = max((one[k].float() - many[k].float()).abs().max().item() for k in many)
     assert worst <= tolerance, worst
 

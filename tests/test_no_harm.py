@@ -10,12 +10,12 @@ the dense model trains to the same losses and parameters with the plugin as with
 import concurrent.futures
 import os
 import re
-import socket
 import sys
 
 import pytest
 import torch
 
+from fairseq_base.fairseq_patches.launch import free_port
 from test_end_to_end import data_bin, run, run_two_at_a_time  # noqa: F401  (fixture)
 from test_reshard import EVAL
 from test_torchrun import BIN, TINY_MODEL, losses
@@ -101,12 +101,6 @@ def test_command_line(command_line, model):
     whole, *shards = logs["eval"]
     assert_shards_add_up(evaluated(whole), [found for log in shards for found in evaluated(log)])
     assert re.search(r"^H-0\t-?[0-9.]+\t\S", logs["sample"], re.M), logs["sample"][-2000:]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def python_steps(data, save_dir, model):

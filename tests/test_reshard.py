@@ -15,6 +15,7 @@ from test_torchrun import BIN, TINY_MODEL, error_messages, losses, torchrun_trai
 
 from fairseq_base.old_checkpoints import state_by_name
 from fairseq_base.reshard import ReshardError, cli_main, reshard
+from fairseq_base.experts import EXPERT_IDS
 
 EVAL = ["--user-dir", "fairseq_base", "--cpu", "--tokens-per-sample", "64", "--batch-size", "8",
         "--num-workers", "0", "--gen-subset", "valid"]
@@ -165,7 +166,7 @@ def test_a_model_without_expert_layers_has_nothing_to_reshard(trained, tmp_path)
     reshard(str(trained / "checkpoint_last-rank-0.pt"), 1, str(tmp_path / "one.pt"))
 
     def dense(state):
-        for key in [k for k in state["model"] if k.endswith("expert_ids")]:
+        for key in [k for k in state["model"] if k.endswith(EXPERT_IDS)]:
             del state["model"][key]
         state["cfg"]["model"]["base_layers"] = 0
     _edit(tmp_path / "one.pt", dense)

@@ -14,6 +14,7 @@ from fairseq_base.errors import BaseLayerConfigError
 from fairseq_base.layer import BaseLayer, update_expert_biases
 from fairseq_base.reshard import reshard
 from fairseq_base.router import (Routing, balanced_hash, hash_routing, lossfree_routing, random_hash, routing_counts,
+from fairseq_base.experts import EXPERT_IDS
                                  stats_from_counts, switch_balance_loss, switch_routing, top2_routing,
                                  update_expert_bias, within_capacity)
 from test_end_to_end import data_bin, run  # noqa: F401  (fixture)
@@ -345,6 +346,16 @@ def test_routers_in_feed_forward_slots_score_the_normalised_input_and_base_layer
     assert torch.allclose(base._scores(x), x @ base.centroids.t(), atol=1e-4)
 
 
+@pytest.mark.parametrize("router", ["balanced", "lossfree", "hash", "top2"])
+def test_reshard_tells_parameters_from_buffers_for_every_router(data_bin, router):  # noqa: F811
+    """fairseq's optimizer state follows model.parameters(); reshard reads it from state-dict names
+    alone, so every buffer a router saves must be known as one."""
+    from fairseq_base.old_checkpoints import parameter_names
+    model = build(data_bin, "--base-layers", "1", "--base-moe-freq", "2", "--base-router", router,
+                  "--base-experts", "4")
+    assert parameter_names(model.state_dict()) == [name for name, _ in model.named_parameters()]
+
+
 def test_checkpoints_written_before_route_as_they_were_trained(data_bin, caplog):  # noqa: F811
     """A lossfree expert FFN saved before: no score_norm (it scored raw x) and no bias_on_affinity
     (its bias was added to the raw score). Loaded now, it routes as it did."""
@@ -485,11 +496,11 @@ def test_router_trains_on_two_gloo_workers(data_bin, tmp_path, router, base_laye
     assert curve[30] < curve[5] - 0.3, curve
     # Per-rank checkpoints also without BASE layers (fairseq keys them on --base-layers > 0).
     shards = [torch.load(tmp_path / f"checkpoint_last-rank-{r}.pt", weights_only=False)["model"] for r in (0, 1)]
-    ids_keys = [k for k in shards[0] if k.endswith("expert_ids")]
+    ids_keys = [k for k in shards[0] if k.endswith(EXPERT_IDS)]
     assert len(ids_keys) == 1 + base_layers  # the expert FFN of layer 2 (and the BASE layer)
     for key in ids_keys:
         assert shards[0][key].tolist() == [0, 1] and shards[1][key].tolist() == [2, 3]
-    shared = [k for k in shards[0] if ".experts." not in k and not k.endswith("expert_ids")]
+    shared = [k for k in shards[0] if ".experts." not in k and not k.endswith(EXPERT_IDS)]
     assert all(torch.equal(shards[0][k], shards[1][k]) for k in shared)
     resumed = losses(torchrun_train(2, data_bin, tmp_path, *flags, "--max-update", "35"))
     assert sorted(resumed) == [35]  # went on from update 30

@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from fairseq_base.errors import BaseLayerConfigError
+from fairseq_base.experts import EXPERT_IDS, is_expert
 from fairseq_base.fairseq_patches.which_models import has_expert_options, has_experts
 
 TORCH_DDP_BACKENDS = ("c10d", "pytorch_ddp")  # told to ignore the experts (``ignore_experts_in_torch_ddp``)
@@ -46,8 +47,8 @@ def ignore_experts_in_torch_ddp(args, model) -> None:
     """torch's DDP would average the experts of different workers (and overwrite them with rank 0's
     at start); leave them, and the buffers naming them, to the replica reduction."""
     if args.ddp_backend in TORCH_DDP_BACKENDS and has_experts(model):
-        names = [name for name, param in model.named_parameters() if hasattr(param, "expert")]
-        names += [name for name, _ in model.named_buffers() if name.endswith("expert_ids")]
+        names = [name for name, param in model.named_parameters() if is_expert(param)]
+        names += [name for name, _ in model.named_buffers() if name.endswith(EXPERT_IDS)]
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
 
 

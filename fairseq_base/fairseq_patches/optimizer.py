@@ -23,6 +23,7 @@ from fairseq.optim import FairseqOptimizer
 from fairseq.optim.fp16_optimizer import _FP16OptimizerMixin
 from torch import nn
 
+from fairseq_base.experts import is_expert
 from fairseq_base.grad_norm import clip_grad_norm_with_experts, mark_flat_expert_slices
 from fairseq_base.layer import reduce_expert_grads, update_expert_biases
 
@@ -33,7 +34,7 @@ FAIRSEQ_CLIP_GRAD_NORM = FairseqOptimizer.clip_grad_norm
 
 def holds_experts(params) -> bool:
     """Parameters of a model with experts, or fairseq's flat fp32 copy of them (``build_fp32_params``)."""
-    return any(hasattr(param, "expert") or getattr(param, "expert_slices", None) for param in params)
+    return any(is_expert(param) or getattr(param, "expert_slices", None) for param in params)
 
 
 def build_fp32_params(cls, args, params, flatten=True):

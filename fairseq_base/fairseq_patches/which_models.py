@@ -10,6 +10,8 @@ from argparse import Namespace
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from torch import nn
 
+from fairseq_base.experts import is_expert
+
 
 def _whole_number(model_cfg, name: str):
     """``model_cfg.name`` if it is a whole number (not a bool), else None."""
@@ -19,7 +21,7 @@ def _whole_number(model_cfg, name: str):
 
 def has_experts(model) -> bool:
     """A built model with expert parameters (BASE layers or expert FFNs, ours or fairseq's)."""
-    return isinstance(model, nn.Module) and any(hasattr(param, "expert") for param in model.parameters())
+    return isinstance(model, nn.Module) and any(is_expert(param) for param in model.parameters())
 
 
 def has_expert_options(model_cfg) -> bool:
