@@ -16,8 +16,9 @@ the auction's epsilon-complementary-slackness bound holds:
     objective >= optimum - (number of slot holders) * epsilon.
 
 The auction runs in a small C++ kernel (``csrc/auction.cpp``, built at install for each
-x86-64 vector width and loaded for the CPU's, or compiled on first use; one bid at a time), on a host copy of the scores when they are on a GPU. Where the kernel
-cannot be built it runs in PyTorch, where all unassigned tokens bid at once (Jacobi
+x86-64 vector width and loaded for the CPU's, or compiled on first use; one bid at a time),
+on a host copy of the scores when they are on a GPU. Where the kernel cannot be built it
+runs in PyTorch, where all unassigned tokens bid at once (Jacobi
 auction) and each slot column keeps its highest bidders, with no Python loop over tokens.
 
 Both auctions always end: scores are shifted first (``_shifted``), so that no price
@@ -84,14 +85,6 @@ def sanitize_scores(scores: Tensor, dtype=torch.float64) -> Tensor:
         return s
     info = torch.finfo(dtype)
     return s.clamp(info.min, info.max).to(dtype)
-
-
-def count_per_expert(expert_ids: Tensor, num_experts: int, dtype=torch.long) -> Tensor:
-    """[E]: how often each expert appears in ``expert_ids``, on their device without reading it
-    (``torch.bincount`` reads the largest id to size its output: a host synchronisation)."""
-    counts = torch.zeros(num_experts, dtype=dtype, device=expert_ids.device)
-    return counts.index_add_(0, expert_ids.reshape(-1), torch.ones(expert_ids.numel(), dtype=dtype,
-                                                                   device=expert_ids.device))
 
 
 def greedy_assignment(scores: Tensor) -> Tensor:

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from fairseq_base.assignment import count_per_expert
+from fairseq_base.router import count_per_expert
 
 
 def world_size(group=None) -> int:

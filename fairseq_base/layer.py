@@ -8,14 +8,13 @@ import torch.distributed as dist
 from fairseq import metrics
 from torch import Tensor, nn
 
-from fairseq_base.assignment import count_per_expert
 from fairseq_base.dispatcher import SizeExchange, TokenDispatcher, all_to_all, even_split, world_rank
 from fairseq_base.errors import BaseLayerConfigError
 from fairseq_base.experts import EXPERT_IDS, LocalExperts
 from fairseq_base.groups import ExpertLayout, expert_layout
 from fairseq_base.router import (BASE_ROUTERS, DEFAULT_CAPACITY_FACTOR, ROUTERS, Routing, balanced_hash,
-                                 hash_routing, lossfree_routing, random_hash, routing_counts, sigmoid_gated,
-                                 stats_from_counts, top2_routing, update_expert_bias)
+                                 count_per_expert, hash_routing, lossfree_routing, random_hash, routing_counts,
+                                 sigmoid_gated, stats_from_counts, top2_routing, update_expert_bias)
 
 logger = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ from fairseq_base.checkpoints import (check_finite, num_updates, provenance, ran
                                      refuse_two_kinds, stamp)
 from fairseq_base.errors import BaseLayerConfigError
 from fairseq_base.experts import EXPERT_IDS
-from fairseq_base.old_checkpoints import optimizer_state_by_name, parameter_names, per_element, regrouped, stack_entries
+from fairseq_base.optimizer_state import optimizer_state_by_name, parameter_names, per_element, regrouped, stack_entries
 
 SHARD_NAME = re.compile(r"^(?P<stem>.*)-rank-(?P<rank>\d+)\.pt$")
 

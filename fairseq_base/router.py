@@ -31,8 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fairseq_base.assignment import (balanced_assignment_and_counts, count_per_expert, greedy_assignment,
-                                     sinkhorn_assignment)
+from fairseq_base.assignment import balanced_assignment_and_counts, greedy_assignment, sinkhorn_assignment
 
 # Routers that learn from a Switch-style balance loss, with the paper's capacity factors.
 DEFAULT_CAPACITY_FACTOR = {"switch": 1.0, "top2": 2.0}
@@ -53,6 +52,14 @@ class Routing:
 
     def kept_mask(self) -> Tensor:
         return torch.ones_like(self.expert_ids, dtype=torch.bool) if self.kept is None else self.kept
+
+
+def count_per_expert(expert_ids: Tensor, num_experts: int, dtype=torch.long) -> Tensor:
+    """[E]: how often each expert appears in ``expert_ids``, on their device without reading it
+    (``torch.bincount`` reads the largest id to size its output: a host synchronisation)."""
+    counts = torch.zeros(num_experts, dtype=dtype, device=expert_ids.device)
+    return counts.index_add_(0, expert_ids.reshape(-1), torch.ones(expert_ids.numel(), dtype=dtype,
+                                                                   device=expert_ids.device))
 
 
 def sigmoid_gated(scores: Tensor, expert_ids: Tensor, expert_counts: Optional[List[int]] = None) -> Routing:

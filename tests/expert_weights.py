@@ -6,7 +6,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from fairseq_base.old_checkpoints import parameter_names
+from fairseq_base.optimizer_state import parameter_names
 
 
 def expert_weights(experts, j):

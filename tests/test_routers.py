@@ -350,7 +350,7 @@ def test_routers_in_feed_forward_slots_score_the_normalised_input_and_base_layer
 def test_reshard_tells_parameters_from_buffers_for_every_router(data_bin, router):  # noqa: F811
     """fairseq's optimizer state follows model.parameters(); reshard reads it from state-dict names
     alone, so every buffer a router saves must be known as one."""
-    from fairseq_base.old_checkpoints import parameter_names
+    from fairseq_base.optimizer_state import parameter_names
     model = build(data_bin, "--base-layers", "1", "--base-moe-freq", "2", "--base-router", router,
                   "--base-experts", "4")
     assert parameter_names(model.state_dict()) == [name for name, _ in model.named_parameters()]
