@@ -4,10 +4,13 @@ The dispatcher knows nothing about routing: it takes an expert id per token and
 returns the tokens each local expert must process, grouped by expert. Experts
 0..E-1 are laid out in blocks, worker w holding experts [w*E/W, (w+1)*E/W). With
 one worker every all-to-all is the identity and no process group is needed.
+
+Dimensions: T tokens on this worker, E experts, W workers of the group (the expert-parallel
+group: P of the model's workers), L = E/W local experts per worker, d the model dimension.
 """
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -46,6 +49,33 @@ def even_split(sizes: Tensor, parts: int) -> Tensor:
     """[W, parts]: each worker's tokens dealt out evenly to ``parts`` parts, the first parts taking the remainder."""
     base = (sizes // parts)[:, None].expand(-1, parts)
     return base + (torch.arange(parts, device=sizes.device)[None, :] < (sizes % parts)[:, None]).long()
+
+
+def shuffle_replies(chosen: Tensor, received: List[int], received_counts: Tensor, local: int) -> Tensor:
+    """A router's replies after the shuffle of BASE routing (``BaseLayer._route_shuffled``).
+
+    The router received ``received[w]`` tokens from worker w (``received_counts``: the same as a
+    LongTensor [W], on the device), in worker order, and chose global expert ``chosen[i]`` ([sum
+    received]) for each. Worker w's reply: the experts of its tokens, then [W * L] counts, how
+    many tokens of each worker v this router sends to w's local expert j (at v * L + j), so that
+    w learns what it will receive without another exchange. Returns the replies concatenated
+    (worker w's is ``received[w] + W * L`` long)."""
+    workers = len(received)
+    num_experts = workers * local
+    source = torch.repeat_interleave(torch.arange(workers, device=chosen.device), received_counts,
+                                     output_size=len(chosen))
+    counts = count_per_expert(source * num_experts + chosen, workers * num_experts)  # [v, w, j]
+    counts = counts.view(workers, workers, local).transpose(0, 1).reshape(workers, workers * local)  # [w, v * L + j]
+    return torch.cat([part for ids, count in zip(chosen.split(received), counts) for part in (ids, count)])
+
+
+def read_replies(replies: Tensor, sent: List[int], local: int) -> Tuple[Tensor, Tensor]:
+    """What a worker learns from the routers' ``shuffle_replies`` (router r's first, ``sent[r]``
+    tokens each): the experts of its tokens in the order it sent them, and recv_counts [W, L],
+    the tokens each worker will send to each of its local experts."""
+    workers = len(sent)
+    parts = replies.split([size for n in sent for size in (n, workers * local)])
+    return torch.cat(parts[0::2]), torch.stack(parts[1::2]).view(workers, workers, local).sum(0)
 
 
 def invert_permutation(perm: Tensor) -> Tensor:

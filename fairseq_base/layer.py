@@ -1,6 +1,14 @@
-"""The BASE layer: score tokens against expert centroids, route, dispatch, run experts, combine."""
+"""The BASE layer: score tokens against expert centroids, route, dispatch, run experts, combine.
 
+Dimensions: T tokens on this worker (time x batch, flattened), E experts of the layer, W workers
+of its expert-parallel group, P the expert-parallel size (workers that hold all E experts, E/P
+each), C capacity (the (token, choice) pairs an expert takes), k choices per token, d the model
+dimension.
+"""
+
+import dataclasses
 import logging
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -8,15 +16,47 @@ import torch.distributed as dist
 from fairseq import metrics
 from torch import Tensor, nn
 
-from fairseq_base.dispatcher import SizeExchange, TokenDispatcher, all_to_all, even_split, world_rank
+from fairseq_base.dispatcher import (SizeExchange, TokenDispatcher, all_to_all, even_split, read_replies,
+                                     shuffle_replies, world_rank)
 from fairseq_base.errors import BaseLayerConfigError
 from fairseq_base.experts import EXPERT_IDS, LocalExperts
 from fairseq_base.groups import ExpertLayout, expert_layout
-from fairseq_base.router import (BASE_ROUTERS, DEFAULT_CAPACITY_FACTOR, ROUTERS, Routing, balanced_hash,
-                                 count_per_expert, hash_routing, lossfree_routing, random_hash, routing_counts,
-                                 sigmoid_gated, stats_from_counts, top2_routing, update_expert_bias)
+from fairseq_base.router import (EVAL_ROUTING, HASHES, ROUTER, RouteContext, Routing, balanced_hash, random_hash,
+                                 routing_counts, sigmoid_gated, stats_from_counts, update_expert_bias)
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BaseLayerConfig:
+    """How an expert layer routes and computes. Its defaults are the model's (transformer_lm_base's
+    options default to them); ``from_model_options`` makes one from the model's options."""
+
+    num_sublayers: int = 1  # residual FFN sublayers per expert
+    activation_fn: str = "relu"
+    router: str = "balanced"  # a name of router.ROUTER
+    eval_routing: str = "greedy"  # BASE's family outside training: greedy or balanced
+    shuffle: bool = True  # BASE's family on several workers: route each token on a random worker
+    capacity_factor: float = 0.0  # routers that drop tokens; 0: the router's default (its paper's)
+    balance_loss_weight: float = 0.0  # routers with a balance loss
+    bias_update_rate: float = 1e-3  # lossfree: the bias step per optimizer step (DeepSeek-V3's)
+    top2_second: str = "sampled"  # top2's second expert in training: sampled or greedy
+    hash: str = "random"  # hash: random, or balanced by the token counts
+    dropout: float = 0.0  # on the gated update
+
+    @classmethod
+    def from_model_options(cls, args, **overrides) -> "BaseLayerConfig":
+        """From transformer_lm_base's options (a Namespace or DictConfig); an option a checkpoint of
+        an older version lacks takes its default."""
+        defaults = cls()
+        options = {"num_sublayers": "base_sublayers", "activation_fn": "activation_fn", "router": "base_router",
+                   "eval_routing": "base_eval_routing", "shuffle": "base_shuffle",
+                   "capacity_factor": "base_capacity_factor", "balance_loss_weight": "base_balance_loss",
+                   "bias_update_rate": "base_bias_update_rate", "top2_second": "base_top2_second",
+                   "hash": "base_hash"}
+        values = {name: getattr(args, option, getattr(defaults, name)) for name, option in options.items()}
+        values["shuffle"] = bool(values["shuffle"])
+        return cls(**{**values, **overrides})
 
 
 class BaseLayer(nn.Module):
@@ -34,60 +74,63 @@ class BaseLayer(nn.Module):
     a fairseq decoder layer: ``forward(x, ...)`` returns ``(x, None, None)``. The hash router
     needs the token ids of ``x`` in ``self.token_ids`` ([B, T], set by the model).
 
+    ``config`` (or its fields as keywords, which replace the config's) says how it routes.
     ``score_norm``: where the layer takes the place of a decoder layer's feed-forward block, the
     LayerNorm that block applied to its input; the router scores its output, as fairseq's MoE
     gates, DeepSeek-V3 and torchtitan route the normalised FFN input (the experts, pre-LayerNorm
     blocks, normalise for themselves). A stand-alone BASE layer scores raw h, as fairseq's
-    ``base_layer.py`` does. ``hash_counts``: each token id's count (a dictionary's), for a
-    balanced hash; without it, a random one. ``top2_second``: "sampled" (fairseq's MoE default)
-    or "greedy", top2's second expert in training.
+    ``base_layer.py`` does. ``token_counts``: each token id's count (a dictionary's), for a
+    balanced hash.
     """
 
-    def __init__(self, embed_dim: int, ffn_dim: int, num_experts: int, num_sublayers: int = 1,
-                 activation_fn: str = "relu", eval_routing: str = "greedy", shuffle: bool = True,
-                 layout: Optional[ExpertLayout] = None, name: str = "base", router: str = "balanced",
-                 capacity_factor: Optional[float] = None, balance_loss_weight: float = 0.0,
-                 vocab_size: int = 0, dropout: float = 0.0, bias_update_rate: float = 1e-3,
-                 score_norm: Optional[nn.Module] = None, hash_counts: Optional[Sequence[int]] = None,
-                 top2_second: str = "sampled"):
+    def __init__(self, embed_dim: int, ffn_dim: int, num_experts: int, config: Optional[BaseLayerConfig] = None, *,
+                 layout: Optional[ExpertLayout] = None, name: str = "base", vocab_size: int = 0,
+                 score_norm: Optional[nn.Module] = None, token_counts: Optional[Sequence[int]] = None, **options):
         super().__init__()
+        config = dataclasses.replace(config or BaseLayerConfig(), **options)
+        if config.router not in ROUTER:
+            raise BaseLayerConfigError(f"--base-router must be one of {', '.join(ROUTER)}; got {config.router!r}")
+        self.config = config
         self.layout = layout or expert_layout()
         self.dispatcher = TokenDispatcher(num_experts, self.layout.expert_parallel_group)
         self.num_experts = num_experts
-        self.router = router
-        self.eval_routing = eval_routing
-        self.capacity_factor = capacity_factor or DEFAULT_CAPACITY_FACTOR.get(router)
-        self.balance_loss_weight = balance_loss_weight
+        self.router, self.record = config.router, ROUTER[config.router]
+        self.eval_routing = config.eval_routing
+        self.capacity_factor = config.capacity_factor or self.record.default_capacity
+        self.balance_loss_weight = config.balance_loss_weight
         # Shuffling gives each worker's balanced assignment a sample of the whole batch; other
         # routers decide token by token, and one worker needs no shuffling.
-        self.shuffle = shuffle and self.dispatcher.world_size > 1 and router in BASE_ROUTERS
+        self.shuffle = config.shuffle and self.dispatcher.world_size > 1 and self.record.balanced_in_training
         # Set by the model before each training forward (see ``_token_counts``).
         self.token_count_exchange: Optional[SizeExchange] = None
         self.name = name
-        self.top2_second = top2_second
-        if router == "hash":
-            table = random_hash(vocab_size, num_experts) if hash_counts is None else balanced_hash(hash_counts,
-                                                                                                    num_experts)
+        if not self.record.reads_scores:
+            if config.hash not in HASHES:
+                raise BaseLayerConfigError(f"--base-hash must be one of {', '.join(HASHES)}; got {config.hash!r}")
+            if config.hash == "balanced" and token_counts is None:
+                raise BaseLayerConfigError("--base-hash balanced needs the dictionary's token counts")
+            table = balanced_hash(token_counts, num_experts) if config.hash == "balanced" else random_hash(
+                vocab_size, num_experts)
             self.register_buffer("hash_table", table)
             self.token_ids: Optional[Tensor] = None
         else:
             self.centroids = nn.Parameter(nn.init.orthogonal_(torch.empty(num_experts, embed_dim), gain=0.1))
-        if router == "lossfree":
+        if self.record.has_bias:
             # The choice bias, saved with the model and the same on every worker; and the tokens
             # each expert received, from every worker, since the last ``update_bias``.
             self.register_buffer("expert_bias", torch.zeros(num_experts))
             self.register_buffer("pending_load", torch.zeros(num_experts), persistent=False)
             # Saved, so that a checkpoint says how its bias chooses (absent: on the raw score, as before).
             self.register_buffer("bias_on_affinity", torch.tensor(True))
-            self.bias_update_rate = bias_update_rate
+            self.bias_update_rate = config.bias_update_rate
         local = self.dispatcher.num_local_experts
         first = self.layout.expert_parallel_rank * local
         # Drawn from the global generator, like every other initial weight, so that it follows
         # --seed; the experts are then built from it and their global ids alone.
         experts_seed = int(torch.randint(2**62, ()))
-        self.experts = LocalExperts(range(first, first + local), embed_dim, ffn_dim, num_sublayers,
-                                    activation_fn, experts_seed)
-        self.dropout = nn.Dropout(dropout)
+        self.experts = LocalExperts(range(first, first + local), embed_dim, ffn_dim, config.num_sublayers,
+                                    config.activation_fn, experts_seed)
+        self.dropout = nn.Dropout(config.dropout)
         # The global ids of the local experts, saved with them so that a checkpoint knows them.
         self.register_buffer(EXPERT_IDS, torch.arange(first, first + local))
         # The weighted balance loss of the last forward, until the criterion takes it.
@@ -99,7 +142,7 @@ class BaseLayer(nn.Module):
         self.probe_expert_ids: Optional[Tensor] = None
         # Registered last: a checkpoint's entries (and the optimizer state that follows them) keep
         # the order they had before the router had it (the old layout's converters rely on that).
-        self.score_norm = score_norm if router != "hash" else None
+        self.score_norm = score_norm if self.record.reads_scores else None
 
     def forward(self, x: Tensor, *args, **kwargs):
         tokens = x.reshape(-1, x.size(-1))
@@ -110,23 +153,26 @@ class BaseLayer(nn.Module):
         return self._mix(tokens, routing, recv_counts).view_as(x), None, None
 
     def route(self, tokens: Tensor):
-        """(routing, scores); scores are None for the hash router, which has none."""
-        if self.router == "hash":
+        """(routing, scores); scores are None for a router that reads none (hash)."""
+        if not self.record.reads_scores:
             if self.token_ids is None or self.token_ids.numel() != tokens.size(0):
-                raise RuntimeError(f"{self.name}: the hash router needs the token ids of its {tokens.size(0)} "
-                                   f"tokens in .token_ids (transformer_lm_base sets them)")
-            # Hidden states are time-major [T, B, C]; token ids are [B, T].
-            return hash_routing(self.token_ids.t(), self.hash_table), None
+                raise RuntimeError(f"{self.name}: the {self.router} router needs the token ids of its "
+                                   f"{tokens.size(0)} tokens in .token_ids (transformer_lm_base sets them)")
+            return self.record.route(None, self.route_context()), None
         scores = self._scores(tokens)
-        if self.router == "lossfree":
-            return lossfree_routing(scores, self.expert_bias, bool(self.bias_on_affinity)), scores
-        if self.router in BASE_ROUTERS:
-            return ROUTERS[self.router if self.training else self.eval_routing](scores), scores
-        if self.router == "top2":
-            return top2_routing(scores, self.capacity_factor if self.training else None,
-                                sample_second=self.training and self.top2_second == "sampled"), scores
-        # Outside training nothing is dropped, so that no token's output depends on its batch.
-        return ROUTERS[self.router](scores, self.capacity_factor if self.training else None), scores
+        if self.record.balanced_in_training and not self.training:
+            return EVAL_ROUTING[self.eval_routing](scores), scores
+        return self.record.route(scores, self.route_context()), scores
+
+    def route_context(self) -> RouteContext:
+        """What this layer's router needs beyond the scores."""
+        context = RouteContext(self.training, self.capacity_factor,
+                               sample_second=self.config.top2_second == "sampled")
+        if self.record.has_bias:
+            context.bias, context.bias_on_affinity = self.expert_bias, bool(self.bias_on_affinity)
+        if not self.record.reads_scores:  # hidden states are time-major [T, B, C]; token ids are [B, T]
+            context.token_ids, context.hash_table = self.token_ids.t(), self.hash_table
+        return context
 
     def _scores(self, tokens: Tensor) -> Tensor:
         """[T, E] float32: each token's affinity h_t . w_e with each expert's centroid.
@@ -164,21 +210,14 @@ class BaseLayer(nn.Module):
         sent, received = torch.stack([split[rank], split[:, rank]]).tolist()  # one synchronisation
         order = torch.randperm(tokens.size(0), device=tokens.device)
         sample = all_to_all(scores.detach().index_select(0, order), received, sent, group)
-        routing = ROUTERS[self.router](sample)
+        routing = self.record.route(sample, self.route_context())
         self._log_stats(routing, sample)
-        chosen = routing.expert_ids[:, 0]
-        # counts[u, w, j]: tokens of worker w that this router gives to worker u's local expert j
-        source = torch.repeat_interleave(torch.arange(workers, device=chosen.device), split[:, rank],
-                                         output_size=len(chosen))
-        counts = count_per_expert(source * self.num_experts + chosen, workers * self.num_experts)
-        counts = counts.view(workers, workers, local).transpose(0, 1).reshape(workers, workers * local)
-        reply = torch.cat([part for ids, count in zip(chosen.split(received), counts) for part in (ids, count)])
+        reply = shuffle_replies(routing.expert_ids[:, 0], received, split[:, rank], local)
         per_router = workers * local
         reply = all_to_all(reply, [n + per_router for n in sent], [n + per_router for n in received], group)
-        parts = reply.split([size for n in sent for size in (n, per_router)])
+        chosen, recv_counts = read_replies(reply, sent, local)
         expert_ids = torch.empty_like(order)
-        expert_ids[order] = torch.cat(parts[0::2])
-        recv_counts = torch.stack(parts[1::2]).view(workers, workers, local).sum(0)
+        expert_ids[order] = chosen
         return sigmoid_gated(scores, expert_ids), recv_counts
 
     def _token_counts(self, tokens: Tensor) -> Tensor:
@@ -223,7 +262,7 @@ class BaseLayer(nn.Module):
         counts = routing_counts(routing, scores, self.num_experts)
         if self.layout.world_size > 1:
             dist.all_reduce(counts, group=self.layout.world_group)
-        if self.router == "lossfree" and self.training:  # the whole batch's load, already summed
+        if self.record.has_bias and self.training:  # the whole batch's load, already summed
             self.pending_load += counts[:self.num_experts]
         for key, value in stats_from_counts(counts, self.num_experts).items():
             metrics.log_scalar(f"{self.name}_{key}", value, weight=1, priority=250, round=3)
@@ -282,7 +321,7 @@ class BaseLayer(nn.Module):
         trained: lossfree's bias on the raw score (no ``bias_on_affinity`` saved), and expert
         FFN slots scoring the raw residual stream (no ``score_norm`` saved)."""
         name = prefix.rstrip(".")
-        if self.router == "lossfree" and prefix + "expert_bias" in state_dict \
+        if self.record.has_bias and prefix + "expert_bias" in state_dict \
                 and prefix + "bias_on_affinity" not in state_dict:
             logger.info(f"fairseq_base: {name} routes as it was trained: lossfree's bias on the raw score "
                         f"(a checkpoint written before the bias moved to the sigmoid affinity)")
@@ -311,7 +350,7 @@ class BaseLayer(nn.Module):
 def update_expert_biases(model: nn.Module) -> None:
     """Once per optimizer step: ``BaseLayer.update_bias`` of every lossfree layer of ``model``."""
     for layer in model.modules():
-        if isinstance(layer, BaseLayer) and layer.router == "lossfree":
+        if isinstance(layer, BaseLayer) and layer.record.has_bias:
             layer.update_bias()
 
 

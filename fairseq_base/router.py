@@ -25,7 +25,7 @@ update from that expert (with no expert left it passes through the residual).
 import heapq
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,10 +33,6 @@ from torch import Tensor
 
 from fairseq_base.assignment import balanced_assignment_and_counts, greedy_assignment, sinkhorn_assignment
 
-# Routers that learn from a Switch-style balance loss, with the paper's capacity factors.
-DEFAULT_CAPACITY_FACTOR = {"switch": 1.0, "top2": 2.0}
-# BASE's routers: a learned balance in training, the model's eval routing outside it.
-BASE_ROUTERS = ("balanced", "sbase")
 HASH_SEED = 1234  # shared by every worker and every run: the hash is part of the model
 
 
@@ -188,9 +184,73 @@ def hash_routing(token_ids: Tensor, table: Tensor) -> Routing:
     return Routing(ids, torch.ones(ids.shape, device=ids.device))
 
 
-# Routers of token-expert scores: (scores) for BASE's, (scores, capacity_factor) for the others.
-ROUTERS = {"balanced": balanced_routing, "sbase": sbase_routing, "greedy": greedy_routing,
-           "switch": switch_routing, "top2": top2_routing}
+@dataclass
+class RouteContext:
+    """What a router may need beyond the scores, from its layer (``BaseLayer.route_context``)."""
+
+    training: bool
+    capacity_factor: Optional[float] = None  # the layer's; applied in training only
+    bias: Optional[Tensor] = None  # lossfree's choice bias [E]
+    bias_on_affinity: bool = True  # lossfree: the bias on sigmoid(score) (False: on the score, as before)
+    sample_second: bool = False  # top2: the second expert sampled in training
+    token_ids: Optional[Tensor] = None  # hash: [T]
+    hash_table: Optional[Tensor] = None  # hash: [V]
+
+    @property
+    def capacity(self) -> Optional[float]:
+        """The capacity factor to apply: none outside training, so that no output depends on its batch."""
+        return self.capacity_factor if self.training else None
+
+
+@dataclass(frozen=True)
+class RouterRecord:
+    """One router: everything the model, its options, ``BaseLayer`` and the tests know of it."""
+
+    name: str
+    route: Callable[[Optional[Tensor], RouteContext], Routing]  # (scores [T, E] or None, context)
+    reads_scores: bool  # False: routes by token id (no centroids)
+    has_bias: bool  # a per-expert choice bias, moved once per optimizer step
+    drops_tokens: bool  # capacity in training
+    default_capacity: Optional[float]  # the paper's capacity factor, for routers that drop tokens
+    balance_loss: bool  # a Switch-style auxiliary loss (needs --criterion base_cross_entropy)
+    balanced_in_training: bool  # BASE's family: --base-eval-routing outside training; shuffled on several workers
+    choices: int  # experts per token
+    summary: str  # for --base-router's help
+    reference: str  # the code it follows (docs/routers.md's table says more)
+
+
+ROUTER_RECORDS = (
+    RouterRecord("balanced", lambda scores, ctx: balanced_routing(scores), reads_scores=True, has_bias=False,
+                 drops_tokens=False, default_capacity=None, balance_loss=False, balanced_in_training=True, choices=1,
+                 summary="BASE", reference="facebookresearch/fairseq, fairseq/modules/base_layer.py"),
+    RouterRecord("sbase", lambda scores, ctx: sbase_routing(scores), reads_scores=True, has_bias=False,
+                 drops_tokens=False, default_capacity=None, balance_loss=False, balanced_in_training=True, choices=1,
+                 summary="BASE with Sinkhorn's approximate balance (Clark et al.)",
+                 reference="Clark et al. 2022 (described there; no code released)"),
+    RouterRecord("switch", lambda scores, ctx: switch_routing(scores, ctx.capacity), reads_scores=True,
+                 has_bias=False, drops_tokens=True, default_capacity=1.0, balance_loss=True,
+                 balanced_in_training=False, choices=1, summary="top-1 softmax (Fedus et al.)",
+                 reference="facebookresearch/fairseq, branch nllb, fairseq/modules/moe/top1gate.py"),
+    RouterRecord("top2", lambda scores, ctx: top2_routing(scores, ctx.capacity, ctx.training and ctx.sample_second),
+                 reads_scores=True, has_bias=False, drops_tokens=True, default_capacity=2.0, balance_loss=True,
+                 balanced_in_training=False, choices=2,
+                 summary="GShard top-2, the second expert sampled in training (see --base-top2-second)",
+                 reference="facebookresearch/fairseq, branch nllb, fairseq/modules/moe/top2gate.py"),
+    RouterRecord("hash", lambda scores, ctx: hash_routing(ctx.token_ids, ctx.hash_table), reads_scores=False,
+                 has_bias=False, drops_tokens=False, default_capacity=None, balance_loss=False,
+                 balanced_in_training=False, choices=1,
+                 summary="a fixed expert per token id (Roller et al.; see --base-hash)",
+                 reference="facebookresearch/ParlAI, projects/params_vs_compute/hash_ladder/hash_ladder.py"),
+    RouterRecord("lossfree", lambda scores, ctx: lossfree_routing(scores, ctx.bias, ctx.bias_on_affinity),
+                 reads_scores=True, has_bias=True, drops_tokens=False, default_capacity=None, balance_loss=False,
+                 balanced_in_training=False, choices=1,
+                 summary="top-1 of sigmoid(score) + a per-expert bias nudged toward the under-loaded experts "
+                         "(DeepSeek-V3)",
+                 reference="deepseek-ai/DeepSeek-V3, inference/model.py"),
+)
+ROUTER = {record.name: record for record in ROUTER_RECORDS}
+# The routing of BASE's family outside training (--base-eval-routing).
+EVAL_ROUTING = {"greedy": greedy_routing, "balanced": balanced_routing}
 
 
 def routing_counts(routing: Routing, scores: Optional[Tensor], num_experts: int) -> Tensor:

@@ -13,9 +13,9 @@ import torch
 from test_end_to_end import data_bin, run, run_two_at_a_time  # noqa: F401  (fixture)
 from test_torchrun import BIN, TINY_MODEL, error_messages, losses, torchrun_train
 
+from fairseq_base.experts import EXPERT_IDS
 from fairseq_base.optimizer_state import state_by_name
 from fairseq_base.reshard import ReshardError, cli_main, reshard
-from fairseq_base.experts import EXPERT_IDS
 
 EVAL = ["--user-dir", "fairseq_base", "--cpu", "--tokens-per-sample", "64", "--batch-size", "8",
         "--num-workers", "0", "--gen-subset", "valid"]

@@ -14,23 +14,25 @@ from torch import Tensor, nn
 from fairseq_base.dispatcher import SizeExchange
 from fairseq_base.errors import BaseLayerConfigError
 from fairseq_base.groups import expert_layout, resolve_num_experts
-from fairseq_base.layer import BaseLayer
+from fairseq_base.layer import BaseLayer, BaseLayerConfig
 from fairseq_base.placement import base_layer_positions
-from fairseq_base.router import DEFAULT_CAPACITY_FACTOR, HASHES
+from fairseq_base.router import EVAL_ROUTING, HASHES, ROUTER, ROUTER_RECORDS
 
-EVAL_ROUTINGS = ("greedy", "balanced")
+EVAL_ROUTINGS = tuple(EVAL_ROUTING)
 EVAL_ROUTING_CHOICES = ChoiceEnum(list(EVAL_ROUTINGS))
-ROUTER_CHOICES = ChoiceEnum(["balanced", "sbase", "switch", "top2", "hash", "lossfree"])
+ROUTER_CHOICES = ChoiceEnum(list(ROUTER))
 TOP2_SECOND_CHOICES = ChoiceEnum(["sampled", "greedy"])
 HASH_CHOICES = ChoiceEnum(list(HASHES))
+LAYER_DEFAULTS = BaseLayerConfig()
+DROPPING = [record for record in ROUTER_RECORDS if record.drops_tokens]
 
 
 @dataclass
 class TransformerLanguageModelBaseConfig(TransformerLanguageModelConfig):
     base_layers: int = field(default=1, metadata={"help": "number of BASE layers; 0 gives the dense transformer_lm"})
-    base_sublayers: int = field(default=1, metadata={"help": "residual feed-forward sublayers per expert (the paper's BASE layer has 10)"})
+    base_sublayers: int = field(default=LAYER_DEFAULTS.num_sublayers, metadata={"help": "residual feed-forward sublayers per expert (the paper's BASE layer has 10)"})
     base_shuffle: int = field(
-        default=1, metadata={"help": "1: route each token on a random worker, so that every balanced assignment sees a "
+        default=int(LAYER_DEFAULTS.shuffle), metadata={"help": "1: route each token on a random worker, so that every balanced assignment sees a "
                                      "sample of the whole batch (the paper); no effect in one process"})
     base_experts: int = field(
         default=0, metadata={"help": "E, experts per expert layer; 0: one per worker of an expert-parallel group "
@@ -44,31 +46,29 @@ class TransformerLanguageModelBaseConfig(TransformerLanguageModelConfig):
         metadata={"help": "comma-separated decoder layers after which BASE layers go, 0..L ('L' = the last: "
                           "BASE Top); empty: after layers floor(i*L/(N+1)), i = 1..N (6, 12, 18 for L = 24, N = 3)"})
     base_eval_routing: EVAL_ROUTING_CHOICES = field(
-        default="greedy",
+        default=LAYER_DEFAULTS.eval_routing,
         metadata={"help": "routing of BASE (and S-BASE) outside training: greedy top-1 (the paper) or balanced"})
     base_router: ROUTER_CHOICES = field(
-        default="balanced",
-        metadata={"help": "balanced: BASE; sbase: BASE with Sinkhorn's approximate balance (Clark et al.); "
-                          "switch: top-1 softmax (Fedus et al.); top2: GShard top-2; "
-                          "hash: a fixed expert per token id (Roller et al.; see --base-hash); lossfree: top-1 of "
-                          "sigmoid(score) + a per-expert bias nudged toward the under-loaded experts (DeepSeek-V3)"})
+        default=LAYER_DEFAULTS.router,
+        metadata={"help": "; ".join(f"{record.name}: {record.summary}" for record in ROUTER_RECORDS)})
     base_top2_second: TOP2_SECOND_CHOICES = field(
-        default="sampled",
+        default=LAYER_DEFAULTS.top2_second,
         metadata={"help": "top2: the second expert in training, sampled from the softmax of the other experts "
                           "(fairseq's MoE default) or the runner-up (greedy); inference always takes the runner-up"})
     base_hash: HASH_CHOICES = field(
-        default="random",
+        default=LAYER_DEFAULTS.hash,
         metadata={"help": "hash: random (a random expert per token id, as the paper's released code) or balanced "
                           "(the most frequent tokens of dict.txt first, each to the expert with the smallest total "
                           "count so far)"})
     base_bias_update_rate: float = field(
-        default=1e-3,
+        default=LAYER_DEFAULTS.bias_update_rate,
         metadata={"help": "lossfree: the bias of each expert moves by this much per optimizer step, up if it "
                           "received fewer tokens than the mean, down if more"})
     base_capacity_factor: float = field(
-        default=0.0,
-        metadata={"help": "C, switch and top2: in training an expert takes at most ceil(C*T/E) (token, choice) "
-                          "pairs of a worker's T tokens; 0: the paper's (switch 1.0, top2 2.0)"})
+        default=LAYER_DEFAULTS.capacity_factor,
+        metadata={"help": f"C, {' and '.join(r.name for r in DROPPING)}: in training an expert takes at most "
+                          f"ceil(C*T/E) (token, choice) pairs of a worker's T tokens; 0: the paper's ("
+                          f"{', '.join(f'{r.name} {r.default_capacity}' for r in DROPPING)})"})
     base_balance_loss: float = field(
         default=0.01,
         metadata={"help": "switch and top2: weight A of the balance loss A*E*sum_i f_i*P_i (needs --criterion "
@@ -119,12 +119,14 @@ def check_options(args, num_experts: int) -> None:
                           ("--base-bias-update-rate", getattr(args, "base_bias_update_rate", 1e-3))):
         if value < 0:
             raise BaseLayerConfigError(f"{option} must be >= 0, got {value}")
-    if args.base_capacity_factor > 0 and args.base_router not in DEFAULT_CAPACITY_FACTOR:
+    record = ROUTER[args.base_router]
+    if args.base_capacity_factor > 0 and not record.drops_tokens:
         raise BaseLayerConfigError(
-            f"--base-capacity-factor applies to --base-router switch or top2, not {args.base_router} "
-            f"(which drops no tokens); remove it or choose one of those routers")
-    if args.base_router == "top2" and num_experts < 2:
-        raise BaseLayerConfigError("--base-router top2 needs at least 2 experts; raise --base-experts")
+            f"--base-capacity-factor applies to --base-router {' or '.join(r.name for r in DROPPING)}, not "
+            f"{args.base_router} (which drops no tokens); remove it or choose one of those routers")
+    if num_experts < record.choices:
+        raise BaseLayerConfigError(f"--base-router {record.name} needs at least {record.choices} experts; raise "
+                                   f"--base-experts")
 
 
 def check_expert_memory(args, num_experts: int, expert_parallel_size: int) -> None:
@@ -172,18 +174,13 @@ class TransformerLanguageModelBase(TransformerLanguageModel):
         trunk = list(decoder.layers)  # fewer than --decoder-layers with --decoder-layers-to-keep
         positions = base_layer_positions(len(trunk), args.base_layers, args.base_positions)
 
-        hash_counts = list(task.source_dictionary.count) if getattr(args, "base_hash", "random") == "balanced" \
-            else None
+        dictionary = task.source_dictionary
 
         def expert_layer(name, num_sublayers, dropout, score_norm=None):
-            return BaseLayer(
-                args.decoder_embed_dim, args.decoder_ffn_embed_dim, num_experts, num_sublayers=num_sublayers,
-                activation_fn=args.activation_fn, eval_routing=args.base_eval_routing,
-                shuffle=bool(args.base_shuffle), layout=layout, name=name, router=args.base_router,
-                capacity_factor=args.base_capacity_factor, balance_loss_weight=args.base_balance_loss,
-                vocab_size=len(task.source_dictionary), dropout=dropout,
-                bias_update_rate=getattr(args, "base_bias_update_rate", 1e-3), score_norm=score_norm,
-                hash_counts=hash_counts, top2_second=getattr(args, "base_top2_second", "sampled"))
+            config = BaseLayerConfig.from_model_options(args, num_sublayers=num_sublayers, dropout=dropout)
+            return BaseLayer(args.decoder_embed_dim, args.decoder_ffn_embed_dim, num_experts, config, layout=layout,
+                             name=name, vocab_size=len(dictionary), score_norm=score_norm,
+                             token_counts=list(dictionary.count))
 
         layers, num_base, num_moe = [], 0, 0
         for after in range(len(trunk) + 1):
@@ -247,7 +244,7 @@ class TransformerDecoderWithExperts(TransformerDecoder):
         tokens = prev_output_tokens if incremental_state is None else prev_output_tokens[:, -1:]
         expert_layers = [m for m in self.modules() if isinstance(m, BaseLayer)]
         for layer in expert_layers:
-            if layer.router == "hash":
+            if not layer.record.reads_scores:
                 layer.token_ids = tokens
         shuffling = [layer for layer in expert_layers if layer.shuffle]
         if self.training and shuffling:
