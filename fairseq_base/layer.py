@@ -29,8 +29,10 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class BaseLayerConfig:
-    """How an expert layer routes and computes. Its defaults are the model's (transformer_lm_base's
-    options default to them); ``from_model_options`` makes one from the model's options."""
+    """How an expert layer routes and computes; ``from_model_options`` makes one from the model's
+    options. transformer_lm_base's options default to these, except the balance loss's weight:
+    the model's is Switch's 0.01 (with --criterion base_cross_entropy to take it), a bare layer's
+    0, so that a layer built without that criterion makes no loss for nobody to take."""
 
     num_sublayers: int = 1  # residual FFN sublayers per expert
     activation_fn: str = "relu"
