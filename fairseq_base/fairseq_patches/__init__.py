@@ -8,7 +8,7 @@ module says otherwise.
 
 | module | adjusts | touches |
 |---|---|---|
-| ``launch`` | torchrun without CUDA devices, ``--bf16`` without TPUs, options checked before launch | every model, only where fairseq would fail: torchrun on a CPU machine, ``--bf16`` without torch_xla |
+| ``launch`` | torchrun without CUDA devices, ``--bf16`` without TPUs, options checked before launch, fairseq's lock in spawned workers (no leaked semaphores) | every model, only where fairseq would fail: torchrun on a CPU machine, ``--bf16`` without torch_xla |
 | ``ddp`` | DDP backends: experts never averaged, torch's DDP on CPU modules | W > 1 workers; the expert checks: models with experts; the device id: every model on the CPU |
 | ``checkpoint_files`` | one file per expert-parallel rank, checks on load and save, run stamps, Namespaces under ``weights_only``, checkpoints of one module per expert read as stacked, a ``--path`` beside ``-rank-*`` files | models with experts; the run stamp (``extra_state``) and the Namespace: every model; the ``--path`` line: any model, where fairseq would fail |
 | ``saves`` (and ``save_lock``) | saves all or nothing across files and workers, never of inf or NaN weights; ``crash.pt`` per rank; an explicit ``--restore-file`` must exist; one run per save directory | models with experts, in fairseq-train |
