@@ -238,8 +238,9 @@ def test_compiling_at_first_use_says_so_in_one_line(monkeypatch, caplog):
     from fairseq_base import assignment
     monkeypatch.setattr(assignment, "_KERNEL", {})
     import fairseq_base
-    monkeypatch.setitem(sys.modules, "fairseq_base._auction", None)  # as if not installed
-    monkeypatch.delattr(fairseq_base, "_auction", raising=False)
+    for build in {name for names in assignment.KERNEL_VARIANTS.values() for name in names}:  # as if not installed
+        monkeypatch.setitem(sys.modules, f"fairseq_base.{build}", None)
+        monkeypatch.delattr(fairseq_base, build, raising=False)
     with caplog.at_level(logging.INFO, logger="fairseq_base.assignment"):
         assert assignment._cpu_kernel() is not None
     lines = [r.getMessage() for r in caplog.records if "kernel" in r.getMessage()]
