@@ -175,12 +175,12 @@ class TransformerLanguageModelBase(TransformerLanguageModel):
         positions = base_layer_positions(len(trunk), args.base_layers, args.base_positions)
 
         dictionary = task.source_dictionary
+        token_counts = list(dictionary.count)  # once, for every hash layer that balances by them
 
         def expert_layer(name, num_sublayers, dropout, score_norm=None):
             config = BaseLayerConfig.from_model_options(args, num_sublayers=num_sublayers, dropout=dropout)
             return BaseLayer(args.decoder_embed_dim, args.decoder_ffn_embed_dim, num_experts, config, layout=layout,
-                             name=name, vocab_size=len(dictionary), score_norm=score_norm,
-                             token_counts=list(dictionary.count))
+                             name=name, vocab_size=len(dictionary), score_norm=score_norm, token_counts=token_counts)
 
         layers, num_base, num_moe = [], 0, 0
         for after in range(len(trunk) + 1):
