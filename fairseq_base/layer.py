@@ -22,7 +22,7 @@ from fairseq_base.errors import BaseLayerConfigError
 from fairseq_base.experts import EXPERT_IDS, LocalExperts
 from fairseq_base.groups import ExpertLayout, expert_layout
 from fairseq_base.router import (EVAL_ROUTING, HASHES, ROUTER, RouteContext, Routing, balanced_hash, random_hash,
-                                 routing_counts, sigmoid_gated, stats_from_counts, update_expert_bias)
+                                 COUNTED, routing_counts, sigmoid_gated, stats_from_counts, update_expert_bias)
 
 logger = logging.getLogger(__name__)
 
@@ -118,10 +118,8 @@ class BaseLayer(nn.Module):
         else:
             self.centroids = nn.Parameter(nn.init.orthogonal_(torch.empty(num_experts, embed_dim), gain=0.1))
         if self.record.has_bias:
-            # The choice bias, saved with the model and the same on every worker; and the tokens
-            # each expert received, from every worker, since the last ``update_bias``.
+            # The choice bias, saved with the model and the same on every worker.
             self.register_buffer("expert_bias", torch.zeros(num_experts))
-            self.register_buffer("pending_load", torch.zeros(num_experts), persistent=False)
             # Saved, so that a checkpoint says how its bias chooses (absent: on the raw score, as before).
             self.register_buffer("bias_on_affinity", torch.tensor(True))
             self.bias_update_rate = config.bias_update_rate
@@ -138,6 +136,9 @@ class BaseLayer(nn.Module):
         # The weighted balance loss of the last forward, until the criterion takes it.
         self.balance_loss: Optional[Tensor] = None
         self.criterion_takes_balance_loss = False
+        # This worker's ``routing_counts`` of the training forwards since the last optimizer step,
+        # summed over the workers and logged once per step (``reduce_routing_stats``).
+        self.register_buffer("step_counts", torch.zeros(num_experts + len(COUNTED)), persistent=False)
         # Routing churn: the first batch after ``probe_next_batch`` is set (at every validation) is
         # the probe; its first-choice experts are compared with those of the previous probe.
         self.probe_next_batch = False
@@ -190,7 +191,7 @@ class BaseLayer(nn.Module):
     def _route_here(self, tokens: Tensor) -> Routing:
         routing, scores = self.route(tokens)
         self._keep_balance_loss(routing.balance_loss)
-        self._log_stats(routing, None if scores is None else scores.detach())
+        self._count_routing(routing, None if scores is None else scores.detach())
         if self.probe_next_batch and not self.training:
             self.probe_next_batch = False
             self._log_churn(routing.expert_ids[:, 0])
@@ -213,7 +214,7 @@ class BaseLayer(nn.Module):
         order = torch.randperm(tokens.size(0), device=tokens.device)
         sample = all_to_all(scores.detach().index_select(0, order), received, sent, group)
         routing = self.record.route(sample, self.route_context())
-        self._log_stats(routing, sample)
+        self._count_routing(routing, sample)
         reply = shuffle_replies(routing.expert_ids[:, 0], received, split[:, rank], local)
         per_router = workers * local
         reply = all_to_all(reply, [n + per_router for n in sent], [n + per_router for n in received], group)
@@ -258,28 +259,29 @@ class BaseLayer(nn.Module):
                 f"--criterion base_cross_entropy (or --base-balance-loss 0)")
         self.balance_loss = self.balance_loss_weight * balance_loss
 
-    def _log_stats(self, routing: Routing, scores: Optional[Tensor]) -> None:
-        """Log the routing statistics of the whole batch: every worker's counts, summed (one small
-        all-reduce; every worker routes in every forward, so all of them take part)."""
+    def _count_routing(self, routing: Routing, scores: Optional[Tensor]) -> None:
+        """In training, add this forward's routing counts to the step's (no collective: they are
+        summed over the workers once per optimizer step, ``reduce_routing_stats``). Outside training
+        there is no step: the batch's counts are summed now (every worker routes in every forward,
+        so all of them take part) and logged."""
         counts = routing_counts(routing, scores, self.num_experts)
+        if self.training:
+            self.step_counts += counts
+            return
         if self.layout.world_size > 1:
             dist.all_reduce(counts, group=self.layout.world_group)
-        if self.record.has_bias and self.training:  # the whole batch's load, already summed
-            self.pending_load += counts[:self.num_experts]
+        self.log_stats(counts)
+
+    def log_stats(self, counts: Tensor) -> None:
+        """Log the statistics of ``counts``, the ``routing_counts`` of every worker, summed."""
         for key, value in stats_from_counts(counts, self.num_experts).items():
             metrics.log_scalar(f"{self.name}_{key}", value, weight=1, priority=250, round=3)
-
-    def update_bias(self) -> None:
-        """lossfree: move the bias toward the experts that received fewer tokens than the mean since
-        the last update (once per optimizer step). Every worker adds the same all-reduced load, so
-        the bias stays the same everywhere without a collective of its own; no load, no change."""
-        update_expert_bias(self.expert_bias, self.pending_load, self.bias_update_rate)
-        self.pending_load.zero_()
 
     def _apply(self, fn, *args, **kwargs):
         # The bias stays float32 under --fp16 and --bf16 (model.half() casts every buffer): steps
         # of 1e-3 vanish against a bias of 1 in bf16, whose spacing there is 2^-7.
-        kept = {name: self._buffers[name] for name in ("expert_bias", "pending_load") if name in self._buffers}
+        # The step's counts stay float32 too: fp16 holds whole numbers exactly only up to 2048.
+        kept = {name: self._buffers[name] for name in ("expert_bias", "step_counts") if name in self._buffers}
         super()._apply(fn, *args, **kwargs)
         for name, value in kept.items():
             self._buffers[name] = value.to(self._buffers[name].device)
@@ -349,11 +351,24 @@ class BaseLayer(nn.Module):
         state_dict[prefix + EXPERT_IDS] = self.expert_ids.clone()
 
 
-def update_expert_biases(model: nn.Module) -> None:
-    """Once per optimizer step: ``BaseLayer.update_bias`` of every lossfree layer of ``model``."""
-    for layer in model.modules():
-        if isinstance(layer, BaseLayer) and layer.record.has_bias:
-            layer.update_bias()
+def reduce_routing_stats(model: nn.Module) -> None:
+    """Once per optimizer step: the step's routing counts of every expert layer of ``model``, summed
+    over the workers in one all-reduce for all layers together (as Megatron-core reduces its MoE
+    metrics at log time, not in every forward). Each layer logs its statistics, and lossfree's bias
+    moves toward the experts that received fewer tokens than the mean (no load, no change). Every
+    worker reads the same sums, so the bias stays the same everywhere."""
+    layers = [layer for layer in model.modules() if isinstance(layer, BaseLayer)]
+    if not layers:
+        return
+    counts = torch.cat([layer.step_counts for layer in layers])
+    world = layers[0].layout  # every layer's layout spans the same workers (``groups.expert_layout``)
+    if world.world_size > 1:
+        dist.all_reduce(counts, group=world.world_group)
+    for layer, summed in zip(layers, counts.split([layer.step_counts.numel() for layer in layers])):
+        layer.step_counts.zero_()
+        layer.log_stats(summed)
+        if layer.record.has_bias:
+            update_expert_bias(layer.expert_bias, summed[:layer.num_experts], layer.bias_update_rate)
 
 
 def experts_by_layout(model: nn.Module):

@@ -253,6 +253,10 @@ ROUTER = {record.name: record for record in ROUTER_RECORDS}
 EVAL_ROUTING = {"greedy": greedy_routing, "balanced": balanced_routing}
 
 
+# What ``routing_counts`` counts after the E loads.
+COUNTED = ("top1", "kept", "entropy", "tokens")
+
+
 def routing_counts(routing: Routing, scores: Optional[Tensor], num_experts: int) -> Tensor:
     """[E + 4] float32 sums over this worker's tokens, which add up across workers: the (token,
     choice) pairs routed to each expert before capacity (E numbers), then the tokens whose kept

@@ -8,6 +8,8 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from fairseq_runs import binarize  # noqa: E402  (tests/ is on the path: pytest's rootdir-relative import)
+
 
 def pytest_collection_modifyitems(config, items):
     """Skip, before any fixture runs, the tests marked ``cuda`` (``cuda(devices=N)``: N devices)
@@ -46,3 +48,9 @@ def the_suite_leaves_nothing_in_the_checkout():
     after = untracked_files()
     if before is not None:
         assert not after - before, f"the tests left these in the checkout: {sorted(after - before)}"
+
+
+@pytest.fixture(scope="session")
+def data_bin(tmp_path_factory):
+    """English text as characters, binarized once for the whole run: folder/{train,valid}.txt and folder/bin."""
+    return binarize(tmp_path_factory.mktemp("english"))

@@ -33,9 +33,14 @@ def _worker(rank, world_size, port, fn, args, results):
         results.put((rank, RuntimeError(traceback.format_exc())))
 
 
+# Workers fork from a server that imported these once for the whole run (a spawned worker would
+# import them again: seconds each); the server has run no threads, so forking it is safe.
+mp.set_forkserver_preload(["torch", "fairseq", "fairseq.metrics", "fairseq_base", "fairseq_base.layer"])
+
+
 def run_workers(fn, world_size, *args, timeout=120):
     """fn(rank, world_size, *args) on each worker; returns the results by rank."""
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
     results = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results))

@@ -11,12 +11,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from test_end_to_end import data_bin, run, run_two_at_a_time  # noqa: F401  (fixture)
-from test_reshard import EVAL
-from test_torchrun import BIN, error_messages, losses, torchrun_command, torchrun_train
+from fairseq_runs import BIN, EVAL, error_messages, losses, run, run_two_at_a_time, torchrun_command, torchrun_train
 
 COMMON = ["--base-experts", "4", "--ddp-backend", "legacy_ddp", "--log-interval", "5"]
 MISMATCH = "fairseq_base: error: the workers loaded checkpoint files that do not belong together"
+
+pytestmark = pytest.mark.slow
 
 
 def stamp_of(path):
@@ -24,7 +24,7 @@ def stamp_of(path):
 
 
 @pytest.fixture(scope="module")
-def runs(data_bin, tmp_path_factory):  # noqa: F811
+def runs(data_bin, tmp_path_factory):
     """Run A saved at update 10 (rank 1's file kept) and resumed to 20; run B (another seed) at 10;
     run "straight", A's run without the interruption. root.resumed: the resumed run's output."""
     root = tmp_path_factory.mktemp("runs")
@@ -72,7 +72,7 @@ def _assert_refused(result, *fragments):
 
 
 @pytest.mark.parametrize("case", ["updates 20 and 10", pytest.param("two runs", marks=pytest.mark.slow)])
-def test_resume_from_files_that_do_not_belong_together_is_refused(data_bin, runs, tmp_path, case):  # noqa: F811
+def test_resume_from_files_that_do_not_belong_together_is_refused(data_bin, runs, tmp_path, case):
     a, b = runs / "a", runs / "b"
     if case == "updates 20 and 10":
         _mixed(tmp_path, a / "checkpoint_last-rank-0.pt", runs / "a10-rank-1.pt")
@@ -86,14 +86,14 @@ def test_resume_from_files_that_do_not_belong_together_is_refused(data_bin, runs
 
 
 @pytest.mark.slow
-def test_restore_file_from_two_runs_is_refused(data_bin, runs, tmp_path):  # noqa: F811
+def test_restore_file_from_two_runs_is_refused(data_bin, runs, tmp_path):
     _mixed(tmp_path, runs / "b" / "checkpoint_last-rank-0.pt", runs / "a10-rank-1.pt", name="mixed")
     result = torchrun_train(2, data_bin, tmp_path / "save", *COMMON, "--max-update", "30",
                             "--restore-file", str(tmp_path / "mixed.pt"), check=False)
     _assert_refused(result, "(different runs)", "mixed-rank-0.pt", "mixed-rank-1.pt")
 
 
-def test_eval_lm_on_files_of_two_runs_is_refused(data_bin, runs, tmp_path):  # noqa: F811
+def test_eval_lm_on_files_of_two_runs_is_refused(data_bin, runs, tmp_path):
     _mixed(tmp_path, runs / "b" / "checkpoint_last-rank-0.pt", runs / "a10-rank-1.pt", name="mixed")
     os.environ["OMP_NUM_THREADS"] = "1"
     result = run(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -104,7 +104,7 @@ def test_eval_lm_on_files_of_two_runs_is_refused(data_bin, runs, tmp_path):  # n
 
 
 @pytest.mark.slow
-def test_eval_lm_with_one_workers_file_damaged_stops_every_worker_with_one_line(data_bin, runs, tmp_path):  # noqa: F811
+def test_eval_lm_with_one_workers_file_damaged_stops_every_worker_with_one_line(data_bin, runs, tmp_path):
     """Each worker reads its own file before the first collective: worker 1's empty file stops both."""
     shutil.copy(runs / "a" / "checkpoint_last-rank-0.pt", tmp_path / "model-rank-0.pt")
     (tmp_path / "model-rank-1.pt").write_bytes(b"")

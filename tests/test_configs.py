@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 
 from fairseq_base.layer import BaseLayer
 from fairseq_base.models.transformer_lm_base import ExpertFeedForwardLayer
-from test_end_to_end import data_bin, run  # noqa: F401  (fixture)
+from fairseq_runs import run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
@@ -52,7 +52,7 @@ def expert_ffn_layers(model):
 
 
 @pytest.mark.parametrize("name", sorted({**PAPER, **SMALL}))
-def test_config_composes_and_builds(data_bin, name):  # noqa: F811
+def test_config_composes_and_builds(data_bin, name):
     layers, positions, sublayers = {**PAPER, **SMALL}[name]
     tiny = ["model.decoder_embed_dim=16", "model.decoder_ffn_embed_dim=32", "model.decoder_attention_heads=2",
             "model.base_experts=2"]  # in one process, not one expert per GPU
@@ -73,18 +73,17 @@ def test_config_composes_and_builds(data_bin, name):  # noqa: F811
         assert moe == []
 
 
-def test_one_override_changes_experts_and_placement(data_bin):  # noqa: F811
+def test_one_override_changes_experts_and_placement(data_bin):
     cfg = compose_config("small_base", data_bin / "bin", "model.base_experts=8", "model.base_positions=L")
     model = tasks.setup_task(cfg.task).build_model(cfg.model)
     assert base_positions(model) == (4, [4])
     assert [layer.experts.num_experts for layer in model.decoder.layers if isinstance(layer, BaseLayer)] == [8]
 
 
-# Two in the default tier (a BASE layer; expert FFNs); the others, which differ only in keys that
-# test_config_composes_and_builds checks, in the slow tier.
-@pytest.mark.parametrize("name", [name if name in ("small_base", "small_routers") else
-                                  pytest.param(name, marks=pytest.mark.slow) for name in sorted(SMALL)])
-def test_small_config_trains(data_bin, tmp_path, name):  # noqa: F811
+# Each small config trains (in the slow tier; test_config_composes_and_builds builds every config).
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_small_config_trains(data_bin, tmp_path, name):
     result = run("fairseq-hydra-train", "--config-dir", CONFIGS, "--config-name", name,
                  f"task.data={data_bin / 'bin'}", "optimization.max_update=4", "common.log_interval=2",
                  f"checkpoint.save_dir={tmp_path}", f"hydra.run.dir={tmp_path}/hydra")
@@ -100,7 +99,8 @@ def test_paper_configs_train_in_bf16(name):
     assert cfg.common.bf16 and not cfg.common.get("fp16", False) and not cfg.common.get("tpu", False)
 
 
-def test_paper_config_trains_in_bf16_on_cpu(data_bin, tmp_path):  # noqa: F811
+@pytest.mark.slow
+def test_paper_config_trains_in_bf16_on_cpu(data_bin, tmp_path):
     result = run("fairseq-hydra-train", "--config-dir", CONFIGS, "--config-name", "paper_base",
                  f"task.data={data_bin / 'bin'}", "common.cpu=true", "model.base_experts=2",
                  "model.decoder_layers=2", "model.base_positions=1", "model.decoder_embed_dim=16",
@@ -125,6 +125,7 @@ def test_every_config_holds_every_plugin_key(name):
     assert cfg.model.base_router == "sbase" and cfg.model.base_moe_freq == 3
 
 
+@pytest.mark.slow
 def test_a_hydra_run_without_data_is_one_line(tmp_path):
     result = run("fairseq-hydra-train", "--config-dir", CONFIGS, "--config-name", "small_base",
                  f"checkpoint.save_dir={tmp_path}", f"hydra.run.dir={tmp_path}/hydra", check=False)

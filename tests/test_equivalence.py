@@ -2,15 +2,13 @@
 trains on CPU, in one process and on 2 gloo workers."""
 
 import os
-import re
 import sys
 
 import pytest
 import torch
 
 from fairseq_base.experts import EXPERT_IDS
-from test_end_to_end import data_bin, run, run_two_at_a_time  # noqa: F401  (fixture)
-from test_torchrun import BIN, TINY_MODEL, losses, torchrun_train
+from fairseq_runs import BIN, TINY_MODEL, losses, run, torchrun_train
 
 # No dropout and no shuffled routing: every worker's batch is then one micro-batch of the
 # single process (fairseq gives worker r batches r, r + W, ...; --update-freq W groups them).
@@ -86,10 +84,11 @@ def assert_same_training_until_a_bias_step_flips(one_at, many_at, updates, toler
 
 
 # (workers W, expert-parallel size P, experts E, DDP backend, router)
-LAYOUTS = [(4, 2, 2, "c10d", "balanced"), (4, 2, 4, "legacy_ddp", "balanced"), (4, 4, 4, "c10d", "balanced"),
-           (2, 2, 4, "legacy_ddp", "lossfree")]
-# In the slow tier; c10d and legacy_ddp each keep a case in the default tier.
-SLOW_LAYOUTS = [(4, 2, 4, "legacy_ddp", "balanced"), (4, 4, 4, "c10d", "balanced")]
+LAYOUTS = [(2, 2, 4, "c10d", "balanced"), (2, 2, 4, "legacy_ddp", "balanced"), (2, 2, 4, "legacy_ddp", "lossfree"),
+           (4, 2, 2, "c10d", "balanced"), (4, 2, 4, "legacy_ddp", "balanced"), (4, 4, 4, "c10d", "balanced")]
+# The default tier keeps W = 2 under both DDP backends, against one one-process run; lossfree and
+# replicated experts (W > P) are in the slow tier.
+SLOW_LAYOUTS = LAYOUTS[2:]
 
 
 def router_flags(router):
@@ -102,24 +101,26 @@ def router_flags(router):
 
 
 @pytest.fixture(scope="module")
-def one_process_runs(data_bin, tmp_path_factory):  # noqa: F811
-    """One process with --update-freq W and E experts for each (W, E, router) of LAYOUTS: {(W, E, router):
-    (losses, save_dir)}."""
-    cases = sorted({(workers, num_experts, router) for workers, _, num_experts, _, router in LAYOUTS})
-    save_dirs = [tmp_path_factory.mktemp(f"one-{workers}-{num_experts}-{router}")
-                 for workers, num_experts, router in cases]
-    results = run_two_at_a_time(
-        one_process_command(data_bin, save_dir, *SAME_MATH, "--cpu", "--update-freq", str(workers),
-                            "--base-experts", str(num_experts), *router_flags(router))
-        for (workers, num_experts, router), save_dir in zip(cases, save_dirs))
-    return {case: (losses(result), save_dir) for case, result, save_dir in zip(cases, results, save_dirs)}
+def one_process_runs(data_bin, tmp_path_factory):
+    """``one_process_runs(W, E, router)``: (losses, save_dir) of one process with --update-freq W and E
+    experts, trained at the first test that asks for it (a tier runs only the cases it selects)."""
+    done = {}
+
+    def one_process_run(workers, num_experts, router):
+        if (workers, num_experts, router) not in done:
+            save_dir = tmp_path_factory.mktemp(f"one-{workers}-{num_experts}-{router}")
+            result = one_process_train(data_bin, save_dir, *SAME_MATH, "--cpu", "--update-freq", str(workers),
+                                       "--base-experts", str(num_experts), *router_flags(router))
+            done[workers, num_experts, router] = losses(result), save_dir
+        return done[workers, num_experts, router]
+    return one_process_run
 
 
 @pytest.mark.parametrize("workers,parallel,num_experts,backend,router", [
     pytest.param(*layout, id="W{}-P{}-E{}-{}-{}".format(*layout),
                  marks=[pytest.mark.slow] if layout in SLOW_LAYOUTS else [])
     for layout in LAYOUTS])
-def test_workers_match_one_process_with_the_same_global_batch(data_bin, one_process_runs, tmp_path,  # noqa: F811
+def test_workers_match_one_process_with_the_same_global_batch(data_bin, one_process_runs, tmp_path,
                                                               workers, parallel, num_experts, backend, router):
     """W workers in groups of P, under legacy_ddp and torch's DDP (c10d), against one process with
     --update-freq W: Adam and --clip-norm 0.5 (in TINY_MODEL), 10 updates. Fails if expert
@@ -131,7 +132,7 @@ def test_workers_match_one_process_with_the_same_global_batch(data_bin, one_proc
     both workers, is the same in both files (a shared entry) and the same as one process's, update
     by update, until rounding flips one of its discrete steps, if it does
     (``assert_same_training_until_a_bias_step_flips``)."""
-    single, single_dir = one_process_runs[workers, num_experts, router]
+    single, single_dir = one_process_runs(workers, num_experts, router)
     many = losses(torchrun_train(workers, data_bin, tmp_path, *SAME_MATH, "--ddp-backend", backend,
                                  "--base-experts", str(num_experts), "--base-expert-parallel-size", str(parallel),
                                  *router_flags(router)))
@@ -153,7 +154,7 @@ def test_workers_match_one_process_with_the_same_global_batch(data_bin, one_proc
 
 
 @pytest.mark.cuda(devices=2)
-def test_two_gpus_with_fp16_and_nccl_match_one_gpu(data_bin, tmp_path, monkeypatch):  # noqa: F811
+def test_two_gpus_with_fp16_and_nccl_match_one_gpu(data_bin, tmp_path, monkeypatch):
     """The same on GPUs in fp16 (loss scaling, the flat fp32 copy), with NCCL. fp16 sums in
     another order on each layout, so the tolerances are fp16's. The reference is one process
     on one GPU (fairseq's default world size is the number of GPUs it sees)."""
@@ -170,9 +171,9 @@ def test_two_gpus_with_fp16_and_nccl_match_one_gpu(data_bin, tmp_path, monkeypat
     assert_same_parameters(global_parameters(tmp_path / "one", 1), global_parameters(tmp_path / "two", 2), 2e-2)
 
 
-@pytest.mark.parametrize("workers,router", [(1, "balanced"), pytest.param(2, "balanced", marks=pytest.mark.slow), (1, "lossfree"),
+@pytest.mark.parametrize("workers,router", [(1, "balanced"), pytest.param(2, "balanced", marks=pytest.mark.slow), pytest.param(1, "lossfree", marks=pytest.mark.slow),
                                             pytest.param(2, "lossfree", marks=pytest.mark.slow)])
-def test_bf16_trains_on_cpu(data_bin, tmp_path, workers, router):  # noqa: F811
+def test_bf16_trains_on_cpu(data_bin, tmp_path, workers, router):
     flags = ["--bf16", "--base-experts", "4", "--max-update", "30", "--log-interval", "5", *router_flags(router)]
     if workers == 1:
         result = one_process_train(data_bin, tmp_path, *flags, "--cpu")

@@ -7,8 +7,7 @@ import os
 import pytest
 import torch
 
-from test_end_to_end import data_bin, run, run_two_at_a_time  # noqa: F401  (fixture)
-from test_torchrun import BIN, TINY_MODEL
+from fairseq_runs import BIN, TINY_MODEL, run
 
 from fairseq_base.models.transformer_lm_base import TransformerLanguageModelBase
 
@@ -24,13 +23,19 @@ ROUTERS = {
 
 
 @pytest.fixture(scope="module")
-def models(data_bin, tmp_path_factory):  # noqa: F811
-    """One-process checkpoints of every router (a few updates: enough to be no longer uniform)."""
+def models(data_bin, tmp_path_factory):
+    """``models(router)``: a one-process checkpoint of that router (a few updates: enough to be no
+    longer uniform), trained at the first test that asks for it."""
     root = tmp_path_factory.mktemp("routers")
-    run_two_at_a_time([os.path.join(BIN, "fairseq-train"), str(data_bin / "bin"), "--user-dir", "fairseq_base",
-                       "--cpu", *TINY_MODEL, "--base-experts", "4", *flags, "--max-update", "5",
-                       "--save-dir", str(root / name)] for name, flags in ROUTERS.items())
-    return root
+
+    def model(router):
+        checkpoint = root / router / "checkpoint_last.pt"
+        if not checkpoint.exists():
+            run(os.path.join(BIN, "fairseq-train"), str(data_bin / "bin"), "--user-dir", "fairseq_base", "--cpu",
+                *TINY_MODEL, "--base-experts", "4", *ROUTERS[router], "--max-update", "5",
+                "--save-dir", str(root / router))
+        return checkpoint
+    return model
 
 
 def hub(checkpoint, data):
@@ -63,9 +68,10 @@ def assert_samples_and_scores(lm):
     assert scores.numel() == len(PROMPT.split()) and bool(torch.isfinite(scores).all()) and bool((scores < 0).all())
 
 
-@pytest.mark.parametrize("router", list(ROUTERS))
-def test_hub_samples_and_scores_and_decodes_incrementally(data_bin, models, router):  # noqa: F811
-    lm = hub(models / router / "checkpoint_last.pt", data_bin)
+@pytest.mark.parametrize("router", ["balanced"] + [pytest.param(name, marks=pytest.mark.slow)
+                                                   for name in ROUTERS if name != "balanced"])
+def test_hub_samples_and_scores_and_decodes_incrementally(data_bin, models, router):
+    lm = hub(models(router), data_bin)
     assert_samples_and_scores(lm)
     assert_incremental_decoding_matches_full_scoring(lm)
 
@@ -79,8 +85,9 @@ def interactive(checkpoint, data, *flags):
     return hypotheses[0]
 
 
-@pytest.mark.parametrize("router", ["balanced", pytest.param("hash", marks=pytest.mark.slow)])
-def test_interactive_samples_and_searches(data_bin, models, router):  # noqa: F811
-    checkpoint = models / router / "checkpoint_last.pt"
+@pytest.mark.slow
+@pytest.mark.parametrize("router", ["balanced", "hash"])
+def test_interactive_samples_and_searches(data_bin, models, router):
+    checkpoint = models(router)
     interactive(checkpoint, data_bin, "--sampling", "--sampling-topk", "5", "--beam", "1", "--seed", "1")
     interactive(checkpoint, data_bin, "--beam", "2")

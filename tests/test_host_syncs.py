@@ -17,7 +17,7 @@ from host_syncs import HostSyncs, host_result
 from fairseq_base import assignment
 from fairseq_base.assignment import sinkhorn_assignment
 from fairseq_base.groups import expert_layout
-from fairseq_base.layer import BaseLayer
+from fairseq_base.layer import BaseLayer, reduce_routing_stats
 
 LIMITS = {"balanced": 1, "switch": 2, "top2": 2, "hash": 2}
 DIM, TOKENS, BATCH, VOCAB = 16, 24, 4, 50
@@ -40,7 +40,8 @@ def use_host_kernel():
 
 
 def step_syncs(layer, seed):
-    """Host synchronisations of one training step of ``layer`` (after one uncounted step)."""
+    """Host synchronisations of one training step of ``layer`` (after one uncounted step), its
+    optimizer step's routing statistics included."""
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(TOKENS, BATCH, DIM, generator=generator, requires_grad=True)
     layer.token_ids = torch.randint(VOCAB, (BATCH, TOKENS), generator=generator)
@@ -48,9 +49,11 @@ def step_syncs(layer, seed):
     logged = []
     with metrics.aggregate(new_root=True) as meters:
         layer(x)[0].sum().backward()
+        reduce_routing_stats(layer)
         layer.token_ids = torch.randint(VOCAB, (BATCH, TOKENS), generator=generator)
         with HostSyncs() as syncs:
             layer(x)[0].sum().backward()
+            reduce_routing_stats(layer)
         logged = [meter.val for meter in meters.values() if hasattr(meter, "val")]
     return syncs.where, logged
 

@@ -17,8 +17,7 @@ import sysconfig
 
 import pytest
 
-from test_end_to_end import REPO, data_bin, run  # noqa: F401  (fixture)
-from test_torchrun import TINY_MODEL
+from fairseq_runs import REPO, TINY_MODEL, run
 
 pytestmark = pytest.mark.install
 # torch's own files and what it requires (its packages and their .dist-info, by project name), and the
@@ -43,7 +42,7 @@ def venv_with_only_torch(path, packages=TORCH_AND_ITS_DEPENDENCIES):
     return path
 
 
-def test_a_bundle_of_what_the_target_lacks_installs_there_and_trains(data_bin, tmp_path):  # noqa: F811
+def test_a_bundle_of_what_the_target_lacks_installs_there_and_trains(data_bin, tmp_path):
     env_dir = venv_with_only_torch(tmp_path / "venv", GPU_NODE)
     python = str(env_dir / "bin" / "python")
     assert run(python, "-c", "import fairseq", check=False).returncode != 0  # no fairseq there

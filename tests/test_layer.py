@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from fairseq_base.dispatcher import TokenDispatcher
-from fairseq_base.layer import BaseLayer
+from fairseq_base.layer import BaseLayer, reduce_routing_stats
 from fairseq_base.placement import base_layer_positions, paper_positions
 from fairseq_base.errors import BaseLayerConfigError
 from expert_weights import ScaledExperts, expert_weights
@@ -107,11 +107,13 @@ def test_new_expert_is_identity_and_layer_is_identity_at_init():
     assert torch.allclose(layer(x)[0], x, atol=1e-6)
 
 
-def test_layer_logs_routing_stats():
+def test_layer_logs_routing_stats_at_the_optimizer_step():
     from fairseq import metrics
     layer = BaseLayer(8, 16, num_experts=4, name="base7").train()
     with metrics.aggregate(new_root=True) as agg:
         layer(torch.randn(32, 1, 8))
+        assert "base7_top1" not in agg.get_smoothed_values()  # counted in the forward, logged at the step
+        reduce_routing_stats(layer)
     values = agg.get_smoothed_values()
     assert 0.0 <= values["base7_top1"] <= 1.0
     assert values["base7_load_max"] == 1.0  # balanced in training

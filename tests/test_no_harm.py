@@ -16,9 +16,7 @@ import pytest
 import torch
 
 from fairseq_base.fairseq_patches.launch import free_port
-from test_end_to_end import data_bin, run, run_two_at_a_time  # noqa: F401  (fixture)
-from test_reshard import EVAL
-from test_torchrun import BIN, TINY_MODEL, losses
+from fairseq_runs import BIN, EVAL, TINY_MODEL, losses, run, run_two_at_a_time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODELS = {"transformer_lm": ["--arch", "transformer_lm"],
@@ -85,7 +83,7 @@ def command_line_run(data, root, model):
 
 
 @pytest.fixture(scope="module")
-def command_line(data_bin, tmp_path_factory):  # noqa: F811
+def command_line(data_bin, tmp_path_factory):
     """Both models' command-line runs, side by side (each is one process at a time)."""
     root = tmp_path_factory.mktemp("command_line")
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
@@ -120,7 +118,7 @@ def python_steps(data, save_dir, model):
 
 
 @pytest.fixture(scope="module")
-def python_entry_points(data_bin, tmp_path_factory):  # noqa: F811
+def python_entry_points(data_bin, tmp_path_factory):
     root = tmp_path_factory.mktemp("python_entry_points")
     results = run_two_at_a_time([python_steps(data_bin, root / model, model) for model in MODELS])
     return {model: (result, root / model) for model, result in zip(MODELS, results)}
@@ -137,7 +135,7 @@ def test_python_entry_points_with_a_namespace(python_entry_points, model):
     assert "distributed_init: rank 0" in result.stdout
 
 
-def test_a_dense_model_trains_as_without_the_plugin(data_bin, tmp_path):  # noqa: F811
+def test_a_dense_model_trains_as_without_the_plugin(data_bin, tmp_path):
     """10 updates of a dense transformer_lm: the same losses and parameters with the plugin
     imported as in a process that never imports it."""
     common = [str(data_bin / "bin"), "--cpu", *TRUNK, "--arch", "transformer_lm", "--max-update", "10",

@@ -5,24 +5,20 @@ import os
 import re
 import shutil
 import stat
-import sys
 
 import pytest
 import torch
 
-from test_end_to_end import data_bin, run, run_two_at_a_time  # noqa: F401  (fixture)
-from test_torchrun import BIN, TINY_MODEL, error_messages, losses, torchrun_train
+from fairseq_runs import (EVAL, TINY_MODEL, error_messages, eval_command, eval_loss, eval_result_loss, losses, run,
+                          run_two_at_a_time, torchrun_train)
 
 from fairseq_base.experts import EXPERT_IDS
 from fairseq_base.optimizer_state import state_by_name
 from fairseq_base.reshard import ReshardError, cli_main, reshard
 
-EVAL = ["--user-dir", "fairseq_base", "--cpu", "--tokens-per-sample", "64", "--batch-size", "8",
-        "--num-workers", "0", "--gen-subset", "valid"]
-
 
 @pytest.fixture(scope="module")
-def trained(data_bin, tmp_path_factory):  # noqa: F811
+def trained(data_bin, tmp_path_factory):
     """A run on W = 4 workers in expert-parallel groups of P = 2, E = 4: one file per expert-parallel
     rank, save_dir/checkpoint_last-rank-{0,1}.pt."""
     save_dir = tmp_path_factory.mktemp("w4p2")
@@ -31,25 +27,8 @@ def trained(data_bin, tmp_path_factory):  # noqa: F811
     return save_dir
 
 
-def eval_command(data, path, workers=1):
-    if workers == 1:
-        return ["fairseq-eval-lm", str(data / "bin"), "--path", str(path), *EVAL]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(workers),
-            os.path.join(BIN, "fairseq-eval-lm"), str(data / "bin"), "--path", str(path), *EVAL,
-            "--distributed-backend", "gloo"]
-
-
-def eval_result_loss(result):
-    found = re.findall(r"Loss \(base 2\): ([0-9.]+), Perplexity: ([0-9.]+)", result.stdout + result.stderr)
-    assert len(found) == 1, result.stderr[-3000:]  # one global perplexity, not one per worker
-    return float(found[0][0])
-
-
-def eval_loss(data, path, workers=1):
-    return eval_result_loss(run(*eval_command(data, path, workers)))
-
-
-def test_same_perplexity_on_every_layout(data_bin, trained, tmp_path):  # noqa: F811
+@pytest.mark.slow
+def test_same_perplexity_on_every_layout(data_bin, trained, tmp_path):
     reshard(str(trained / "checkpoint_last-rank-1.pt"), 1, str(tmp_path / "one.pt"))
     reshard(str(trained / "checkpoint_last-rank-0.pt"), 4, str(tmp_path / "four.pt"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["four-rank-0.pt", "four-rank-1.pt", "four-rank-2.pt",
@@ -106,7 +85,8 @@ def test_a_layout_that_does_not_fit_is_one_line(trained, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_the_plain_name_of_per_worker_files_is_one_line_for_path_and_read_by_reshard(data_bin, trained,  # noqa: F811
+@pytest.mark.slow
+def test_the_plain_name_of_per_worker_files_is_one_line_for_path_and_read_by_reshard(data_bin, trained,
                                                                                      tmp_path):
     """checkpoint_last.pt does not exist beside checkpoint_last-rank-{0,1}.pt: --path in one process
     says so in one line with both ways on; fairseq-base-reshard reads the set by that name."""
@@ -120,7 +100,8 @@ def test_the_plain_name_of_per_worker_files_is_one_line_for_path_and_read_by_res
     assert reshard(str(trained / "checkpoint_last.pt"), 1, str(tmp_path / "one.pt")) == [str(tmp_path / "one.pt")]
 
 
-def test_two_kinds_of_checkpoint_under_one_name_are_never_read_silently(data_bin, trained, tmp_path):  # noqa: F811
+@pytest.mark.slow
+def test_two_kinds_of_checkpoint_under_one_name_are_never_read_silently(data_bin, trained, tmp_path):
     """NAME.pt of a one-process run beside NAME-rank-{0,1}.pt of a run on several workers: fairseq-base-reshard
     and --path stop with one line naming both and how to choose; a shard's own name still reads its set."""
     both = tmp_path / "both"
@@ -139,7 +120,8 @@ def test_two_kinds_of_checkpoint_under_one_name_are_never_read_silently(data_bin
         f"fairseq_base: error: {named}move one of them to another directory, so that --path names one model"}
 
 
-def test_a_path_that_does_not_exist_is_one_line(data_bin, tmp_path):  # noqa: F811
+@pytest.mark.slow
+def test_a_path_that_does_not_exist_is_one_line(data_bin, tmp_path):
     result = run(*eval_command(data_bin, tmp_path / "missing.pt"), check=False)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert error_messages(result.stderr) == {
@@ -147,7 +129,8 @@ def test_a_path_that_does_not_exist_is_one_line(data_bin, tmp_path):  # noqa: F8
         f"checkpoint_*.pt that fairseq-train wrote (relative paths are read from the current directory)"}
 
 
-def test_a_run_is_refused_a_save_dir_with_checkpoints_of_another_number_of_workers(data_bin, trained):  # noqa: F811
+@pytest.mark.slow
+def test_a_run_is_refused_a_save_dir_with_checkpoints_of_another_number_of_workers(data_bin, trained):
     """In one process, into a --save-dir that holds a run's -rank-* files: one line, and nothing written."""
     before = sorted(p.name for p in trained.iterdir())
     result = run("fairseq-train", str(data_bin / "bin"), "--user-dir", "fairseq_base", "--cpu", *TINY_MODEL,
@@ -190,7 +173,8 @@ def test_eval_lm_on_workers_that_cannot_share_the_files_is_one_line(trained):
         rank_suffix_for_eval(cfg, rank=0, workers=3)
 
 
-def test_training_resumes_on_another_world_size(data_bin, trained, tmp_path):  # noqa: F811
+@pytest.mark.slow
+def test_training_resumes_on_another_world_size(data_bin, trained, tmp_path):
     reshard(str(trained / "checkpoint_last-rank-0.pt"), 1, str(tmp_path / "one.pt"))
     result = run("fairseq-train", str(data_bin / "bin"), "--user-dir", "fairseq_base", "--cpu", *TINY_MODEL,
                  "--base-experts", "4", "--restore-file", str(tmp_path / "one.pt"), "--save-dir",
@@ -413,7 +397,7 @@ def test_non_finite_values_stop_reshard_naming_the_tensor(trained, tmp_path):
 
 
 @pytest.mark.slow
-def test_loading_a_checkpoint_with_nan_is_refused_naming_the_tensor(data_bin, trained, tmp_path):  # noqa: F811
+def test_loading_a_checkpoint_with_nan_is_refused_naming_the_tensor(data_bin, trained, tmp_path):
     reshard(str(trained / "checkpoint_last-rank-0.pt"), 1, str(tmp_path / "one.pt"))
     key = "decoder.layers.0.fc1.weight"
     _edit(tmp_path / "one.pt", lambda s: s["model"][key].view(-1)[0].fill_(float("nan")))
@@ -429,7 +413,7 @@ def test_loading_a_checkpoint_with_nan_is_refused_naming_the_tensor(data_bin, tr
 
 
 @pytest.mark.slow
-def test_eval_lm_takes_the_checkpoints_block_length_and_never_reports_zero_tokens(data_bin, trained, tmp_path):  # noqa: F811,E501
+def test_eval_lm_takes_the_checkpoints_block_length_and_never_reports_zero_tokens(data_bin, trained, tmp_path):  # noqa: E501
     reshard(str(trained / "checkpoint_last-rank-0.pt"), 1, str(tmp_path / "one.pt"))
     without = [a for a in EVAL if a not in ("--tokens-per-sample", "64")]
     assert len(without) == len(EVAL) - 2
@@ -446,7 +430,8 @@ def test_eval_lm_takes_the_checkpoints_block_length_and_never_reports_zero_token
     assert len(errors) == 1 and "scored 0 tokens" in errors[0] and "--tokens-per-sample" in errors[0]
 
 
-def test_a_resharded_two_worker_checkpoint_samples_and_decodes_incrementally(data_bin, trained, tmp_path):  # noqa: F811,E501
+@pytest.mark.slow
+def test_a_resharded_two_worker_checkpoint_samples_and_decodes_incrementally(data_bin, trained, tmp_path):  # noqa: E501
     from test_generation import (assert_incremental_decoding_matches_full_scoring, assert_samples_and_scores, hub,
                                  interactive)
     reshard(str(trained / "checkpoint_last-rank-0.pt"), 1, str(tmp_path / "one.pt"))

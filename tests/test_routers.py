@@ -12,14 +12,13 @@ from fairseq_base.assignment import balanced_assignment, greedy_assignment, sink
 from fairseq_base.criterions.base_cross_entropy import take_balance_loss
 from fairseq_base.errors import BaseLayerConfigError
 from fairseq_base.experts import EXPERT_IDS
-from fairseq_base.layer import BaseLayer, update_expert_biases
+from fairseq_base.layer import BaseLayer, reduce_routing_stats
 from fairseq_base.reshard import reshard
 from fairseq_base.router import (ROUTER, ROUTER_RECORDS, Routing, balanced_hash, hash_routing, lossfree_routing,
                                  random_hash, routing_counts, stats_from_counts, switch_balance_loss, switch_routing,
                                  top2_routing, update_expert_bias, within_capacity)
-from test_end_to_end import data_bin, run  # noqa: F401  (fixture)
+from fairseq_runs import TINY_MODEL, losses, run, torchrun_train
 from expert_weights import ScaledExperts
-from test_torchrun import TINY_MODEL, losses, torchrun_train
 
 
 def _loads(ids, num_experts):
@@ -133,7 +132,7 @@ def test_lossfree_busiest_experts_share_falls_toward_one_over_e():
     for _ in range(300):
         shares.append(busiest_share(layer.route(tokens[:, 0])[0].expert_ids, 4))
         layer(tokens)
-        update_expert_biases(model)
+        reduce_routing_stats(model)
     assert shares[0] > 0.6
     assert shares[100] < shares[0] - 0.2 and max(shares[-50:]) < 0.35, shares[::25]
 
@@ -169,17 +168,17 @@ def test_lossfree_bias_on_the_sigmoid_balances_scores_of_trained_scale_sooner():
 def test_lossfree_bias_is_float32_and_saved_in_any_precision():
     layer = BaseLayer(8, 16, num_experts=4, router="lossfree").to(torch.bfloat16)
     assert layer.centroids.dtype == torch.bfloat16
-    assert layer.expert_bias.dtype == layer.pending_load.dtype == torch.float32
+    assert layer.expert_bias.dtype == layer.step_counts.dtype == torch.float32
     layer.expert_bias.fill_(1.0)
     update_expert_bias(layer.expert_bias, torch.tensor([0.0, 1, 1, 1]), rate=1e-3)
     assert layer.expert_bias[0].item() == pytest.approx(1.001)  # lost in bf16, whose step at 1 is 2^-7
     state = layer.state_dict()
-    assert "expert_bias" in state and "pending_load" not in state
+    assert "expert_bias" in state and "step_counts" not in state
     layer.train()(torch.randn(6, 1, 8, dtype=torch.bfloat16))
 
 
 @pytest.mark.slow
-def test_lossfree_bias_survives_save_resume_and_reshard(data_bin, tmp_path):  # noqa: F811
+def test_lossfree_bias_survives_save_resume_and_reshard(data_bin, tmp_path):
     """Trained in one process 12 updates straight, or 6 then resumed to 12: the same losses and
     the same bias; fairseq-base-reshard to 2 workers carries the bias into both files."""
     def train(save_dir, updates):
@@ -308,7 +307,7 @@ def build(data_bin, *flags):
     return tasks.setup_task(cfg.task).build_model(cfg.model).eval()
 
 
-def test_expert_ffn_layer_is_fairseqs_ffn_block_when_routing_is_trivial(data_bin):  # noqa: F811
+def test_expert_ffn_layer_is_fairseqs_ffn_block_when_routing_is_trivial(data_bin):
     """With one expert and gate 1 (hash), an expert FFN computes what fairseq's FFN block does."""
     from fairseq_base.models.transformer_lm_base import ExpertFeedForwardLayer
 
@@ -330,7 +329,7 @@ def test_expert_ffn_layer_is_fairseqs_ffn_block_when_routing_is_trivial(data_bin
     assert torch.allclose(moe_layer(x)[0], reference(x)[0], atol=1e-5)
 
 
-def test_routers_in_feed_forward_slots_score_the_normalised_input_and_base_layers_raw_h(data_bin):  # noqa: F811
+def test_routers_in_feed_forward_slots_score_the_normalised_input_and_base_layers_raw_h(data_bin):
     """As fairseq's MoE gates, DeepSeek-V3 and torchtitan route the FFN's normalised input; as
     fairseq's base_layer.py, a stand-alone BASE layer routes raw h."""
     model = build(data_bin, "--base-layers", "1", "--base-moe-freq", "2", "--base-router", "switch",
@@ -347,7 +346,7 @@ def test_routers_in_feed_forward_slots_score_the_normalised_input_and_base_layer
 
 
 @pytest.mark.parametrize("router", [record.name for record in ROUTER_RECORDS])
-def test_reshard_tells_parameters_from_buffers_for_every_router(data_bin, router):  # noqa: F811
+def test_reshard_tells_parameters_from_buffers_for_every_router(data_bin, router):
     """fairseq's optimizer state follows model.parameters(); reshard reads it from state-dict names
     alone, so every buffer a router saves must be known as one."""
     from fairseq_base.optimizer_state import parameter_names
@@ -356,7 +355,7 @@ def test_reshard_tells_parameters_from_buffers_for_every_router(data_bin, router
     assert parameter_names(model.state_dict()) == [name for name, _ in model.named_parameters()]
 
 
-def test_checkpoints_written_before_route_as_they_were_trained(data_bin, caplog):  # noqa: F811
+def test_checkpoints_written_before_route_as_they_were_trained(data_bin, caplog):
     """A lossfree expert FFN saved before: no score_norm (it scored raw x) and no bias_on_affinity
     (its bias was added to the raw score). Loaded now, it routes as it did."""
     flags = ("--base-moe-freq", "2", "--base-router", "lossfree", "--base-experts", "4")
@@ -422,7 +421,7 @@ def test_balanced_hash_gives_every_expert_about_the_same_count():
     assert balanced_hash([5, 9, 4, 4], 2).tolist() == [1, 0, 1, 0]  # totals 9, 5; 9, 9; then a tie
 
 
-def test_base_hash_balanced_builds_the_table_from_the_dictionarys_counts(data_bin):  # noqa: F811
+def test_base_hash_balanced_builds_the_table_from_the_dictionarys_counts(data_bin):
     from fairseq.data import Dictionary
     model = build(data_bin, "--base-layers", "1", "--base-router", "hash", "--base-hash", "balanced",
                   "--base-experts", "4")
@@ -432,7 +431,7 @@ def test_base_hash_balanced_builds_the_table_from_the_dictionarys_counts(data_bi
                              "4").decoder.layers[1].hash_table, random_hash(len(counts), 4))
 
 
-def test_decoder_normalize_before_means_what_it_says(data_bin):  # noqa: F811
+def test_decoder_normalize_before_means_what_it_says(data_bin):
     """fairseq turns a bool option whose default is True into a store_false flag: transformer_lm's
     --decoder-normalize-before turned pre-LayerNorm off for transformer_lm_base."""
     assert getattr(parse(data_bin), "decoder_normalize_before", True) is True
@@ -442,12 +441,13 @@ def test_decoder_normalize_before_means_what_it_says(data_bin):  # noqa: F811
     assert not build(data_bin, "--no-decoder-normalize-before").decoder.layers[0].normalize_before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("option,value,match", [
     ("--base-capacity-factor", "1.5", "applies to --base-router switch or top2"),
     ("--base-moe-freq", "-1", "--base-moe-freq must be >= 0"),
     ("--base-moe-freq", "2 --no-decoder-normalize-before", "remove --no-decoder-normalize-before"),
 ])
-def test_bad_router_options_are_refused(data_bin, tmp_path, option, value, match):  # noqa: F811
+def test_bad_router_options_are_refused(data_bin, tmp_path, option, value, match):
     result = run("fairseq-train", str(data_bin / "bin"), "--user-dir", "fairseq_base", *TINY_MODEL, "--cpu",
                  "--save-dir", str(tmp_path), option, *value.split(), "--max-update", "1", check=False)
     assert result.returncode != 0
@@ -461,7 +461,7 @@ ROUTER_RUN = ["--base-layers", "1", "--base-moe-freq", "2", "--base-experts", "4
 @pytest.mark.parametrize("router", ["lossfree"] + [pytest.param(record.name, marks=pytest.mark.slow)
                                                   for record in ROUTER_RECORDS
                                                   if record.name not in ("lossfree", "balanced")])
-def test_router_trains_in_one_process_and_logs_its_statistics(data_bin, tmp_path, router):  # noqa: F811
+def test_router_trains_in_one_process_and_logs_its_statistics(data_bin, tmp_path, router):
     result = run("fairseq-train", str(data_bin / "bin"), "--user-dir", "fairseq_base", *TINY_MODEL, "--cpu",
                  "--save-dir", str(tmp_path), "--base-router", router, *ROUTER_RUN, "--max-update", "30",
                  "--log-interval", "5", "--validate-interval-updates", "15", "--max-valid-steps", "2",
@@ -491,7 +491,7 @@ def test_router_trains_in_one_process_and_logs_its_statistics(data_bin, tmp_path
 # Expert FFNs only (per-rank files that fairseq alone would not write), under both DDP backends.
 @pytest.mark.slow
 @pytest.mark.parametrize("router,base_layers,backend", [("switch", 0, "legacy_ddp"), ("hash", 0, "c10d")])
-def test_router_trains_on_two_gloo_workers(data_bin, tmp_path, router, base_layers, backend):  # noqa: F811
+def test_router_trains_on_two_gloo_workers(data_bin, tmp_path, router, base_layers, backend):
     flags = ["--base-router", router, *ROUTER_RUN, "--base-layers", str(base_layers), "--ddp-backend", backend,
              "--log-interval", "5"]
     curve = losses(torchrun_train(2, data_bin, tmp_path, *flags, "--max-update", "30"))

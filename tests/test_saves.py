@@ -15,8 +15,7 @@ import subprocess
 import pytest
 import torch
 
-from test_end_to_end import data_bin, run, run_two_at_a_time  # noqa: F401  (fixture)
-from test_torchrun import BIN, TINY_MODEL, error_messages, losses, torchrun_command
+from fairseq_runs import BIN, TINY_MODEL, error_messages, losses, run, run_two_at_a_time, torchrun_command
 
 from fairseq_base.fairseq_patches import saves
 
@@ -68,7 +67,7 @@ def one_error(result, fragment, workers=2):
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
-def saved(request, data_bin, tmp_path_factory):  # noqa: F811
+def saved(request, data_bin, tmp_path_factory):
     """(backend, save dir) of a run on 2 workers under that backend, saved at updates 5 and 10:
     checkpoint_1_{5,10}-rank-{0,1} and checkpoint_last-rank-{0,1} (update 10)."""
     root = tmp_path_factory.mktemp(f"saved-{request.param}")
@@ -121,7 +120,7 @@ def assert_resumed_from_set(resumed, updates, why, through):
 
 
 @pytest.mark.parametrize("case", list(BROKEN_LAST))
-def test_a_broken_last_checkpoint_resumes_every_worker_from_the_newest_complete_set(data_bin, saved, tmp_path,  # noqa: F811
+def test_a_broken_last_checkpoint_resumes_every_worker_from_the_newest_complete_set(data_bin, saved, tmp_path,
                                                                                     case):
     backend, saved_dir = saved
     save_dir = copy_of(saved_dir, tmp_path)
@@ -132,7 +131,7 @@ def test_a_broken_last_checkpoint_resumes_every_worker_from_the_newest_complete_
     assert_readable_set(save_dir, "checkpoint_last", 15)
 
 
-def test_with_no_complete_set_one_line_says_what_to_pass(data_bin, saved, tmp_path):  # noqa: F811
+def test_with_no_complete_set_one_line_says_what_to_pass(data_bin, saved, tmp_path):
     backend, saved_dir = saved
     save_dir = copy_of(saved_dir, tmp_path)
     (save_dir / "checkpoint_last-rank-1.pt").write_bytes(b"")
@@ -144,7 +143,7 @@ def test_with_no_complete_set_one_line_says_what_to_pass(data_bin, saved, tmp_pa
     assert "EOFError" not in result.stderr and "PytorchStreamReader" not in result.stderr  # torch's raw errors
 
 
-def test_a_full_disk_on_one_worker_keeps_every_earlier_file(data_bin, saved, tmp_path):  # noqa: F811
+def test_a_full_disk_on_one_worker_keeps_every_earlier_file(data_bin, saved, tmp_path):
     backend, saved_dir = saved
     save_dir = copy_of(saved_dir, tmp_path)
     result = train(data_bin, save_dir, 15, backend=backend, fault="enospc:1:1", check=False)
@@ -158,7 +157,7 @@ def test_a_full_disk_on_one_worker_keeps_every_earlier_file(data_bin, saved, tmp
     assert "(epoch 1 @ 10 updates)" in resumed.stdout + resumed.stderr and sorted(losses(resumed)) == [15]
 
 
-def test_a_kill_while_renaming_resumes_from_the_newest_complete_set(data_bin, saved, tmp_path):  # noqa: F811
+def test_a_kill_while_renaming_resumes_from_the_newest_complete_set(data_bin, saved, tmp_path):
     """Worker 1 dies after renaming checkpoint_1_15 and checkpoint_best, before checkpoint_last (its 3rd rename)."""
     backend, saved_dir = saved
     save_dir = copy_of(saved_dir, tmp_path)
@@ -174,7 +173,7 @@ def test_a_kill_while_renaming_resumes_from_the_newest_complete_set(data_bin, sa
     assert_readable_set(save_dir, "checkpoint_last", 20)
 
 
-def test_diverged_weights_are_never_saved(data_bin, saved, tmp_path):  # noqa: F811
+def test_diverged_weights_are_never_saved(data_bin, saved, tmp_path):
     """An lr of 1e39 makes the weights inf in one step while the gradients stay finite."""
     backend, saved_dir = saved
     save_dir = copy_of(saved_dir, tmp_path)
@@ -185,7 +184,7 @@ def test_diverged_weights_are_never_saved(data_bin, saved, tmp_path):  # noqa: F
     assert no_temporaries(save_dir) and not list(save_dir.glob("checkpoint_1_11*"))
 
 
-def test_four_workers_with_expert_replicas_resume_together(data_bin, tmp_path):  # noqa: F811
+def test_four_workers_with_expert_replicas_resume_together(data_bin, tmp_path):
     """W = 4 in expert-parallel groups of P = 2 (torch's DDP): workers 1 and 3 read
     checkpoint_last-rank-1.pt, which is empty; all four resume from the newest complete set."""
     flags = ["--base-expert-parallel-size", "2"]
@@ -197,7 +196,7 @@ def test_four_workers_with_expert_replicas_resume_together(data_bin, tmp_path): 
     assert_readable_set(tmp_path, "checkpoint_last", 15)
 
 
-def test_spawned_workers_resume_together(data_bin, tmp_path):  # noqa: F811
+def test_spawned_workers_resume_together(data_bin, tmp_path):
     """fairseq's own launch (--distributed-world-size 2, no torchrun) with torch's DDP: one worker's
     checkpoint_last is empty."""
     command = [os.path.join(BIN, "fairseq-train"), str(data_bin / "bin"), "--user-dir", "fairseq_base", "--cpu",
@@ -222,7 +221,7 @@ def one_line(result, fragment):
     return errors[0]
 
 
-def test_a_restore_file_that_does_not_exist_is_one_line(data_bin, tmp_path):  # noqa: F811
+def test_a_restore_file_that_does_not_exist_is_one_line(data_bin, tmp_path):
     save_dir = tmp_path / "save"
     save_dir.mkdir()
     (save_dir / "checkpoint_1_5.pt").write_bytes(b"a checkpoint")
@@ -232,7 +231,7 @@ def test_a_restore_file_that_does_not_exist_is_one_line(data_bin, tmp_path):  # 
     assert [p.name for p in save_dir.iterdir()] == ["checkpoint_1_5.pt"]  # nothing written, no new run
 
 
-def test_a_save_directory_in_use_is_refused_and_a_stale_lock_taken_over(data_bin, tmp_path):  # noqa: F811
+def test_a_save_directory_in_use_is_refused_and_a_stale_lock_taken_over(data_bin, tmp_path):
     lock = tmp_path / "fairseq_base.lock"
     # Held by a process that runs (this one): refused, naming it, and nothing written.
     lock.write_text(json.dumps({"run_id": "abc", "host": socket.gethostname(), "pid": os.getpid(), "since": "now"}))
@@ -246,7 +245,7 @@ def test_a_save_directory_in_use_is_refused_and_a_stale_lock_taken_over(data_bin
     assert taken.returncode == 0 and "taking over" in taken.stdout + taken.stderr and not lock.exists()
 
 
-def test_two_runs_started_together_one_stops(data_bin, tmp_path):  # noqa: F811
+def test_two_runs_started_together_one_stops(data_bin, tmp_path):
     first, second = run_two_at_a_time([[os.path.join(BIN, "fairseq-train"), str(data_bin / "bin"), "--user-dir",
                                         "fairseq_base", "--cpu", *TINY_MODEL, *SAVES, "--save-dir", str(tmp_path),
                                         "--max-update", "100"]] * 2, check=False)

