@@ -26,6 +26,8 @@ from fairseq_base.optimizer_state import parameter_names, per_element, regrouped
 logger = logging.getLogger(__name__)
 OLD_EXPERT_KEY = re.compile(r"^(?P<layer>.*?)experts\.(?P<expert>\d+)\.(?P<sublayer>\d+)\."
                             r"(?P<module>norm|ff1|ff2)\.(?P<param>weight|bias)$")
+
+
 def upgrade(state: dict) -> bool:
     """Rewrite ``state`` (a checkpoint: "model" and "last_optimizer_state") from the per-expert
     layout to the stacked one; whether there was anything to rewrite."""
