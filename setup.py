@@ -38,7 +38,8 @@ setup(
     # numpy 1 or 2: under numpy 2 the plugin restores the one name fairseq 0.12 still uses
     # (np.compat.long, in fairseq_patches/numpy_compat.py), rather than holding users back on numpy 1.
     install_requires=["torch>=2.0", "fairseq-fixed>=0.12.3.1", "hydra-core>=1.3,<1.4", "numpy>=1.21", "ninja"],
-    entry_points={"console_scripts": ["fairseq-base-reshard = fairseq_base.reshard:cli_main"]},
+    entry_points={"console_scripts": ["fairseq-base-reshard = fairseq_base.reshard:cli_main",
+                                        "fairseq-base-upcycle = fairseq_base.upcycle:cli_main"]},
     **assignment_kernel(),
     extras_require={"test": ["pytest", "hypothesis", "scipy", "tensorboardX"],
                     "repro": ["matplotlib", "regex"]},

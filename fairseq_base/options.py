@@ -11,18 +11,22 @@ import argparse
 import dataclasses
 import os
 import sys
-from typing import Iterator, Tuple
+from typing import Iterator, List, Tuple
 
 from fairseq_base.models.transformer_lm_base import TransformerLanguageModelBaseConfig
+
+
+def model_fields() -> List[dataclasses.Field]:
+    """The fields of transformer_lm_base's config that fairseq's transformer_lm lacks."""
+    return [field for field in dataclasses.fields(TransformerLanguageModelBaseConfig) if field.name.startswith("base_")]
 
 
 def plugin_options() -> Iterator[Tuple[str, str, str, str]]:
     """(command-line option, Hydra key, default, help) of each option of transformer_lm_base that
     fairseq's transformer_lm lacks."""
-    for field in dataclasses.fields(TransformerLanguageModelBaseConfig):
-        if field.name.startswith("base_"):
-            shown = '""' if field.default == "" else str(field.default)
-            yield f"--{field.name.replace('_', '-')}", f"model.{field.name}", shown, field.metadata["help"]
+    for field in model_fields():
+        shown = '""' if field.default == "" else str(field.default)
+        yield f"--{field.name.replace('_', '-')}", f"model.{field.name}", shown, field.metadata["help"]
 
 
 def table() -> str:

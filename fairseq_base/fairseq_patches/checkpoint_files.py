@@ -58,6 +58,7 @@ from fairseq.trainer import Trainer
 from fairseq_base import checkpoints, old_checkpoints
 from fairseq_base.fairseq_patches.which_models import as_config, has_expert_options, has_experts, is_expert_model
 from fairseq_base.groups import resolve_expert_parallel_size, resolve_num_experts
+from fairseq_base.errors import BaseLayerConfigError
 
 logger = logging.getLogger(__name__)
 FAIRSEQ_TRAINER_INIT = Trainer.__init__
@@ -236,8 +237,12 @@ def trainer_load_checkpoint(self, filename, *args, **kwargs):
     try:
         extra_state = FAIRSEQ_TRAINER_LOAD_CHECKPOINT(self, chosen, *args, **kwargs)
     except Exception as err:
+        # fairseq says "Cannot load model parameters" for any error of the model's load_state_dict;
+        # the plugin's own (a dense model that does not fit the options, say) names the fix.
+        if isinstance(err.__context__, BaseLayerConfigError):
+            err = err.__context__
         if self.data_parallel_world_size == 1:
-            raise
+            raise err from None
         # The others may be past it: they wait for this worker in the gather that follows, not a timeout.
         failure = f"loading {chosen} failed on worker {self.data_parallel_rank}: {checkpoints.first_line(err)}"
     finally:

@@ -1,6 +1,7 @@
 """``transformer_lm_base``: fairseq's transformer_lm with BASE layers between decoder layers."""
 
 import contextlib
+import logging
 import os
 from dataclasses import dataclass, field
 
@@ -18,6 +19,7 @@ from fairseq_base.layer import BaseLayer, BaseLayerConfig
 from fairseq_base.placement import base_layer_positions
 from fairseq_base.router import EVAL_ROUTING, HASHES, ROUTER, ROUTER_RECORDS
 
+logger = logging.getLogger(__name__)
 EVAL_ROUTINGS = tuple(EVAL_ROUTING)
 EVAL_ROUTING_CHOICES = ChoiceEnum(list(EVAL_ROUTINGS))
 ROUTER_CHOICES = ChoiceEnum(list(ROUTER))
@@ -201,6 +203,18 @@ class TransformerLanguageModelBase(TransformerLanguageModel):
             raise TypeError(f"transformer_lm_base expects fairseq's TransformerDecoder, got {type(decoder).__name__}")
         decoder.__class__ = TransformerDecoderWithExperts
         return model
+
+    def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
+        """fairseq's, and a dense transformer_lm's state dict (``--finetune-from-model DENSE.pt``)
+        upcycled first: its trunk under the indices the expert layers leave it, its FFN blocks copied
+        into the experts of the expert FFN slots (``fairseq_base/upcycle.py``)."""
+        from fairseq_base import upcycle  # it builds this model: imported when first needed
+
+        if not upcycle.has_experts(state_dict) and any(isinstance(m, BaseLayer) for m in self.modules()):
+            state_dict = upcycle.upcycle_state(state_dict, self)
+            logger.info("upcycled a dense transformer_lm checkpoint: the expert layers start as the dense "
+                        "model computes (fairseq_base/upcycle.py)")
+        return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
 
 
 class _NoFeedForward(nn.Module):
