@@ -56,6 +56,17 @@ def test_readme_options_table_is_what_the_options_command_prints():
     assert "--base-router (model.base_router, default balanced)" in text_form
 
 
+def test_the_upcycle_options_table_lists_every_option_of_the_command():
+    from fairseq_base.options import model_fields
+    from fairseq_base.upcycle import build_parser
+    section = text("docs/checkpoints.md").split("## Start from a dense model")[1].split("\n## ")[0]
+    listed = set(re.findall(r"^\| `(--[a-z-]+)`", section, re.M))
+    options = {option for action in build_parser()._actions for option in action.option_strings}
+    own = {option for option in options if not option.startswith(("--base-", "-h", "--help"))}
+    assert listed == own and "| `--base-*` |" in section
+    assert {f"--{field.name.replace('_', '-')}" for field in model_fields()} <= options
+
+
 def test_options_command_piped_into_a_reader_that_stops_early_ends_quietly():
     """``python -m fairseq_base.options --text | head``: no BrokenPipeError traceback."""
     proc = subprocess.Popen([sys.executable, "-m", "fairseq_base.options", "--text"], stdout=subprocess.PIPE,
@@ -92,6 +103,7 @@ def accepted_options(program):
 
 def test_commands_use_options_that_exist():
     from fairseq_base.reshard import build_parser
+    from fairseq_base.upcycle import build_parser as upcycle_parser
     from fairseq_base.models.transformer_lm_base import TransformerLanguageModelBaseConfig
     checked, unknown = 0, []
     for command in [command for document in DOCUMENTS for command in commands(text(document))]:
@@ -102,6 +114,8 @@ def test_commands_use_options_that_exist():
                 known = accepted_options(program)
             elif program == "fairseq-base-reshard":
                 known = set(build_parser()._option_string_actions)
+            elif program == "fairseq-base-upcycle":
+                known = set(upcycle_parser()._option_string_actions)
             elif program == "fairseq-hydra-train":
                 keys = {f"model.{f}" for f in TransformerLanguageModelBaseConfig.__dataclass_fields__}
                 name = words[words.index("--config-name") + 1]
