@@ -8,7 +8,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from fairseq_runs import binarize  # noqa: E402  (tests/ is on the path: pytest's rootdir-relative import)
+from fairseq_runs import ROUTER_RUN, TINY_MODEL, binarize, run  # noqa: E402  (tests/ is on the path)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -54,3 +54,22 @@ def the_suite_leaves_nothing_in_the_checkout():
 def data_bin(tmp_path_factory):
     """English text as characters, binarized once for the whole run: folder/{train,valid}.txt and folder/bin."""
     return binarize(tmp_path_factory.mktemp("english"))
+
+
+@pytest.fixture(scope="session")
+def router_runs(data_bin, tmp_path_factory):
+    """``router_runs(R)``: (save_dir, the run's output) of the tiny model with a BASE layer and expert
+    FFNs routed by R, trained in one process (30 updates, validated at 15 and 30) at the first test
+    that asks for it, once per run: the tests of its logs and of sampling from it share it."""
+    done = {}
+
+    def router_run(router):
+        if router not in done:
+            save_dir = tmp_path_factory.mktemp(f"router-{router}")
+            result = run("fairseq-train", str(data_bin / "bin"), "--user-dir", "fairseq_base", *TINY_MODEL, "--cpu",
+                         "--save-dir", str(save_dir), "--base-router", router, *ROUTER_RUN, "--max-update", "30",
+                         "--log-interval", "5", "--validate-interval-updates", "15", "--max-valid-steps", "2",
+                         "--tensorboard-logdir", str(save_dir / "tb"))
+            done[router] = save_dir, result
+        return done[router]
+    return router_run

@@ -19,6 +19,8 @@ TINY_MODEL = ["--task", "language_modeling", "--arch", "transformer_lm_base", "-
               "--tokens-per-sample", "64", "--sample-break-mode", "none", "--batch-size", "8",
               "--optimizer", "adam", "--lr", "0.003", "--clip-norm", "0.5", "--log-format", "simple",
               "--no-epoch-checkpoints", "--num-workers", "0", "--seed", "3"]
+# A BASE layer and expert FFNs, both routed by the router under test (--base-router R).
+ROUTER_RUN = ["--base-layers", "1", "--base-moe-freq", "2", "--base-experts", "4", "--criterion", "base_cross_entropy"]
 EVAL = ["--user-dir", "fairseq_base", "--cpu", "--tokens-per-sample", "64", "--batch-size", "8",
         "--num-workers", "0", "--gen-subset", "valid"]
 

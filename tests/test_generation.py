@@ -7,35 +7,13 @@ import os
 import pytest
 import torch
 
-from fairseq_runs import BIN, TINY_MODEL, run
+from fairseq_runs import BIN, run
 
 from fairseq_base.models.transformer_lm_base import TransformerLanguageModelBase
+from fairseq_base.router import ROUTER_RECORDS
 
 PROMPT = "T h e _ k i n g"
-ROUTERS = {
-    "balanced": ["--base-layers", "1"],
-    "lossfree": ["--base-layers", "1", "--base-router", "lossfree", "--base-bias-update-rate", "0.01"],
-    "switch": ["--base-layers", "0", "--base-moe-freq", "2", "--base-router", "switch",
-               "--criterion", "base_cross_entropy"],
-    "top2": ["--base-layers", "1", "--base-router", "top2", "--criterion", "base_cross_entropy"],
-    "hash": ["--base-layers", "1", "--base-router", "hash"],
-}
-
-
-@pytest.fixture(scope="module")
-def models(data_bin, tmp_path_factory):
-    """``models(router)``: a one-process checkpoint of that router (a few updates: enough to be no
-    longer uniform), trained at the first test that asks for it."""
-    root = tmp_path_factory.mktemp("routers")
-
-    def model(router):
-        checkpoint = root / router / "checkpoint_last.pt"
-        if not checkpoint.exists():
-            run(os.path.join(BIN, "fairseq-train"), str(data_bin / "bin"), "--user-dir", "fairseq_base", "--cpu",
-                *TINY_MODEL, "--base-experts", "4", *ROUTERS[router], "--max-update", "5",
-                "--save-dir", str(root / router))
-        return checkpoint
-    return model
+ROUTERS = [record.name for record in ROUTER_RECORDS]
 
 
 def hub(checkpoint, data):
@@ -68,10 +46,11 @@ def assert_samples_and_scores(lm):
     assert scores.numel() == len(PROMPT.split()) and bool(torch.isfinite(scores).all()) and bool((scores < 0).all())
 
 
-@pytest.mark.parametrize("router", ["balanced"] + [pytest.param(name, marks=pytest.mark.slow)
-                                                   for name in ROUTERS if name != "balanced"])
-def test_hub_samples_and_scores_and_decodes_incrementally(data_bin, models, router):
-    lm = hub(models(router), data_bin)
+# lossfree in the default tier: the model test_routers.py's default case trains (``router_runs``).
+@pytest.mark.parametrize("router", ["lossfree"] + [pytest.param(name, marks=pytest.mark.slow)
+                                                   for name in ROUTERS if name != "lossfree"])
+def test_hub_samples_and_scores_and_decodes_incrementally(data_bin, router_runs, router):
+    lm = hub(router_runs(router)[0] / "checkpoint_last.pt", data_bin)
     assert_samples_and_scores(lm)
     assert_incremental_decoding_matches_full_scoring(lm)
 
@@ -87,7 +66,7 @@ def interactive(checkpoint, data, *flags):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("router", ["balanced", "hash"])
-def test_interactive_samples_and_searches(data_bin, models, router):
-    checkpoint = models(router)
+def test_interactive_samples_and_searches(data_bin, router_runs, router):
+    checkpoint = router_runs(router)[0] / "checkpoint_last.pt"
     interactive(checkpoint, data_bin, "--sampling", "--sampling-topk", "5", "--beam", "1", "--seed", "1")
     interactive(checkpoint, data_bin, "--beam", "2")

@@ -17,7 +17,7 @@ from fairseq_base.reshard import reshard
 from fairseq_base.router import (ROUTER, ROUTER_RECORDS, Routing, balanced_hash, hash_routing, lossfree_routing,
                                  random_hash, routing_counts, stats_from_counts, switch_balance_loss, switch_routing,
                                  top2_routing, update_expert_bias, within_capacity)
-from fairseq_runs import TINY_MODEL, losses, run, torchrun_train
+from fairseq_runs import ROUTER_RUN, TINY_MODEL, losses, run, torchrun_train
 from expert_weights import ScaledExperts
 
 
@@ -454,18 +454,11 @@ def test_bad_router_options_are_refused(data_bin, tmp_path, option, value, match
     assert re.search(f"fairseq_base: error: .*{re.escape(match)}", result.stderr), result.stderr[-2000:]
 
 
-ROUTER_RUN = ["--base-layers", "1", "--base-moe-freq", "2", "--base-experts", "4",
-              "--criterion", "base_cross_entropy"]
-
-
 @pytest.mark.parametrize("router", ["lossfree"] + [pytest.param(record.name, marks=pytest.mark.slow)
                                                   for record in ROUTER_RECORDS
                                                   if record.name not in ("lossfree", "balanced")])
-def test_router_trains_in_one_process_and_logs_its_statistics(data_bin, tmp_path, router):
-    result = run("fairseq-train", str(data_bin / "bin"), "--user-dir", "fairseq_base", *TINY_MODEL, "--cpu",
-                 "--save-dir", str(tmp_path), "--base-router", router, *ROUTER_RUN, "--max-update", "30",
-                 "--log-interval", "5", "--validate-interval-updates", "15", "--max-valid-steps", "2",
-                 "--tensorboard-logdir", str(tmp_path / "tb"))
+def test_router_trains_in_one_process_and_logs_its_statistics(data_bin, router_runs, router):
+    save_dir, result = router_runs(router)
     log = result.stdout + result.stderr
     curve = losses(result)
     assert curve[30] < curve[5] - 0.3, curve
@@ -481,10 +474,10 @@ def test_router_trains_in_one_process_and_logs_its_statistics(data_bin, tmp_path
         assert churn == 0 if not ROUTER[router].reads_scores else 0 <= churn <= 1
     assert ("balance_loss" in train) == ROUTER[router].balance_loss
     assert re.search(r"moe1_dropped 0 ", valid)  # nothing dropped outside training
-    events = b"".join(p.read_bytes() for p in (tmp_path / "tb").rglob("events*"))
+    events = b"".join(p.read_bytes() for p in (save_dir / "tb").rglob("events*"))
     assert b"moe1_entropy" in events and b"base1_load_min" in events and b"base1_churn" in events
     run("fairseq-eval-lm", str(data_bin / "bin"), "--user-dir", "fairseq_base", "--path",
-        str(tmp_path / "checkpoint_last.pt"), "--cpu", "--tokens-per-sample", "64", "--max-valid-steps", "2",
+        str(save_dir / "checkpoint_last.pt"), "--cpu", "--tokens-per-sample", "64", "--max-valid-steps", "2",
         "--gen-subset", "valid")
 
 
