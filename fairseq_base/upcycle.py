@@ -24,7 +24,6 @@ when the model loads (``TransformerLanguageModelBase.load_state_dict``).
 """
 
 import argparse
-import logging
 import os
 import sys
 import tempfile
@@ -38,8 +37,6 @@ from fairseq_base.errors import BaseLayerConfigError
 from fairseq_base.experts import EXPERT_IDS
 from fairseq_base.layer import BaseLayer
 from fairseq_base.options import model_fields
-
-logger = logging.getLogger(__name__)
 
 TRUNK = "decoder.layers."
 # A dense layer's feed-forward block: what an expert feed-forward slot takes from it.
@@ -133,7 +130,7 @@ def upcycle_state(dense: Dict[str, Tensor], model: nn.Module) -> Dict[str, Tenso
 def _fill_slot(dense, source: str, prefix: str, moe: BaseLayer, take) -> None:
     """Every local expert of ``moe`` a copy of the dense FFN block at ``source``, its last
     projection divided by the gates a token gets at zero centroids; the router's input norm the
-    block's LayerNorm; the centroids zero."""
+    block's LayerNorm; the centroids zero (``moe``'s own too: ``gate_at_start`` routes with them)."""
     if moe.record.reads_scores:
         with torch.no_grad():
             moe.centroids.zero_()
@@ -195,8 +192,9 @@ def build_upcycled(cfg: dict, data: Optional[str], options: dict):
 
 
 def check_dictionary(dense: Dict[str, Tensor], model: nn.Module, data: str) -> None:
-    rows, size = dense["decoder.embed_tokens.weight"].size(0), model.decoder.embed_tokens.weight.size(0)
-    if rows != size:
+    embeddings = dense.get("decoder.embed_tokens.weight")  # absent with adaptive or character inputs
+    rows, size = (embeddings.size(0) if embeddings is not None else None), len(model.decoder.dictionary)
+    if rows is not None and rows != size:
         raise UpcycleError(f"the dense model's dictionary has {rows} entries but {data}/dict.txt gives {size}: "
                            f"pass --data with the data directory the dense model was trained on")
 
@@ -223,9 +221,10 @@ def upcycle(path: str, out: str, options: dict, data: Optional[str] = None, worl
     model.load_state_dict(upcycled)  # as fairseq will: every key, every shape
     cfg["model"] = OmegaConf.to_container(model_cfg, enum_to_str=True)
     cfg["distributed_training"] = dict(cfg.get("distributed_training") or {}, distributed_world_size=1)
-    written = {"cfg": cfg, "model": model.state_dict(), "optimizer_history": [{
-        "criterion_name": "CrossEntropyCriterion", "optimizer_name": "none", "lr_scheduler_state": {},
-        "num_updates": 0}], "extra_state": {}, "last_optimizer_state": None}
+    # No optimizer state (none fits the new parameters): train from it with --finetune-from-model.
+    history = dict((state.get("optimizer_history") or [{}])[-1], num_updates=0)
+    written = {"cfg": cfg, "model": model.state_dict(), "optimizer_history": [history], "extra_state": {},
+               "last_optimizer_state": None}
     stamp(written, new_run_id(), 0)
     if world_size == 1:
         write_all_or_nothing([written], [out])
