@@ -84,6 +84,13 @@ BALANCED_BUSIEST = 1.2  # a busiest expert at most this over the mean counts as 
 LOSSFREE_SCALED = "lossfree (rate scaled)"
 
 
+def say(line):
+    """Print ``line`` in one write: runs in parallel threads would otherwise interleave a line and
+    its newline."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def log_time(line):
     match = STAMP.match(line)
     return datetime.datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S") if match else None
@@ -129,9 +136,8 @@ def train(config, overrides, data, minutes, out, seed, experts=None, validate_ev
                               "churn": {layer: float(v) for layer, v in CHURN.findall(line)}})
                 elapsed = time.monotonic() - began
                 left = elapsed * (max_update - updates) / updates if minutes == 0 and updates else None
-                print(f"| {progress}{name}: update {updates}{f'/{max_update}' if minutes == 0 else ''}, valid ppl "
-                      f"{ppl:.2f}, {elapsed / 60:.1f} min" + (f", about {left / 60:.0f} min left" if left else ""),
-                      flush=True)
+                say(f"| {progress}{name}: update {updates}{f'/{max_update}' if minutes == 0 else ''}, valid ppl "
+                    f"{ppl:.2f}, {elapsed / 60:.1f} min" + (f", about {left / 60:.0f} min left" if left else ""))
     if proc.returncode != 0:
         sys.exit(f"reproduce_small: {name} failed; see {log_path}")
     return save_dir, curve, stats
@@ -543,8 +549,8 @@ def run_plan(plan, args, minutes, max_update, cores):
         try:
             progress = f"[{index}/{len(todo)}] "
             budget = f"{max_update} updates" if minutes == 0 else f"{minutes:g} minutes"
-            print(f"== {progress}{label} ({results[label]['config']}), seed {seed}, {budget}"
-                  f"{f', core {core}' if args.parallel > 1 else ''}", flush=True)
+            say(f"== {progress}{label} ({results[label]['config']}), seed {seed}, {budget}"
+                f"{f', core {core}' if args.parallel > 1 else ''}")
             save_dir, curve, stats = train(config, overrides, args.data, minutes, args.out, seed, count,
                                            args.validate_every, max_update, core if args.parallel > 1 else None,
                                            progress)
@@ -555,7 +561,7 @@ def run_plan(plan, args, minutes, max_update, cores):
                "expert_load": expert_load(args.data, save_dir) if model != "dense" else {}}
         with open(os.path.join(args.out, f"{run_name(config, overrides, count, seed)}.result.json"), "w") as f:
             json.dump(run, f)
-        print(f"|   {label}, seed {seed}: test perplexity {run['test_ppl']:.2f}", flush=True)
+        say(f"|   {label}, seed {seed}: test perplexity {run['test_ppl']:.2f}")
         return run
 
     with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
