@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from fairseq_base.checkpoints import check_finite, new_run_id, read_checkpoint, stamp
 from fairseq_base.errors import BaseLayerConfigError
 from fairseq_base.experts import EXPERT_IDS
+from fairseq_base.fairseq_patches.which_models import has_experts
 from fairseq_base.layer import BaseLayer
 from fairseq_base.options import model_fields
 
@@ -47,7 +48,7 @@ class UpcycleError(BaseLayerConfigError):
     pass
 
 
-def has_experts(state_dict: Dict[str, Tensor]) -> bool:
+def state_has_experts(state_dict: Dict[str, Tensor]) -> bool:
     """Whether a model's state dict holds expert layers (this plugin's, of any version)."""
     return any(key.endswith(EXPERT_IDS) or ".experts." in key for key in state_dict)
 
@@ -163,7 +164,7 @@ def dense_config(state: dict, path: str) -> dict:
         raise UpcycleError(f"{path} has no model configuration ('cfg'): not a fairseq checkpoint")
     cfg = OmegaConf.to_container(cfg) if OmegaConf.is_config(cfg) else dict(cfg)
     name = (cfg.get("model") or {}).get("_name")
-    if has_experts(state["model"]):
+    if state_has_experts(state["model"]):
         raise UpcycleError(f"{path} already has expert layers: upcycle the dense model it started from, or "
                            f"change its layout with fairseq-base-reshard")
     if name not in ("transformer_lm", "transformer_lm_base"):
@@ -215,7 +216,7 @@ def upcycle(path: str, out: str, options: dict, data: Optional[str] = None, worl
     torch.manual_seed((cfg.get("common") or {}).get("seed", 1) if seed is None else seed)
     model_cfg, model = build_upcycled(cfg, data, options)
     check_dictionary(state["model"], model, data or cfg["task"].get("data"))
-    if not any(isinstance(layer, BaseLayer) for layer in model.modules()):
+    if not has_experts(model):
         raise UpcycleError("the options add no expert layer: pass --base-layers N and/or --base-moe-freq K")
     upcycled = upcycle_state(state["model"], model)
     model.load_state_dict(upcycled)  # as fairseq will: every key, every shape

@@ -99,12 +99,6 @@ def torchrun_train(workers, data, save_dir, *flags, check=True):
     return run(*torchrun_command(workers, data, save_dir, *flags), check=check)
 
 
-def train_command(data, save_dir, *flags):
-    """fairseq-train of the tiny model in one process."""
-    return ["fairseq-train", str(data / "bin"), "--user-dir", "fairseq_base", "--cpu", *TINY_MODEL,
-            "--save-dir", str(save_dir), *flags]
-
-
 def error_messages(stderr):
     """The distinct "fairseq_base: error:" messages in ``stderr``, also where the lines of two
     workers ran together (torchrun prefixes each worker's lines with "[rankN]: ")."""

@@ -209,8 +209,9 @@ class TransformerLanguageModelBase(TransformerLanguageModel):
         upcycled first: its trunk under the indices the expert layers leave it, its FFN blocks copied
         into the experts of the expert FFN slots (``fairseq_base/upcycle.py``)."""
         from fairseq_base import upcycle  # it builds this model: imported when first needed
+        from fairseq_base.fairseq_patches.which_models import has_experts
 
-        if not upcycle.has_experts(state_dict) and any(isinstance(m, BaseLayer) for m in self.modules()):
+        if not upcycle.state_has_experts(state_dict) and has_experts(self):
             state_dict = upcycle.upcycle_state(state_dict, self)
             logger.info("upcycled a dense transformer_lm checkpoint: the expert layers start as the dense "
                         "model computes (fairseq_base/upcycle.py)")
