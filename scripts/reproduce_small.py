@@ -31,8 +31,9 @@ scaled)" runs too, at 10 / N (the bias can then cross the sigmoid's whole range 
 the run), labelled as such.
 
 Resumable: a finished run's result is kept in --out (``RUN.result.json``) and skipped when the
-same command runs again, so a sweep can span days; a run that did not finish starts again from
-its beginning. Each run prints a progress line at every validation: which run, its update, and
+same command runs again, so a sweep can span days. A run of --updates that did not finish goes on
+from its last validation (it saves a checkpoint at each); one with a wall-clock budget starts
+again from its beginning. Each run records the commit it ran at. Each run prints a progress line at every validation: which run, its update, and
 the time elapsed and left.
 
 ``--experts`` runs every routed model of ``--models`` at each expert count (the compute per
@@ -78,6 +79,7 @@ COMPARISONS = {
 DROPPED = re.compile(r"\b\w+_dropped=([0-9.]+)")
 LOAD_MAX = re.compile(r"\b\w+_load_max=([0-9.]+)")
 CHURN = re.compile(r"\b(\w+)_churn ([0-9.]+)")
+LOADED = re.compile(r"Loaded checkpoint .* \(epoch \d+ @ (\d+) updates\)")
 STAMP = re.compile(r"^(?:\[)?(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)")
 ROUTERS_UPDATES = 1000  # the routers comparison's default length (--updates)
 BALANCED_BUSIEST = 1.2  # a busiest expert at most this over the mean counts as balanced
@@ -89,6 +91,14 @@ def say(line):
     its newline."""
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
+
+
+def commit():
+    """This checkout's commit, "+changes" when its tracked files differ from it: what a run measured."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    head = git("rev-parse", "--short=12", "HEAD") or "unknown"
+    return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def log_time(line):
@@ -104,43 +114,62 @@ def run_name(config, overrides, experts, seed):
 def train(config, overrides, data, minutes, out, seed, experts=None, validate_every=50, max_update=100000,
           core=None, progress=""):
     """(save_dir, validation curve, training statistics of the last logged batches). ``minutes`` 0:
-    no wall-clock budget (``max_update`` ends the run); ``core``: run on that core, one thread."""
+    no wall-clock budget (``max_update`` ends the run, which saves a checkpoint at every validation
+    and continues from the last one if it was stopped); ``core``: run on that core, one thread."""
     name = run_name(config, overrides, experts, seed)
     save_dir = os.path.join(out, name)
     log_path = os.path.join(out, f"{name}.log")
     cmd = ["fairseq-hydra-train", "--config-dir", os.path.join(REPO, "configs"), "--config-name", config,
            f"task.data={data}", f"checkpoint.save_dir={save_dir}", f"hydra.run.dir={save_dir}/hydra",
            f"optimization.max_update={max_update}", f"optimization.stop_time_hours={minutes / 60}",
-           f"dataset.validate_interval_updates={validate_every}", "checkpoint.save_interval_updates=100000",
-           "common.log_interval=25", f"common.seed={seed}", *overrides] + (
-               [f"model.base_experts={experts}"] if experts else [])
+           f"dataset.validate_interval_updates={validate_every}", "common.log_interval=25", f"common.seed={seed}",
+           *overrides] + ([f"model.base_experts={experts}"] if experts else []) + (
+               [f"checkpoint.save_interval_updates={validate_every}", "checkpoint.keep_interval_updates=1"]
+               if minutes == 0 else ["checkpoint.save_interval_updates=100000"])
     env = dict(os.environ, PYTHONUNBUFFERED="1")  # progress lines as they come
     if core is not None:
         cmd = ["taskset", "-c", str(core)] + cmd
         env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    curve, start, stats = [], None, {"dropped": 0.0, "busiest": None}
+    run = {"curve": [], "start": None, "offset": 0.0, "from": 0, "stats": {"dropped": 0.0, "busiest": None}}
+
+    def read(line, live):
+        """Follow one line of fairseq's log; ``live``: from this process, not the log of an earlier one."""
+        if "train_inner" in line:  # "| train_inner |" (fairseq-train) or "[train_inner]" (Hydra)
+            run["stats"] = training_stats(line)
+        loaded = LOADED.search(line)
+        if loaded:  # continuing a stopped run: its curve goes on from the checkpoint's update
+            run["from"] = int(loaded.group(1))
+            run["curve"] = [point for point in run["curve"] if point["updates"] <= run["from"]]
+            run["offset"], run["start"] = (run["curve"][-1]["seconds"] if run["curve"] else 0.0), None
+        if "begin training epoch" in line and run["start"] is None:
+            run["start"] = log_time(line)
+        if "valid on 'valid' subset" in line:
+            ppl = float(re.search(r"\| ppl ([0-9.]+)", line).group(1))
+            updates = int(re.search(r"\| num_updates (\d+)", line).group(1))
+            seconds = run["offset"] + (log_time(line) - run["start"]).total_seconds()
+            run["curve"].append({"updates": updates, "seconds": seconds, "valid_ppl": ppl,
+                                 "busiest": run["stats"]["busiest"],
+                                 "churn": {layer: float(v) for layer, v in CHURN.findall(line)}})
+            if live:
+                elapsed = time.monotonic() - began
+                done = updates - run["from"]
+                left = elapsed * (max_update - updates) / done if minutes == 0 and done > 0 else None
+                say(f"| {progress}{name}: update {updates}{f'/{max_update}' if minutes == 0 else ''}, valid ppl "
+                    f"{ppl:.2f}, {elapsed / 60:.1f} min" + (f", about {left / 60:.0f} min left" if left else ""))
+
+    if os.path.exists(os.path.join(save_dir, "checkpoint_last.pt")) and os.path.exists(log_path):
+        with open(log_path) as earlier:
+            for line in earlier:
+                read(line, live=False)
     began = time.monotonic()
-    with open(log_path, "w") as log, subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, env=env,
+    with open(log_path, "a") as log, subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, env=env,
                                                       stderr=subprocess.STDOUT, text=True) as proc:
         for line in proc.stdout:
             log.write(line)
-            if "train_inner" in line:  # "| train_inner |" (fairseq-train) or "[train_inner]" (Hydra)
-                stats = training_stats(line)
-            if "begin training epoch 1" in line:
-                start = log_time(line)
-            if "valid on 'valid' subset" in line:
-                ppl = float(re.search(r"\| ppl ([0-9.]+)", line).group(1))
-                updates = int(re.search(r"\| num_updates (\d+)", line).group(1))
-                seconds = (log_time(line) - start).total_seconds()
-                curve.append({"updates": updates, "seconds": seconds, "valid_ppl": ppl, "busiest": stats["busiest"],
-                              "churn": {layer: float(v) for layer, v in CHURN.findall(line)}})
-                elapsed = time.monotonic() - began
-                left = elapsed * (max_update - updates) / updates if minutes == 0 and updates else None
-                say(f"| {progress}{name}: update {updates}{f'/{max_update}' if minutes == 0 else ''}, valid ppl "
-                    f"{ppl:.2f}, {elapsed / 60:.1f} min" + (f", about {left / 60:.0f} min left" if left else ""))
+            read(line, live=True)
     if proc.returncode != 0:
         sys.exit(f"reproduce_small: {name} failed; see {log_path}")
-    return save_dir, curve, stats
+    return save_dir, run["curve"], run["stats"]
 
 
 def training_stats(line):
@@ -393,10 +422,12 @@ def write_results(results, meta, out):
     budget = f"{meta['updates']} updates per run" if meta.get("updates") else \
         f"{meta['minutes']:g} minutes of training per run"
     key = "valid_ppl_at_common_updates" if meta.get("updates") else "test_ppl"
+    commits = {run["commit"] for r in results.values() for run in r["runs"] if run.get("commit")}
     test_at = f"update {meta['updates']}" if meta.get("updates") else "equal wall-clock"
     lines = [f"{title[meta.get('comparison', 'architectures')]}: {budget}, "
              f"{meta['seeds']} seed(s) per model, on {meta['machine']}.",
-             f"Command: `{' '.join(['python', 'scripts/reproduce_small.py'] + meta['command'])}`",
+             f"Command: `{' '.join(['python', 'scripts/reproduce_small.py'] + meta['command'])}`" + (
+                 f", at commit {', '.join(sorted(commits))}" if commits else ""),
              "", f"Perplexities: mean ± standard deviation [min, max] over seeds. Validation at equal updates: at "
              f"update {common}, the last every run reached. \"vs {reference['label']}\": "
              f"{'validation perplexity difference at that update' if key != 'test_ppl' else 'test perplexity difference'}; "
@@ -535,7 +566,10 @@ def run_plan(plan, args, minutes, max_update, cores):
                 done[label, seed] = json.load(f)
             print(f"| kept: {label}, seed {seed} (finished before: {name}.result.json)", flush=True)
         except (OSError, ValueError):
-            if os.path.exists(os.path.join(args.out, name)):  # unfinished: fairseq would resume mid-curve
+            if minutes == 0 and os.path.exists(os.path.join(args.out, name, "checkpoint_last.pt")):
+                print(f"| {label}, seed {seed} did not finish before: continuing from its last checkpoint",
+                      flush=True)
+            elif os.path.exists(os.path.join(args.out, name)):  # a time budget would start again mid-curve
                 print(f"| {label}, seed {seed} did not finish before: starting it again", flush=True)
                 shutil.rmtree(os.path.join(args.out, name))
             todo.append((label, seed))
@@ -556,7 +590,7 @@ def run_plan(plan, args, minutes, max_update, cores):
                                            progress)
         finally:
             free_cores.put(core)
-        run = {"seed": seed, "curve": curve, "test_ppl": evaluate(args.data, save_dir),
+        run = {"seed": seed, "commit": commit(), "curve": curve, "test_ppl": evaluate(args.data, save_dir),
                "train_dropped": stats["dropped"], "train_busiest": stats["busiest"],
                "expert_load": expert_load(args.data, save_dir) if model != "dense" else {}}
         with open(os.path.join(args.out, f"{run_name(config, overrides, count, seed)}.result.json"), "w") as f:

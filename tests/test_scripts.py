@@ -36,13 +36,20 @@ def test_launch_paper_refuses_a_gpu_count_that_does_not_fill_nodes():
     assert result.stderr.strip() == "launch_paper.sh: GPUS=12 is not a multiple of GPUS_PER_NODE=8"
 
 
-@pytest.mark.slow
-def test_reproduce_small_runs_seeds_and_an_expert_sweep_of_the_router_comparison(data_bin, tmp_path):
-    data = tmp_path / "bin"  # the script scores the test split, which data_bin lacks
+@pytest.fixture(scope="module")
+def scored_data(data_bin, tmp_path_factory):
+    """data_bin with a test split, which reproduce_small scores."""
+    data = tmp_path_factory.mktemp("scored") / "bin"
     text = data_bin / "valid.txt"
     subprocess.run(["fairseq-preprocess", "--only-source", "--trainpref", str(data_bin / "train.txt"),
                     "--validpref", str(text), "--testpref", str(text), "--destdir", str(data),
                     "--workers", "1"], check=True, capture_output=True)
+    return data
+
+
+@pytest.mark.slow
+def test_reproduce_small_runs_seeds_and_an_expert_sweep_of_the_router_comparison(scored_data, tmp_path):
+    data = scored_data
     out = tmp_path / "out"
     # Three updates each, validated after every one, however slow the machine is (a minute is a watchdog).
     result = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "reproduce_small.py"), "--minutes", "1",
@@ -70,6 +77,26 @@ def test_reproduce_small_runs_seeds_and_an_expert_sweep_of_the_router_comparison
     subprocess.run([sys.executable, os.path.join(REPO, "scripts", "reproduce_small.py"), "--redraw", "--out",
                     str(out)], check=True, capture_output=True, cwd=tmp_path)
     assert (out / "results.md").read_text() == table and (out / "experts.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_reproduce_small_continues_a_stopped_run_of_updates_from_its_last_validation(scored_data, tmp_path):
+    def reproduce(updates):
+        result = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "reproduce_small.py"), "--updates",
+                                 str(updates), "--comparison", "routers", "--models", "dense", "--seeds", "1",
+                                 "--validate-every", "2", "--data", str(scored_data), "--out", str(out)],
+                                capture_output=True, text=True, cwd=REPO)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        return result.stdout
+
+    out = tmp_path / "out"
+    reproduce(2)
+    (out / "small_dense-seed1.result.json").unlink()  # as if it had been stopped after update 2
+    assert "continuing from its last checkpoint" in reproduce(4)
+    run, = json.loads((out / "results.json").read_text())["models"]["dense"]["runs"]
+    assert [p["updates"] for p in run["curve"]] == [2, 4]  # update 2 from the first process's log
+    assert run["curve"][0]["seconds"] < run["curve"][1]["seconds"]
+    assert run["commit"]
 
 
 def test_reproduce_small_says_which_differences_exceed_the_spread():
