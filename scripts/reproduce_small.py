@@ -33,8 +33,8 @@ the run), labelled as such.
 Resumable: a finished run's result is kept in --out (``RUN.result.json``) and skipped when the
 same command runs again, so a sweep can span days. A run of --updates that did not finish goes on
 from its last validation (it saves a checkpoint at each); one with a wall-clock budget starts
-again from its beginning. Each run records the commit it ran at. Each run prints a progress line at every validation: which run, its update, and
-the time elapsed and left.
+again from its beginning. Each run records the commit it ran at. Each run prints a progress
+line at every validation: which run, its update, and the time elapsed and left.
 
 ``--experts`` runs every routed model of ``--models`` at each expert count (the compute per
 token does not change with E: every token goes through one expert per layer, two for top-2).
