@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""The paper's language-model comparison at laptop scale, with several seeds: two comparisons.
+"""The paper's language-model comparison at laptop scale, with several seeds, and two more.
 
     python scripts/reproduce_small.py [--minutes 3] [--seeds 3] [--out runs/reproduce_small]
     python scripts/reproduce_small.py --comparison routers --updates 1000 --out runs/reproduce_routers
+    python scripts/reproduce_small.py --comparison upcycling --out runs/reproduce_upcycling
     python scripts/reproduce_small.py --models dense,BASE,Hash --experts 1,2,4,8,16   # the expert-count sweep
 
 ``--comparison architectures`` (the default): each method in its paper's architecture: dense,
@@ -12,6 +13,12 @@ method, as published"; the router and the expert layers change together.
 ``--comparison routers``: only the router changes: the same expert FFNs at layers 2 and 4
 (configs/small_routers.yaml, E = 4), routed by balanced (BASE), sbase, switch, top2, hash
 and lossfree (DeepSeek-V3's bias), plus dense. It answers "which router".
+``--comparison upcycling``: from one dense start (small_dense, seed 1, --start-updates 400: the
+quick run's dense model), --updates 400 more as dense, as upcycled with one BASE layer
+(small_base) and as upcycled with expert FFNs (small_routers, BASE's router), each through
+fairseq's --finetune-from-model (fairseq_base upcycles the dense state dict; optimizer and
+learning-rate schedule start again), against BASE (small_base) trained from scratch for the
+whole length. It answers "is upcycling my dense model worth it".
 
 Each model trains from its configs/small_*.yaml on the Brown corpus for the same wall-clock
 budget on this machine (the paper compares at equal GPUs and time), once per seed,
@@ -53,6 +60,7 @@ writes the tables and plots again from --out's results.json, without training.
 import argparse
 import concurrent.futures
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -63,6 +71,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import NamedTuple, Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # expert_load imports this checkout's fairseq_base, whichever one pip installed
@@ -75,13 +84,23 @@ COMPARISONS = {
                 **{name: ("small_routers", [f"model.base_router={router}"]) for name, router in (
                     ("BASE", "balanced"), ("S-BASE", "sbase"), ("Switch", "switch"), ("MoE top-2", "top2"),
                     ("Hash", "hash"), ("lossfree", "lossfree"))}},
+    # From the dense start (UPCYCLING_START); "from scratch" trains the whole length instead.
+    "upcycling": {"dense (continued)": ("small_dense", []), "upcycled: BASE layer": ("small_base", []),
+                  "upcycled: expert FFNs": ("small_routers", ["model.base_router=balanced"]),
+                  "BASE from scratch": ("small_base", [])},
 }
+DENSE = "small_dense"  # the config without experts
+# The upcycling comparison starts from the quick run's dense model: scripts/quickrun.sh trains the
+# same model (small_dense, seed 1) for the same 400 updates.
+START_UPDATES = 400
+REFERENCE = {"architectures": "BASE", "routers": "BASE", "upcycling": "dense (continued)"}
 DROPPED = re.compile(r"\b\w+_dropped=([0-9.]+)")
 LOAD_MAX = re.compile(r"\b\w+_load_max=([0-9.]+)")
 CHURN = re.compile(r"\b(\w+)_churn ([0-9.]+)")
 LOADED = re.compile(r"Loaded checkpoint .* \(epoch \d+ @ (\d+) updates\)")
 STAMP = re.compile(r"^(?:\[)?(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)")
 ROUTERS_UPDATES = 1000  # the routers comparison's default length (--updates)
+UPCYCLING_UPDATES = 400  # the upcycling comparison's: as many again as the dense start had
 BALANCED_BUSIEST = 1.2  # a busiest expert at most this over the mean counts as balanced
 LOSSFREE_SCALED = "lossfree (rate scaled)"
 
@@ -106,24 +125,35 @@ def log_time(line):
     return datetime.datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S") if match else None
 
 
-def run_name(config, overrides, experts, seed):
-    variant = "".join("-" + override.split("=", 1)[1] for override in overrides)
-    return f"{config}{variant}{f'-e{experts}' if experts else ''}-seed{seed}"
+class Arm(NamedTuple):
+    """One model of a comparison, trained once per seed."""
+    model: str  # its name in COMPARISONS
+    config: str  # configs/CONFIG.yaml
+    overrides: list
+    experts: Optional[int]  # model.base_experts, where a sweep sets it
+    updates: int  # optimization.max_update
+    start: Optional[str] = None  # a dense checkpoint it starts from (--finetune-from-model), upcycled
 
 
-def train(config, overrides, data, minutes, out, seed, experts=None, validate_every=50, max_update=100000,
-          core=None, progress=""):
+def run_name(arm, seed):
+    variant = "".join("-" + override.split("=", 1)[1] for override in arm.overrides)
+    return (f"{arm.config}{variant}{f'-e{arm.experts}' if arm.experts else ''}{'-from-dense' if arm.start else ''}"
+            f"-seed{seed}")
+
+
+def train(arm, data, minutes, out, seed, validate_every=50, core=None, progress=""):
     """(save_dir, validation curve, training statistics of the last logged batches). ``minutes`` 0:
-    no wall-clock budget (``max_update`` ends the run, which saves a checkpoint at every validation
+    no wall-clock budget (``arm.updates`` ends the run, which saves a checkpoint at every validation
     and continues from the last one if it was stopped); ``core``: run on that core, one thread."""
-    name = run_name(config, overrides, experts, seed)
+    name, max_update = run_name(arm, seed), arm.updates
     save_dir = os.path.join(out, name)
     log_path = os.path.join(out, f"{name}.log")
-    cmd = ["fairseq-hydra-train", "--config-dir", os.path.join(REPO, "configs"), "--config-name", config,
+    cmd = ["fairseq-hydra-train", "--config-dir", os.path.join(REPO, "configs"), "--config-name", arm.config,
            f"task.data={data}", f"checkpoint.save_dir={save_dir}", f"hydra.run.dir={save_dir}/hydra",
            f"optimization.max_update={max_update}", f"optimization.stop_time_hours={minutes / 60}",
            f"dataset.validate_interval_updates={validate_every}", "common.log_interval=25", f"common.seed={seed}",
-           *overrides] + ([f"model.base_experts={experts}"] if experts else []) + (
+           *arm.overrides] + ([f"model.base_experts={arm.experts}"] if arm.experts else []) + (
+               [f"checkpoint.finetune_from_model={arm.start}"] if arm.start else []) + (
                [f"checkpoint.save_interval_updates={validate_every}", "checkpoint.keep_interval_updates=1"]
                if minutes == 0 else ["checkpoint.save_interval_updates=100000"])
     env = dict(os.environ, PYTHONUNBUFFERED="1")  # progress lines as they come
@@ -416,15 +446,22 @@ def write_results(results, meta, out):
     """results.md, results.json and the plots in ``out``; ``meta``: minutes, seeds, machine and command."""
     common = summarize(results)
     sweep = any(r["experts"] for r in results.values())
-    reference = results.get("dense" if sweep else "BASE") or next(iter(results.values()))
+    comparison = meta.get("comparison", "architectures")
+    reference = results.get("dense" if sweep else REFERENCE[comparison]) or next(iter(results.values()))
     title = {"architectures": "Small-scale reproduction (each method in its paper's architecture)",
-             "routers": "Router comparison (only the router changes: the expert FFNs of configs/small_routers.yaml)"}
+             "routers": "Router comparison (only the router changes: the expert FFNs of configs/small_routers.yaml)",
+             "upcycling": "Upcycling (from a dense model: continued dense, upcycled, against BASE from scratch)"}
     budget = f"{meta['updates']} updates per run" if meta.get("updates") else \
         f"{meta['minutes']:g} minutes of training per run"
+    if comparison == "upcycling":
+        budget = (f"a dense start ({DENSE}, seed 1, {meta['start_updates']} updates, as scripts/quickrun.sh's dense "
+                  f"model) continued for {meta['updates']} updates per run (fairseq's --finetune-from-model: "
+                  f"optimizer and learning-rate schedule start again), BASE from scratch for "
+                  f"{meta['start_updates'] + meta['updates']}")
     key = "valid_ppl_at_common_updates" if meta.get("updates") else "test_ppl"
     commits = {run["commit"] for r in results.values() for run in r["runs"] if run.get("commit")}
-    test_at = f"update {meta['updates']}" if meta.get("updates") else "equal wall-clock"
-    lines = [f"{title[meta.get('comparison', 'architectures')]}: {budget}, "
+    test_at = "after the last update" if meta.get("updates") else "equal wall-clock"
+    lines = [f"{title[comparison]}: {budget}, "
              f"{meta['seeds']} seed(s) per model, on {meta['machine']}.",
              f"Command: `{' '.join(['python', 'scripts/reproduce_small.py'] + meta['command'])}`" + (
                  f", at commit {', '.join(sorted(commits))}" if commits else ""),
@@ -452,6 +489,12 @@ def write_results(results, meta, out):
         lines.append(f"| {name} | {r['config']} | {len(r['runs'])} | {r['updates']:.0f} | {describe(r['test_ppl'])} | "
                      f"{describe(r['valid_ppl_at_common_updates'])} | {versus(r, reference, key)} | {in_training} | "
                      f"{busiest} | {churn} | {dropped:.1%} |")
+    pairs = [f"{a} {ra[key]['mean'] - rb[key]['mean']:+.2f} against {b}"
+             for (a, ra), (b, rb) in itertools.combinations(results.items(), 2)
+             if ra.get(key) and rb.get(key) and separated(ra[key], rb[key])]
+    what = f"validation perplexity at update {common}" if key != "test_ppl" else "test perplexity"
+    lines += ["", f"Every pair whose {what} differs beyond the seed spread (ranges that do not overlap): "
+              + ("; ".join(pairs) or "none") + "."]
     if sweep:
         lines += sweep_table(results, common)
     with open(os.path.join(out, "results.md"), "w") as f:
@@ -469,7 +512,8 @@ def main():
     parser.add_argument("--data", default=os.path.join(REPO, "data-bin", "brown"))
     parser.add_argument("--out", default=os.path.join(REPO, "runs", "reproduce_small"))
     parser.add_argument("--comparison", choices=sorted(COMPARISONS), default="architectures",
-                        help="architectures: each method as its paper built it; routers: only the router changes")
+                        help="architectures: each method as its paper built it; routers: only the router changes; "
+                             "upcycling: a dense model continued, dense or upcycled, against BASE from scratch")
     parser.add_argument("--models", default="", help="comma-separated (default: all of the comparison's), from: " +
                         "; ".join(f"{c}: {', '.join(models)}" for c, models in COMPARISONS.items()))
     parser.add_argument("--experts", default="", help="comma-separated expert counts: run every routed model at each")
@@ -478,7 +522,10 @@ def main():
                         help="also stop a run after this many updates (a quick smoke run: --minutes 1 --max-update 3)")
     parser.add_argument("--updates", type=int, default=None,
                         help=f"train every run for this many updates, with no time budget (the routers comparison's "
-                             f"default: {ROUTERS_UPDATES}; --updates 0: the wall-clock budget of --minutes)")
+                             f"default: {ROUTERS_UPDATES}; upcycling's: {UPCYCLING_UPDATES}, after the dense start; "
+                             f"--updates 0: the wall-clock budget of --minutes)")
+    parser.add_argument("--start-updates", type=int, default=START_UPDATES,
+                        help=f"upcycling: the dense start's updates (default {START_UPDATES}, as the quick run's)")
     parser.add_argument("--parallel", type=int, default=None,
                         help="trainings at once, each on its own core (default: one per core with --updates, else 1)")
     parser.add_argument("--redraw", action="store_true",
@@ -490,9 +537,8 @@ def main():
                 saved = json.load(f)
         except (OSError, ValueError) as err:
             parser.error(f"--redraw reads --out's results.json: {err}")
-        write_results(saved.pop("models"), {key: saved[key] for key in ("minutes", "seeds", "machine", "command",
-                                                                         "comparison", "updates") if key in saved},
-                      args.out)
+        kept = ("minutes", "seeds", "machine", "command", "comparison", "updates", "start_updates")
+        write_results(saved.pop("models"), {key: saved[key] for key in kept if key in saved}, args.out)
         return
     # Hydra runs each training in its own working directory.
     args.out, args.data = os.path.abspath(args.out), os.path.abspath(args.data)
@@ -510,14 +556,20 @@ def main():
         parser.error(f"--experts {args.experts!r} is not a comma-separated list of expert counts")
     if any(e < 1 for e in experts) or ("MoE top-2" in args.models.split(",") and 1 in experts):
         parser.error(f"--experts {args.experts}: counts must be >= 1 (>= 2 for MoE top-2)")
-    plan = {}  # label -> (model, config, overrides, experts)
+    if experts and args.comparison == "upcycling":
+        parser.error("--experts: the upcycling comparison keeps its configs' expert counts; leave --experts out")
+    if args.updates is None:
+        args.updates = {"routers": ROUTERS_UPDATES if not experts else 0, "upcycling": UPCYCLING_UPDATES}.get(
+            args.comparison, 0)
+    if args.updates < 0 or (args.comparison == "upcycling" and args.updates == 0):
+        parser.error(f"--updates must be >= {1 if args.comparison == 'upcycling' else 0}, got {args.updates}")
+    if args.start_updates < 1:
+        parser.error(f"--start-updates must be >= 1, got {args.start_updates}")
+    minutes, max_update = (0, args.updates) if args.updates else (args.minutes, args.max_update)
+    plan = {}  # label -> Arm
     for name in args.models.split(","):
         for count in experts if experts and name != "dense" else [None]:
-            plan[name if count is None else f"{name} E={count}"] = (name, *models[name], count)
-    if args.updates is None:
-        args.updates = ROUTERS_UPDATES if args.comparison == "routers" and not experts else 0
-    if args.updates < 0:
-        parser.error(f"--updates must be >= 0, got {args.updates}")
+            plan[name if count is None else f"{name} E={count}"] = Arm(name, *models[name], count, max_update)
     cores = sorted(os.sched_getaffinity(0))
     args.parallel = args.parallel or (len(cores) if args.updates else 1)
     if not 1 <= args.parallel <= len(cores):
@@ -533,8 +585,10 @@ def main():
     from fairseq_base.assignment import balanced_assignment
     balanced_assignment(torch.randn(4, 2))
 
-    minutes, max_update = (0, args.updates) if args.updates else (args.minutes, args.max_update)
-    results = run_plan(plan, args, minutes, max_update, cores)
+    if args.comparison == "upcycling":
+        results = run_upcycling(plan, args, cores)
+    else:
+        results = run_plan(plan, args, minutes, cores)
     lossfree = results.get("lossfree")
     if args.updates and lossfree and "lossfree" in args.models.split(",") and any(
             (run.get("train_busiest") or 0) > BALANCED_BUSIEST for run in lossfree["runs"]):
@@ -542,28 +596,54 @@ def main():
         print(f"| lossfree at DeepSeek-V3's rate did not balance within {args.updates} updates (busiest expert above "
               f"{BALANCED_BUSIEST} x the mean): {LOSSFREE_SCALED}, at {rate:g}", flush=True)
         config, overrides = COMPARISONS[args.comparison]["lossfree"]
-        scaled = {LOSSFREE_SCALED: ("lossfree", config, [*overrides, f"model.base_bias_update_rate={rate}"], None)}
-        results.update(run_plan(scaled, args, minutes, max_update, cores))
+        scaled = Arm("lossfree", config, [*overrides, f"model.base_bias_update_rate={rate}"], None, max_update)
+        results.update(run_plan({LOSSFREE_SCALED: scaled}, args, minutes, cores))
 
     machine = f"{platform.processor() or platform.machine()}, {len(cores)} of {os.cpu_count()} cores, no GPU" + (
         f", {args.parallel} runs at once, one core each" if args.parallel > 1 else "")
     write_results(results, {"minutes": args.minutes, "seeds": args.seeds, "machine": machine, "updates": args.updates,
-                            "command": sys.argv[1:], "comparison": args.comparison}, args.out)
+                            "command": sys.argv[1:], "comparison": args.comparison,
+                            **({"start_updates": args.start_updates} if args.comparison == "upcycling" else {})},
+                  args.out)
     print(f"\nwrote {args.out}/results.md, results.json and plots")
 
 
-def run_plan(plan, args, minutes, max_update, cores):
-    """Train and score every (label, seed) of ``plan`` not already done in --out, ``args.parallel``
-    at a time; returns the results per label, the kept ones included."""
-    results = {label: {"label": label, "model": model, "config": " ".join([config, *overrides]), "experts": count,
-                       "runs": []} for label, (model, config, overrides, count) in plan.items()}
-    runs = [(label, seed) for seed in range(1, args.seeds + 1) for label in plan]  # seeds outermost: alternating
+def run_upcycling(plan, args, cores):
+    """The dense start (one run, seed 1), then every model of ``plan`` per seed: those but "from
+    scratch" start from the dense start's checkpoint for ``args.updates`` more updates (their curves
+    begin with the start's and go on from its last update); "from scratch" trains the whole length."""
+    start_arm = Arm("dense", DENSE, [], None, args.start_updates)
+    start, = run_plan({"dense start": start_arm}, args, 0, cores, seeds=1)["dense start"]["runs"]
+    checkpoint = os.path.join(args.out, run_name(start_arm, 1), "checkpoint_last.pt")
+    plan = {label: arm._replace(updates=args.start_updates + args.updates) if "from scratch" in label else
+            arm._replace(start=checkpoint) for label, arm in plan.items()}
+    results = run_plan(plan, args, 0, cores)
+    began = start["curve"][-1]
+    for label, r in results.items():
+        if plan[label].start:
+            for run in r["runs"]:
+                run["curve"] = start["curve"] + [dict(p, updates=p["updates"] + began["updates"],
+                                                      seconds=p["seconds"] + began["seconds"]) for p in run["curve"]]
+    return results
+
+
+def run_plan(plan, args, minutes, cores, seeds=None):
+    """Train and score every (label, seed) of ``plan`` (seeds 1..``seeds``, default --seeds) not
+    already done in --out, ``args.parallel`` at a time; returns the results per label, the kept
+    ones included."""
+    results = {label: {"label": label, "model": arm.model, "experts": arm.experts, "runs": [], "config": " ".join(
+        [arm.config, *arm.overrides] + (["from the dense start"] if arm.start else []))} for label, arm in plan.items()}
+    runs = [(label, seed) for seed in range(1, (seeds or args.seeds) + 1) for label in plan]  # seeds outermost
     done, todo = {}, []
     for label, seed in runs:
-        name = run_name(*plan[label][1:], seed)
+        name = run_name(plan[label], seed)
         try:
             with open(os.path.join(args.out, f"{name}.result.json")) as f:
                 done[label, seed] = json.load(f)
+            trained = done[label, seed]["curve"][-1]["updates"] if done[label, seed]["curve"] else None
+            if minutes == 0 and trained != plan[label].updates:
+                sys.exit(f"reproduce_small: --out {args.out} holds {name} trained for {trained} updates, and this "
+                         f"command asks for {plan[label].updates}: pass another --out")
             print(f"| kept: {label}, seed {seed} (finished before: {name}.result.json)", flush=True)
         except (OSError, ValueError):
             if minutes == 0 and os.path.exists(os.path.join(args.out, name, "checkpoint_last.pt")):
@@ -578,22 +658,21 @@ def run_plan(plan, args, minutes, max_update, cores):
         free_cores.put(core)
 
     def one_run(index, label, seed):
-        model, config, overrides, count = plan[label]
+        arm = plan[label]
         core = free_cores.get()
         try:
             progress = f"[{index}/{len(todo)}] "
-            budget = f"{max_update} updates" if minutes == 0 else f"{minutes:g} minutes"
+            budget = f"{arm.updates} updates" if minutes == 0 else f"{minutes:g} minutes"
             say(f"== {progress}{label} ({results[label]['config']}), seed {seed}, {budget}"
                 f"{f', core {core}' if args.parallel > 1 else ''}")
-            save_dir, curve, stats = train(config, overrides, args.data, minutes, args.out, seed, count,
-                                           args.validate_every, max_update, core if args.parallel > 1 else None,
-                                           progress)
+            save_dir, curve, stats = train(arm, args.data, minutes, args.out, seed, args.validate_every,
+                                           core if args.parallel > 1 else None, progress)
         finally:
             free_cores.put(core)
         run = {"seed": seed, "commit": commit(), "curve": curve, "test_ppl": evaluate(args.data, save_dir),
                "train_dropped": stats["dropped"], "train_busiest": stats["busiest"],
-               "expert_load": expert_load(args.data, save_dir) if model != "dense" else {}}
-        with open(os.path.join(args.out, f"{run_name(config, overrides, count, seed)}.result.json"), "w") as f:
+               "expert_load": expert_load(args.data, save_dir) if arm.config != DENSE else {}}
+        with open(os.path.join(args.out, f"{run_name(arm, seed)}.result.json"), "w") as f:
             json.dump(run, f)
         say(f"|   {label}, seed {seed}: test perplexity {run['test_ppl']:.2f}")
         return run

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-command set-up: torch (kept if present), fairseq-fixed built against it, this plugin (whose
-# balanced-assignment kernel compiles here, once per x86-64 vector width: about 2.5 minutes on 2 cores).
+# balanced-assignment kernel compiles here, once per x86-64 vector width, side by side: under 2
+# minutes on 2 cores).
 #   bash scripts/setup.sh                 (reaches PyPI)
 #   bash scripts/setup.sh --offline DIR   (no internet: DIR from scripts/offline_bundle.sh; torch installed)
 # fairseq-fixed is built without build isolation so that it compiles against the torch
@@ -50,7 +51,7 @@ if ! python3 -c "import fairseq" 2>/dev/null; then
     progress "installing fairseq-fixed" env -u CUDA_HOME "${PIP[@]}" --no-build-isolation "fairseq-fixed==0.12.3.1"
   fi
 fi
-echo "| installing fairseq_base (compiles the balanced-assignment kernel for three vector widths, about 2.5 minutes on 2 cores)"
+echo "| installing fairseq_base (compiles the balanced-assignment kernel for three vector widths at once: under 2 minutes on 2 cores)"
 if [ -n "$OFFLINE" ]; then
   progress "installing fairseq_base" "${PIP[@]}" --no-build-isolation --no-deps -e .
 else

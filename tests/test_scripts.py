@@ -99,6 +99,30 @@ def test_reproduce_small_continues_a_stopped_run_of_updates_from_its_last_valida
     assert run["commit"]
 
 
+@pytest.mark.slow
+def test_reproduce_small_upcycling_continues_one_dense_start_and_trains_base_from_scratch_as_long(scored_data,
+                                                                                                  tmp_path):
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "reproduce_small.py"), "--comparison",
+                             "upcycling", "--start-updates", "2", "--updates", "2", "--seeds", "1", "--validate-every",
+                             "1", "--data", str(scored_data), "--out", str(out)], capture_output=True, text=True,
+                            cwd=REPO)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    models = json.loads((out / "results.json").read_text())["models"]
+    assert list(models) == ["dense (continued)", "upcycled: BASE layer", "upcycled: expert FFNs", "BASE from scratch"]
+    start = json.loads((out / "small_dense-seed1.result.json").read_text())["curve"]
+    for label, r in models.items():
+        curve, = [run["curve"] for run in r["runs"]]
+        assert [p["updates"] for p in curve] == [1, 2, 3, 4], label
+        assert (curve[:2] == start) == (label != "BASE from scratch"), label  # the continued ones share the start
+        assert bool(r["runs"][0]["expert_load"]) == (label != "dense (continued)"), label
+    for name in ("small_dense-from-dense-seed1", "small_base-from-dense-seed1",
+                 "small_routers-balanced-from-dense-seed1"):
+        assert "small_dense-seed1/checkpoint_last.pt" in (out / f"{name}.log").read_text()  # fairseq's finetune line
+    table = (out / "results.md").read_text()
+    assert "continued for 2 updates" in table and "differs beyond the seed spread" in table
+
+
 def test_reproduce_small_says_which_differences_exceed_the_spread():
     script = runpy.run_path(os.path.join(REPO, "scripts", "reproduce_small.py"))
     spread, versus = script["spread"], script["versus"]
