@@ -51,6 +51,6 @@ setup(
     entry_points={"console_scripts": ["fairseq-base-reshard = fairseq_base.reshard:cli_main",
                                         "fairseq-base-upcycle = fairseq_base.upcycle:cli_main"]},
     **assignment_kernel(),
-    extras_require={"test": ["pytest", "hypothesis", "scipy", "tensorboardX"],
+    extras_require={"test": ["pytest", "pytest-xdist", "hypothesis", "scipy", "tensorboardX"],
                     "repro": ["matplotlib", "regex"]},
 )
