@@ -84,7 +84,7 @@ COMPARISONS = {
                 **{name: ("small_routers", [f"model.base_router={router}"]) for name, router in (
                     ("BASE", "balanced"), ("S-BASE", "sbase"), ("Switch", "switch"), ("MoE top-2", "top2"),
                     ("Hash", "hash"), ("lossfree", "lossfree"))}},
-    # From the dense start (UPCYCLING_START); "from scratch" trains the whole length instead.
+    # All but "from scratch" go on from the dense start (START_UPDATES); that one trains the whole length.
     "upcycling": {"dense (continued)": ("small_dense", []), "upcycled: BASE layer": ("small_base", []),
                   "upcycled: expert FFNs": ("small_routers", ["model.base_router=balanced"]),
                   "BASE from scratch": ("small_base", [])},
