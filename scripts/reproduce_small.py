@@ -653,6 +653,7 @@ def run_plan(plan, args, minutes, cores, seeds=None):
                 print(f"| {label}, seed {seed} did not finish before: starting it again", flush=True)
                 shutil.rmtree(os.path.join(args.out, name))
             todo.append((label, seed))
+    todo.sort(key=lambda run: -plan[run[0]].updates)  # the longest first: the last to finish are short
     free_cores = queue.Queue()
     for core in cores[:args.parallel]:
         free_cores.put(core)
