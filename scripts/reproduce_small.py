@@ -192,8 +192,9 @@ def train(arm, data, minutes, out, seed, validate_every=50, core=None, progress=
             for line in earlier:
                 read(line, live=False)
     began = time.monotonic()
-    with open(log_path, "a") as log, subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, env=env,
-                                                      stderr=subprocess.STDOUT, text=True) as proc:
+    # Line-buffered: a stopped run is read back from this log, which must hold every line it printed.
+    with open(log_path, "a", buffering=1) as log, subprocess.Popen(
+            cmd, cwd=REPO, stdout=subprocess.PIPE, env=env, stderr=subprocess.STDOUT, text=True) as proc:
         for line in proc.stdout:
             log.write(line)
             read(line, live=True)
