@@ -98,6 +98,7 @@ DROPPED = re.compile(r"\b\w+_dropped=([0-9.]+)")
 LOAD_MAX = re.compile(r"\b\w+_load_max=([0-9.]+)")
 CHURN = re.compile(r"\b(\w+)_churn ([0-9.]+)")
 LOADED = re.compile(r"Loaded checkpoint .* \(epoch \d+ @ (\d+) updates\)")
+SAVED = re.compile(r"Saved checkpoint .* \(epoch \d+ @ (\d+) updates")
 STAMP = re.compile(r"^(?:\[)?(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)")
 ROUTERS_UPDATES = 1000  # the routers comparison's default length (--updates)
 UPCYCLING_UPDATES = 400  # the upcycling comparison's: as many again as the dense start had
@@ -160,12 +161,16 @@ def train(arm, data, minutes, out, seed, validate_every=50, core=None, progress=
     if core is not None:
         cmd = ["taskset", "-c", str(core)] + cmd
         env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    run = {"curve": [], "start": None, "offset": 0.0, "from": 0, "stats": {"dropped": 0.0, "busiest": None}}
+    run = {"curve": [], "start": None, "offset": 0.0, "from": 0, "saved": 0,
+           "stats": {"dropped": 0.0, "busiest": None}}
 
     def read(line, live):
         """Follow one line of fairseq's log; ``live``: from this process, not the log of an earlier one."""
         if "train_inner" in line:  # "| train_inner |" (fairseq-train) or "[train_inner]" (Hydra)
             run["stats"] = training_stats(line)
+        saved = SAVED.search(line)
+        if saved:
+            run["saved"] = int(saved.group(1))
         loaded = LOADED.search(line)
         if loaded:  # continuing a stopped run: its curve goes on from the checkpoint's update
             run["from"] = int(loaded.group(1))
@@ -191,6 +196,8 @@ def train(arm, data, minutes, out, seed, validate_every=50, core=None, progress=
         with open(log_path) as earlier:
             for line in earlier:
                 read(line, live=False)
+    if minutes == 0 and run["saved"] >= max_update:  # stopped after its last save: fairseq would train once more
+        return save_dir, run["curve"], run["stats"]
     began = time.monotonic()
     # Line-buffered: a stopped run is read back from this log, which must hold every line it printed.
     with open(log_path, "a", buffering=1) as log, subprocess.Popen(
