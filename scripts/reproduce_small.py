@@ -84,7 +84,7 @@ COMPARISONS = {
                 **{name: ("small_routers", [f"model.base_router={router}"]) for name, router in (
                     ("BASE", "balanced"), ("S-BASE", "sbase"), ("Switch", "switch"), ("MoE top-2", "top2"),
                     ("Hash", "hash"), ("lossfree", "lossfree"))}},
-    # All but "from scratch" go on from the dense start (START_UPDATES); that one trains the whole length.
+    # FROM_DENSE go on from the dense start (START_UPDATES); BASE from scratch trains the whole length.
     "upcycling": {"dense (continued)": ("small_dense", []), "upcycled: BASE layer": ("small_base", []),
                   "upcycled: expert FFNs": ("small_routers", ["model.base_router=balanced"]),
                   "BASE from scratch": ("small_base", [])},
@@ -93,6 +93,7 @@ DENSE = "small_dense"  # the config without experts
 # The upcycling comparison starts from the quick run's dense model: scripts/quickrun.sh trains the
 # same model (small_dense, seed 1) for the same 400 updates.
 START_UPDATES = 400
+FROM_DENSE = ("dense (continued)", "upcycled: BASE layer", "upcycled: expert FFNs")
 REFERENCE = {"architectures": "BASE", "routers": "BASE", "upcycling": "dense (continued)"}
 DROPPED = re.compile(r"\b\w+_dropped=([0-9.]+)")
 LOAD_MAX = re.compile(r"\b\w+_load_max=([0-9.]+)")
@@ -617,14 +618,14 @@ def main():
 
 
 def run_upcycling(plan, args, cores):
-    """The dense start (one run, seed 1), then every model of ``plan`` per seed: those but "from
-    scratch" start from the dense start's checkpoint for ``args.updates`` more updates (their curves
-    begin with the start's and go on from its last update); "from scratch" trains the whole length."""
+    """The dense start (one run, seed 1), then every model of ``plan`` per seed: those of FROM_DENSE
+    start from the dense start's checkpoint for ``args.updates`` more updates (their curves begin
+    with the start's and go on from its last update); the others train the whole length."""
     start_arm = Arm("dense", DENSE, [], None, args.start_updates)
     start, = run_plan({"dense start": start_arm}, args, 0, cores, seeds=1)["dense start"]["runs"]
     checkpoint = os.path.join(args.out, run_name(start_arm, 1), "checkpoint_last.pt")
-    plan = {label: arm._replace(updates=args.start_updates + args.updates) if "from scratch" in label else
-            arm._replace(start=checkpoint) for label, arm in plan.items()}
+    plan = {label: arm._replace(start=checkpoint) if label in FROM_DENSE else
+            arm._replace(updates=args.start_updates + args.updates) for label, arm in plan.items()}
     results = run_plan(plan, args, 0, cores)
     began = start["curve"][-1]
     for label, r in results.items():
