@@ -31,7 +31,8 @@ def assignment_kernel():
         def finalize_options(self):
             super().finalize_options()
             if self.parallel is None:
-                self.parallel = min(len(kernels), len(os.sched_getaffinity(0)))
+                cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+                self.parallel = min(len(kernels), cores or 1)
 
     return {"ext_modules": kernels, "cmdclass": {"build_ext": BuildSideBySide}}
 
