@@ -8,7 +8,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from fairseq_runs import ROUTER_RUN, TINY_MODEL, binarize, run  # noqa: E402  (tests/ is on the path)
+from fairseq_runs import ROUTER_RUN, TINY_MODEL, TWO_WORKER_RUN, binarize, run, torchrun_train  # noqa: E402  (tests/ is on the path)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -76,3 +76,20 @@ def router_runs(data_bin, tmp_path_factory):
             done[router] = save_dir, result
         return done[router]
     return router_run
+
+
+@pytest.fixture(scope="session")
+def two_worker_runs(data_bin, tmp_path_factory):
+    """``two_worker_runs(B)``: the save dir of the tiny model with 2 experts trained on 2 gloo workers
+    (torchrun) under DDP backend B for 10 updates, saved at 5 and 10 (``TWO_WORKER_RUN``):
+    checkpoint_1_{5,10}-rank-{0,1}.pt and checkpoint_last-rank-{0,1}.pt. Trained at the first test
+    that asks for it, once per backend; a test that resumes or breaks the files copies them first."""
+    done = {}
+
+    def two_worker_run(backend):
+        if backend not in done:
+            save_dir = tmp_path_factory.mktemp(f"two-workers-{backend}")
+            torchrun_train(2, data_bin, save_dir, *TWO_WORKER_RUN, "--ddp-backend", backend, "--max-update", "10")
+            done[backend] = save_dir
+        return done[backend]
+    return two_worker_run

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fairseq_base.fairseq_patches.launch import free_port
+from fairseq_runs import unused_port
 
 
 def _to_bytes(value) -> bytes:
@@ -42,7 +42,7 @@ def run_workers(fn, world_size, *args, timeout=120):
     """fn(rank, world_size, *args) on each worker; returns the results by rank."""
     ctx = mp.get_context("forkserver")
     results = ctx.Queue()
-    port = free_port()
+    port = unused_port()
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results))
              for r in range(world_size)]
     for p in procs:

@@ -1,6 +1,7 @@
 """Running fairseq's commands from the tests: subprocesses with a watchdog, the English text they
-train on, the tiny model, torchrun, and reading losses, perplexities and error lines from the output.
-The fixtures built from these (binarized data, trained checkpoints) are in conftest.py."""
+train on, the tiny model, torchrun, ports for process groups, and reading losses, perplexities and
+error lines from the output. The fixtures built from these (binarized data, trained checkpoints) are
+in conftest.py."""
 
 import concurrent.futures
 import os
@@ -9,6 +10,8 @@ import subprocess
 import sys
 
 import pytest
+
+from fairseq_base.fairseq_patches.launch import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAKESPEARE = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare", "input.txt")
@@ -21,6 +24,8 @@ TINY_MODEL = ["--task", "language_modeling", "--arch", "transformer_lm_base", "-
               "--no-epoch-checkpoints", "--num-workers", "0", "--seed", "3"]
 # A BASE layer and expert FFNs, both routed by the router under test (--base-router R).
 ROUTER_RUN = ["--base-layers", "1", "--base-moe-freq", "2", "--base-experts", "4", "--criterion", "base_cross_entropy"]
+# The shared 2-worker run (conftest's two_worker_runs) and the runs that resume it: a save every 5 updates.
+TWO_WORKER_RUN = ["--base-experts", "2", "--save-interval-updates", "5", "--log-interval", "5"]
 EVAL = ["--user-dir", "fairseq_base", "--cpu", "--tokens-per-sample", "64", "--batch-size", "8",
         "--num-workers", "0", "--gen-subset", "valid"]
 
@@ -36,6 +41,19 @@ def run(*cmd, cwd=REPO, check=True, input=None, watchdog_s=600):
     if check and result.returncode != 0:
         raise AssertionError(f"{cmd[0]} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
+
+
+_PORTS_GIVEN = set()
+
+
+def unused_port():
+    """A free port for a process group's rendezvous that no earlier caller of this session got: the
+    operating system may hand a port that was just released to the next bind, before the test that
+    asked for it first has bound it."""
+    while (port := free_port()) in _PORTS_GIVEN:
+        pass
+    _PORTS_GIVEN.add(port)
+    return port
 
 
 def run_two_at_a_time(commands, check=True):

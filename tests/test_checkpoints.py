@@ -11,9 +11,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fairseq_runs import BIN, EVAL, error_messages, losses, run, run_two_at_a_time, torchrun_command, torchrun_train
+from fairseq_runs import (BIN, EVAL, TWO_WORKER_RUN, error_messages, losses, run, run_two_at_a_time, torchrun_command,
+                          torchrun_train)
 
-COMMON = ["--base-experts", "4", "--ddp-backend", "legacy_ddp", "--log-interval", "5"]
+COMMON = [*TWO_WORKER_RUN, "--ddp-backend", "legacy_ddp"]  # run A is the shared run (conftest's two_worker_runs)
 MISMATCH = "fairseq_base: error: the workers loaded checkpoint files that do not belong together"
 
 pytestmark = pytest.mark.slow
@@ -24,12 +25,13 @@ def stamp_of(path):
 
 
 @pytest.fixture(scope="module")
-def runs(data_bin, tmp_path_factory):
-    """Run A saved at update 10 (rank 1's file kept) and resumed to 20; run B (another seed) at 10;
-    run "straight", A's run without the interruption. root.resumed: the resumed run's output."""
+def runs(data_bin, two_worker_runs, tmp_path_factory):
+    """Run A (a copy of the shared run) saved at update 10 (rank 1's file kept) and resumed to 20; run B
+    (another seed) at 10; run "straight", A's run without the interruption. root.resumed: the resumed
+    run's output."""
     root = tmp_path_factory.mktemp("runs")
-    run_two_at_a_time([torchrun_command(2, data_bin, root / "a", *COMMON, "--max-update", "10"),
-                       torchrun_command(2, data_bin, root / "b", *COMMON, "--max-update", "10", "--seed", "4")])
+    shutil.copytree(two_worker_runs("legacy_ddp"), root / "a")
+    torchrun_train(2, data_bin, root / "b", *COMMON, "--max-update", "10", "--seed", "4")
     shutil.copy(root / "a" / "checkpoint_last-rank-1.pt", root / "a10-rank-1.pt")
     resumed, straight = run_two_at_a_time([torchrun_command(2, data_bin, root / "a", *COMMON, "--max-update", "20"),
                                            torchrun_command(2, data_bin, root / "straight", *COMMON,

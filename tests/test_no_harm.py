@@ -15,8 +15,7 @@ import sys
 import pytest
 import torch
 
-from fairseq_base.fairseq_patches.launch import free_port
-from fairseq_runs import BIN, EVAL, TINY_MODEL, losses, run, run_two_at_a_time
+from fairseq_runs import BIN, EVAL, TINY_MODEL, losses, run, run_two_at_a_time, unused_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODELS = {"transformer_lm": ["--arch", "transformer_lm"],
@@ -110,7 +109,7 @@ def python_steps(data, save_dir, model):
              ["generate", str(data / "bin"), "--user-dir", "fairseq_base", "--path", str(checkpoint), "--cpu",
               *SAMPLE],
              ["distributed_init", *train_args(data, model, save_dir, 10), "--distributed-world-size", "1",
-              "--distributed-backend", "gloo", "--distributed-init-method", f"tcp://127.0.0.1:{free_port()}"]]
+              "--distributed-backend", "gloo", "--distributed-init-method", f"tcp://127.0.0.1:{unused_port()}"]]
     command = [sys.executable, os.path.join(HERE, "fairseq_entry_points.py")]
     for step in steps:
         command += [*step, "--then"]

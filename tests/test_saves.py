@@ -15,13 +15,13 @@ import subprocess
 import pytest
 import torch
 
-from fairseq_runs import BIN, TINY_MODEL, error_messages, losses, run, run_two_at_a_time, torchrun_command
+from fairseq_runs import BIN, TINY_MODEL, TWO_WORKER_RUN, error_messages, losses, run, run_two_at_a_time, torchrun_command
 
 from fairseq_base.fairseq_patches import saves
 
 pytestmark = pytest.mark.slow
 FAULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "faults")
-SAVES = ["--base-experts", "2", "--save-interval-updates", "5", "--log-interval", "5"]
+SAVES = TWO_WORKER_RUN  # a save every 5 updates, as the shared run (conftest's two_worker_runs) that most tests resume
 # Every DDP backend the plugin accepts with experts (c10d is fairseq's alias of pytorch_ddp). torch's
 # DDP (pytorch_ddp) wraps the model in a collective at the first touch of trainer.model: a worker
 # that decided alone to skip fairseq's loading would meet the others in another collective.
@@ -67,11 +67,10 @@ def one_error(result, fragment, workers=2):
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
-def saved(request, data_bin, tmp_path_factory):
-    """(backend, save dir) of a run on 2 workers under that backend, saved at updates 5 and 10:
-    checkpoint_1_{5,10}-rank-{0,1} and checkpoint_last-rank-{0,1} (update 10)."""
-    root = tmp_path_factory.mktemp(f"saved-{request.param}")
-    train(data_bin, root, 10, backend=request.param)
+def saved(request, two_worker_runs):
+    """(backend, save dir) of the shared run on 2 workers under that backend, saved at updates 5 and
+    10: checkpoint_1_{5,10}-rank-{0,1} and checkpoint_last-rank-{0,1} (update 10)."""
+    root = two_worker_runs(request.param)
     assert_readable_set(root, "checkpoint_last", 10)
     return request.param, root
 
