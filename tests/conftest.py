@@ -8,15 +8,25 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from fairseq_runs import ROUTER_RUN, TINY_MODEL, TWO_WORKER_RUN, binarize, run, torchrun_train  # noqa: E402  (tests/ is on the path)
+from fairseq_runs import (ROUTER_RUN, TINY_MODEL, TWO_WORKER_RUN, binarize, run,  # noqa: E402  (tests/ is on the path)
+                          torchrun_train)
+
+
+# The test modules that take longest in .ci/run's slow, install and docs tiers (their minutes in
+# its fresh-clone runs: install 9, docs 10, saves about 10, then 2 to 5 each), longest first.
+# .ci/run gives each module to one of two pytest-xdist workers (--dist loadfile: a module's
+# fixtures are made once, not once per worker that runs some of its tests); longest first, the
+# short modules fill in at the end and the two workers end together.
+LONGEST_FIRST = ["test_install", "test_doc_commands", "test_saves", "test_scripts", "test_upcycle", "test_routers",
+                 "test_no_harm", "test_checkpoints", "test_reshard"]
 
 
 def pytest_collection_modifyitems(config, items):
     """Skip, before any fixture runs, the tests marked ``cuda`` (``cuda(devices=N)``: N devices)
-    that this machine cannot run, with one line saying what they need. The ``install`` test and
-    then the ``docs`` tests, minutes each, go first: run two at a time (.ci/run), the short ones
-    then fill in beside them instead of one of them running alone at the end (it did: 5 minutes)."""
-    items.sort(key=lambda item: [item.get_closest_marker(tier) is None for tier in ("install", "docs")])
+    that this machine cannot run, with one line saying what they need; order the modules
+    longest first (``LONGEST_FIRST``), each module's tests in their own order."""
+    items.sort(key=lambda item: LONGEST_FIRST.index(item.path.stem) if item.path.stem in LONGEST_FIRST
+               else len(LONGEST_FIRST))
     available = torch.cuda.device_count() if torch.cuda.is_available() else 0
     for item in items:
         marker = item.get_closest_marker("cuda")

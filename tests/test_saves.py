@@ -15,7 +15,8 @@ import subprocess
 import pytest
 import torch
 
-from fairseq_runs import BIN, TINY_MODEL, TWO_WORKER_RUN, error_messages, losses, run, run_two_at_a_time, torchrun_command
+from fairseq_runs import (BIN, TINY_MODEL, TWO_WORKER_RUN, error_messages, losses, run, run_two_at_a_time,
+                          torchrun_command)
 
 from fairseq_base.fairseq_patches import saves
 
