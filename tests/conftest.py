@@ -12,8 +12,9 @@ from fairseq_runs import (ROUTER_RUN, TINY_MODEL, TWO_WORKER_RUN, binarize, run,
                           torchrun_train)
 
 
-# The test modules that take longest in .ci/run's slow, install and docs tiers (their minutes in
-# its fresh-clone runs: install 9, docs 10, saves about 10, then 2 to 5 each), longest first.
+# The test modules that take longest in .ci/run's slow, install and docs tiers, longest first (in
+# its fresh-clone runs install took 9-10 minutes, the docs pages 10 together, the reproduce_small
+# tests 5; test_saves holds 30 runs of 2 workers).
 # .ci/run gives each module to one of two pytest-xdist workers (--dist loadfile: a module's
 # fixtures are made once, not once per worker that runs some of its tests); longest first, the
 # short modules fill in at the end and the two workers end together.
