@@ -1,7 +1,11 @@
+import functools
+import json
 import os
+import shutil
 import subprocess
 import sys
 
+import filelock
 import pytest
 import torch
 
@@ -64,28 +68,48 @@ def the_suite_leaves_nothing_in_the_checkout():
         assert not after - before, f"the tests left these in the checkout: {sorted(after - before)}"
 
 
+def made_once(tmp_path_factory, name, make):
+    """The folder ``name``, filled by ``make(folder)`` once per test run and read by every test
+    that asks after: under pytest-xdist the first worker to ask makes it while the others wait on
+    its lock (a worker's session fixtures are otherwise its own, and two workers would each train
+    the same model). A ``make`` that fails marks nothing made: the next test to ask starts again
+    from an empty folder."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, above each worker's own
+    folder, made = root / name, root / f"{name}.made"
+    with filelock.FileLock(root / f"{name}.lock"):
+        if not made.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            make(folder)
+            made.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def data_bin(tmp_path_factory):
     """English text as characters, binarized once for the whole run: folder/{train,valid}.txt and folder/bin."""
-    return binarize(tmp_path_factory.mktemp("english"))
+    return made_once(tmp_path_factory, "english", binarize)
 
 
 @pytest.fixture(scope="session")
 def router_runs(data_bin, tmp_path_factory):
     """``router_runs(R)``: (save_dir, the run's output) of the tiny model with a BASE layer and expert
     FFNs routed by R, trained in one process (30 updates, validated at 15 and 30) at the first test
-    that asks for it, once per run: the tests of its logs and of sampling from it share it."""
-    done = {}
+    that asks for it, once per run (``made_once``): the tests of its logs and of sampling from it share
+    it. The output is kept beside the checkpoints (output.json)."""
+    def train(router, save_dir):
+        result = run("fairseq-train", str(data_bin / "bin"), "--user-dir", "fairseq_base", *TINY_MODEL, "--cpu",
+                     "--save-dir", str(save_dir), "--base-router", router, *ROUTER_RUN, "--max-update", "30",
+                     "--log-interval", "5", "--validate-interval-updates", "15", "--max-valid-steps", "2",
+                     "--tensorboard-logdir", str(save_dir / "tb"))
+        (save_dir / "output.json").write_text(json.dumps({"stdout": result.stdout, "stderr": result.stderr}))
 
     def router_run(router):
-        if router not in done:
-            save_dir = tmp_path_factory.mktemp(f"router-{router}")
-            result = run("fairseq-train", str(data_bin / "bin"), "--user-dir", "fairseq_base", *TINY_MODEL, "--cpu",
-                         "--save-dir", str(save_dir), "--base-router", router, *ROUTER_RUN, "--max-update", "30",
-                         "--log-interval", "5", "--validate-interval-updates", "15", "--max-valid-steps", "2",
-                         "--tensorboard-logdir", str(save_dir / "tb"))
-            done[router] = save_dir, result
-        return done[router]
+        save_dir = made_once(tmp_path_factory, f"router-{router}", functools.partial(train, router))
+        output = json.loads((save_dir / "output.json").read_text())
+        return save_dir, subprocess.CompletedProcess(["fairseq-train"], 0, output["stdout"], output["stderr"])
     return router_run
 
 
@@ -94,13 +118,9 @@ def two_worker_runs(data_bin, tmp_path_factory):
     """``two_worker_runs(B)``: the save dir of the tiny model with 2 experts trained on 2 gloo workers
     (torchrun) under DDP backend B for 10 updates, saved at 5 and 10 (``TWO_WORKER_RUN``):
     checkpoint_1_{5,10}-rank-{0,1}.pt and checkpoint_last-rank-{0,1}.pt. Trained at the first test
-    that asks for it, once per backend; a test that resumes or breaks the files copies them first."""
-    done = {}
+    that asks for it, once per backend (``made_once``); a test that resumes or breaks the files copies
+    them first."""
+    def train(backend, save_dir):
+        torchrun_train(2, data_bin, save_dir, *TWO_WORKER_RUN, "--ddp-backend", backend, "--max-update", "10")
 
-    def two_worker_run(backend):
-        if backend not in done:
-            save_dir = tmp_path_factory.mktemp(f"two-workers-{backend}")
-            torchrun_train(2, data_bin, save_dir, *TWO_WORKER_RUN, "--ddp-backend", backend, "--max-update", "10")
-            done[backend] = save_dir
-        return done[backend]
-    return two_worker_run
+    return lambda backend: made_once(tmp_path_factory, f"two-workers-{backend}", functools.partial(train, backend))
