@@ -1,19 +1,16 @@
 import functools
-import json
 import os
-import shutil
 import subprocess
 import sys
 
-import filelock
 import pytest
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from fairseq_runs import (ROUTER_RUN, TINY_MODEL, TWO_WORKER_RUN, binarize, run,  # noqa: E402  (tests/ is on the path)
-                          torchrun_train)
+from fairseq_runs import (ROUTER_RUN, TINY_MODEL, TWO_WORKER_RUN, binarize, made_once,  # noqa: E402
+                          torchrun_train, trained_once)  # tests/ is on the path
 
 
 # The test modules that take longest in .ci/run's slow, install and docs tiers, longest first (in
@@ -68,25 +65,6 @@ def the_suite_leaves_nothing_in_the_checkout():
         assert not after - before, f"the tests left these in the checkout: {sorted(after - before)}"
 
 
-def made_once(tmp_path_factory, name, make):
-    """The folder ``name``, filled by ``make(folder)`` once per test run and read by every test
-    that asks after: under pytest-xdist the first worker to ask makes it while the others wait on
-    its lock (a worker's session fixtures are otherwise its own, and two workers would each train
-    the same model). A ``make`` that fails marks nothing made: the next test to ask starts again
-    from an empty folder."""
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # the run's folder, above each worker's own
-    folder, made = root / name, root / f"{name}.made"
-    with filelock.FileLock(root / f"{name}.lock"):
-        if not made.exists():
-            shutil.rmtree(folder, ignore_errors=True)
-            folder.mkdir()
-            make(folder)
-            made.touch()
-    return folder
-
-
 @pytest.fixture(scope="session")
 def data_bin(tmp_path_factory):
     """English text as characters, binarized once for the whole run: folder/{train,valid}.txt and folder/bin."""
@@ -97,20 +75,15 @@ def data_bin(tmp_path_factory):
 def router_runs(data_bin, tmp_path_factory):
     """``router_runs(R)``: (save_dir, the run's output) of the tiny model with a BASE layer and expert
     FFNs routed by R, trained in one process (30 updates, validated at 15 and 30) at the first test
-    that asks for it, once per run (``made_once``): the tests of its logs and of sampling from it share
-    it. The output is kept beside the checkpoints (output.json)."""
-    def train(router, save_dir):
-        result = run("fairseq-train", str(data_bin / "bin"), "--user-dir", "fairseq_base", *TINY_MODEL, "--cpu",
-                     "--save-dir", str(save_dir), "--base-router", router, *ROUTER_RUN, "--max-update", "30",
-                     "--log-interval", "5", "--validate-interval-updates", "15", "--max-valid-steps", "2",
-                     "--tensorboard-logdir", str(save_dir / "tb"))
-        (save_dir / "output.json").write_text(json.dumps({"stdout": result.stdout, "stderr": result.stderr}))
+    that asks for it, once per run (``trained_once``): the tests of its logs and of sampling from it
+    share it."""
+    def command(router, save_dir):
+        return ["fairseq-train", str(data_bin / "bin"), "--user-dir", "fairseq_base", *TINY_MODEL, "--cpu",
+                "--save-dir", str(save_dir), "--base-router", router, *ROUTER_RUN, "--max-update", "30",
+                "--log-interval", "5", "--validate-interval-updates", "15", "--max-valid-steps", "2",
+                "--tensorboard-logdir", str(save_dir / "tb")]
 
-    def router_run(router):
-        save_dir = made_once(tmp_path_factory, f"router-{router}", functools.partial(train, router))
-        output = json.loads((save_dir / "output.json").read_text())
-        return save_dir, subprocess.CompletedProcess(["fairseq-train"], 0, output["stdout"], output["stderr"])
-    return router_run
+    return lambda router: trained_once(tmp_path_factory, f"router-{router}", functools.partial(command, router))
 
 
 @pytest.fixture(scope="session")

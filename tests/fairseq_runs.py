@@ -1,14 +1,17 @@
 """Running fairseq's commands from the tests: subprocesses with a watchdog, the English text they
 train on, the tiny model, torchrun, ports for process groups, and reading losses, perplexities and
-error lines from the output. The fixtures built from these (binarized data, trained checkpoints) are
-in conftest.py."""
+error lines from the output, and folders made once per test run (``made_once``). The fixtures built
+from these (binarized data, trained checkpoints) are in conftest.py."""
 
 import concurrent.futures
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
+import filelock
 import pytest
 
 from fairseq_base.fairseq_patches.launch import free_port
@@ -41,6 +44,37 @@ def run(*cmd, cwd=REPO, check=True, input=None, watchdog_s=600):
     if check and result.returncode != 0:
         raise AssertionError(f"{cmd[0]} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
+
+
+def made_once(tmp_path_factory, name, make):
+    """The folder ``name``, filled by ``make(folder)`` once per test run and read by every test
+    that asks after: under pytest-xdist the first worker to ask makes it while the others wait on
+    its lock (a worker's session fixtures are otherwise its own, and two workers would each train
+    the same model). A ``make`` that fails marks nothing made: the next test to ask starts again
+    from an empty folder."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, above each worker's own
+    folder, made = root / name, root / f"{name}.made"
+    with filelock.FileLock(root / f"{name}.lock"):
+        if not made.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            make(folder)
+            made.touch()
+    return folder
+
+
+def trained_once(tmp_path_factory, name, command):
+    """(save_dir, output) of the run ``command(save_dir)``, run once per test run (``made_once``);
+    its output, kept beside its files, is read back by every test that asks."""
+    def train(save_dir):
+        result = run(*command(save_dir))
+        (save_dir / "output.json").write_text(json.dumps({"stdout": result.stdout, "stderr": result.stderr}))
+
+    save_dir = made_once(tmp_path_factory, name, train)
+    output = json.loads((save_dir / "output.json").read_text())
+    return save_dir, subprocess.CompletedProcess(command(save_dir), 0, output["stdout"], output["stderr"])
 
 
 _PORTS_GIVEN = set()

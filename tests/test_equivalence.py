@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fairseq_base.experts import EXPERT_IDS
-from fairseq_runs import BIN, TINY_MODEL, losses, run, torchrun_train
+from fairseq_runs import BIN, TINY_MODEL, losses, run, torchrun_train, trained_once
 
 # No dropout and no shuffled routing: every worker's batch is then one micro-batch of the
 # single process (fairseq gives worker r batches r, r + W, ...; --update-freq W groups them).
@@ -107,15 +107,12 @@ def router_flags(router):
 def one_process_runs(data_bin, tmp_path_factory):
     """``one_process_runs(W, E, router)``: (losses, save_dir) of one process with --update-freq W and E
     experts, trained at the first test that asks for it (a tier runs only the cases it selects)."""
-    done = {}
-
     def one_process_run(workers, num_experts, router):
-        if (workers, num_experts, router) not in done:
-            save_dir = tmp_path_factory.mktemp(f"one-{workers}-{num_experts}-{router}")
-            result = one_process_train(data_bin, save_dir, *SAME_MATH, "--cpu", "--update-freq", str(workers),
-                                       "--base-experts", str(num_experts), *router_flags(router))
-            done[workers, num_experts, router] = losses(result), save_dir
-        return done[workers, num_experts, router]
+        save_dir, result = trained_once(
+            tmp_path_factory, f"one-{workers}-{num_experts}-{router}", lambda save_dir: one_process_command(
+                data_bin, save_dir, *SAME_MATH, "--cpu", "--update-freq", str(workers), "--base-experts",
+                str(num_experts), *router_flags(router)))
+        return losses(result), save_dir
     return one_process_run
 
 
