@@ -1,7 +1,9 @@
 import functools
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+import command_server  # noqa: E402
 from fairseq_runs import (ROUTER_RUN, TINY_MODEL, TWO_WORKER_RUN, binarize, made_once,  # noqa: E402
                           torchrun_train, trained_once)  # tests/ is on the path
 
@@ -21,6 +24,22 @@ from fairseq_runs import (ROUTER_RUN, TINY_MODEL, TWO_WORKER_RUN, binarize, made
 # short modules fill in at the end and the two workers end together.
 LONGEST_FIRST = ["test_install", "test_doc_commands", "test_saves", "test_scripts", "test_upcycle", "test_routers",
                  "test_no_harm", "test_checkpoints", "test_reshard"]
+
+
+def pytest_configure(config):
+    """fairseq's commands through the command server (``command_server.py``: their start-up paid
+    once), one per process that runs tests: not in pytest-xdist's controller, and not with
+    FRESH_PROCESSES=1."""
+    controller = getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput")
+    if os.environ.get("FRESH_PROCESSES") == "1" or controller:
+        return
+    config.command_server = tempfile.mkdtemp(prefix="fairseq-commands-")
+    os.environ["PATH"] = command_server.start(config.command_server) + os.pathsep + os.environ["PATH"]
+
+
+def pytest_unconfigure(config):
+    if hasattr(config, "command_server"):
+        shutil.rmtree(config.command_server, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -14,6 +14,7 @@ import sys
 import filelock
 import pytest
 
+from command_server import stand_in
 from fairseq_base.fairseq_patches.launch import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,7 +36,9 @@ EVAL = ["--user-dir", "fairseq_base", "--cpu", "--tokens-per-sample", "64", "--b
 
 def run(*cmd, cwd=REPO, check=True, input=None, watchdog_s=600):
     """Run ``cmd``; fail as "hung" if it has not exited after ``watchdog_s`` (generous: a
-    watchdog, not a speed bound)."""
+    watchdog, not a speed bound). fairseq's own console scripts run through the command server's
+    stand-ins where the suite started one (conftest, ``command_server.py``: no start-up)."""
+    cmd = [console_script(os.path.basename(str(arg))) if os.path.dirname(str(arg)) == BIN else arg for arg in cmd]
     try:
         result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=watchdog_s, input=input)
     except subprocess.TimeoutExpired as err:
@@ -44,6 +47,12 @@ def run(*cmd, cwd=REPO, check=True, input=None, watchdog_s=600):
     if check and result.returncode != 0:
         raise AssertionError(f"{cmd[0]} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
+
+
+def console_script(name):
+    """This Python's console script ``name``, or its stand-in where the suite started the command
+    server (conftest): ``run`` and torchrun's commands use it."""
+    return stand_in(name) or os.path.join(BIN, name)
 
 
 def made_once(tmp_path_factory, name, make):
@@ -143,7 +152,7 @@ def binarize(folder):
 def torchrun_command(workers, data, save_dir, *flags):
     os.environ["OMP_NUM_THREADS"] = "1"
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(workers),
-            os.path.join(BIN, "fairseq-train"), str(data / "bin"), "--user-dir", "fairseq_base", "--cpu",
+            console_script("fairseq-train"), str(data / "bin"), "--user-dir", "fairseq_base", "--cpu",
             "--distributed-backend", "gloo", *TINY_MODEL, "--save-dir", str(save_dir), *flags]
 
 
@@ -169,7 +178,7 @@ def eval_command(data, path, workers=1):
     if workers == 1:
         return ["fairseq-eval-lm", str(data / "bin"), "--path", str(path), *EVAL]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(workers),
-            os.path.join(BIN, "fairseq-eval-lm"), str(data / "bin"), "--path", str(path), *EVAL,
+            console_script("fairseq-eval-lm"), str(data / "bin"), "--path", str(path), *EVAL,
             "--distributed-backend", "gloo"]
 
 

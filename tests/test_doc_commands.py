@@ -14,6 +14,8 @@ import sys
 
 import pytest
 
+from command_server import stand_in
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCUMENTS = ["README.md"] + sorted(os.path.join("docs", name) for name in os.listdir(os.path.join(REPO, "docs"))
                                    if name.endswith(".md"))
@@ -78,8 +80,11 @@ def test_the_commands_of_a_page_run_as_written(document, brown, tmp_path):
     for name in ("fairseq_base", "configs", "scripts"):
         os.symlink(os.path.join(REPO, name), tmp_path / name)
     shutil.copytree(brown, tmp_path / "data-bin" / "brown")
-    # `$(which fairseq-train)` must name this Python's script (a pyenv shim is a bash script torchrun cannot run).
-    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    # `$(which fairseq-train)` must name a Python script (a pyenv shim is a bash script torchrun cannot
+    # run): the command server's stand-in (conftest), else this Python's own.
+    served = stand_in("fairseq-train")
+    env = {**os.environ, "PATH": os.pathsep.join([*([os.path.dirname(served)] if served else []),
+                                                  os.path.dirname(sys.executable), os.environ["PATH"]])}
     for line, language, code, why in blocks(document):
         if why is not None:
             continue
