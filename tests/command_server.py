@@ -95,7 +95,7 @@ def client(name):
         answer = replies.readline().split()
     except (KeyError, OSError):
         answer = ["fresh"]  # no server: this process becomes the command
-    if answer[0] != "pid":
+    if answer[:1] != ["pid"]:
         os.execv(real, [real, *sys.argv[1:]])
     pid = int(answer[1])
     for forwarded in (signal.SIGINT, signal.SIGTERM):
@@ -122,7 +122,11 @@ def serve(listener):
         for ready_one in ready:
             if ready_one is listener:
                 connection, _ = listener.accept()
-                pid = _fork(connection, started, [listener, *children.values()])
+                try:
+                    pid = _fork(connection, started, [listener, *children.values()])
+                except (OSError, ValueError, KeyError):  # a request cut short: its stand-in reads no pid, runs fresh
+                    connection.close()
+                    continue
                 if pid:
                     children[pid] = connection
             elif not ready_one.recv(1):  # the stand-in is gone: so is its command
@@ -170,7 +174,7 @@ def _fork(connection, started, others):
         return None
     pid = os.fork()
     if pid == 0:
-        for other in others:
+        for other in [connection, *others]:
             other.close()
         _child(request, fds, {key: value for key, value in os.environ.items() if key not in started})
     for fd in fds:
