@@ -56,7 +56,7 @@ def start(workdir):
     listener.listen(64)
     here = os.path.dirname(os.path.abspath(__file__))
     program = (f"import sys; sys.path.insert(0, {here!r}); import command_server as s; sys.path.remove({here!r}); "
-               f"s.serve(__import__('socket').socket(fileno={listener.fileno()}))")
+               f"s.serve(__import__('socket').socket(fileno={listener.fileno()}), {os.getpid()})")
     with open(os.path.join(workdir, "server.log"), "w") as log:
         server = subprocess.Popen([sys.executable, "-c", program], pass_fds=[listener.fileno()],
                                   stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=workdir)
@@ -108,7 +108,7 @@ def client(name):
     sys.exit(code)
 
 
-def serve(listener):
+def serve(listener, starter):
     """Accept commands and fork a child for each; report each child's pid and exit status, and kill
     the child (with what it started) whose stand-in went away. One thread only: forking a process
     that runs threads is unsafe. Ends when the process that started it does."""
@@ -116,8 +116,7 @@ def serve(listener):
     for module, _ in COMMANDS.values():
         __import__(module)
     children = {}  # pid -> connection
-    starter = os.getppid()
-    while os.getppid() == starter:
+    while os.getppid() == starter:  # not once the process that started it has ended, even during the imports
         ready, _, _ = select.select([listener, *children.values()], [], [], 0.05)
         for ready_one in ready:
             if ready_one is listener:

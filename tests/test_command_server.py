@@ -1,10 +1,11 @@
 """The command server (``command_server.py``) runs fairseq's commands as fresh processes would:
 the caller's files, directory and exit status, a fresh interpreter where the environment asks for
-one, and no command outliving its stand-in."""
+one, and no command outliving its stand-in nor server the process that started it."""
 
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -73,3 +74,13 @@ def test_a_command_takes_its_stand_ins_signals_and_ends_with_it(data_bin, tmp_pa
         stand_in.send_signal(stop)
         assert stand_in.wait(timeout=120) == status  # SIGTERM: forwarded, and the command died of it
         wait_for(lambda: command not in commands_running(), f"the command outlived its stand-in ({stop.name})")
+
+
+def test_a_server_ends_with_the_process_that_started_it_even_during_its_imports(tmp_path):
+    started = subprocess.run([sys.executable, "-c", "import sys, command_server; "
+                              f"command_server.start({str(tmp_path)!r}); print(command_server.server.pid)"],
+                             cwd=os.path.dirname(command_server.__file__), capture_output=True, text=True,
+                             check=True, timeout=600)
+    server = int(started.stdout)
+    wait_for(lambda: not os.path.exists(f"/proc/{server}") or open(f"/proc/{server}/stat").read().split()[2] == "Z",
+             "the server outlived the process that started it")
