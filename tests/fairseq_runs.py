@@ -90,13 +90,10 @@ _PORTS_GIVEN = set()
 
 
 def unused_port():
-    """A free port for a process group's rendezvous that no earlier caller of this test run got: the
+    """A free port for a process group's rendezvous that no earlier caller of this session got: the
     operating system may hand a port that was just released to the next bind, before the test that
-    asked for it first has bound it. Under pytest-xdist each worker takes the ports of its own
-    residue (with 2 workers, gw0 the even ones and gw1 the odd), so that no two workers share one."""
-    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    while (port := free_port()) in _PORTS_GIVEN or port % workers != worker:
+    asked for it first has bound it."""
+    while (port := free_port()) in _PORTS_GIVEN:
         pass
     _PORTS_GIVEN.add(port)
     return port
