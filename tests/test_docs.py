@@ -46,14 +46,16 @@ def test_every_test_and_file_named_exists(document):
     assert not missing, f"{document} names what does not exist: {sorted(set(missing))}"
 
 
-def test_readme_options_table_is_what_the_options_command_prints():
-    printed = subprocess.run([sys.executable, "-m", "fairseq_base.options"], capture_output=True, text=True,
-                             check=True, cwd=REPO).stdout.strip()
+def test_readme_options_table_is_what_the_options_command_prints(capsys):
+    """The command's own function, in this process: its ``python -m`` start is run by the test of
+    ``| head`` below."""
+    from fairseq_base.options import main
+    main([])
+    printed = capsys.readouterr().out.strip()
     table = re.search(r"<!-- python -m fairseq_base.options -->\n(.*?)\n<!-- end", text("README.md"), re.S).group(1)
     assert table.strip() == printed
-    text_form = subprocess.run([sys.executable, "-m", "fairseq_base.options", "--text"], capture_output=True,
-                               text=True, check=True, cwd=REPO).stdout
-    assert "--base-router (model.base_router, default balanced)" in text_form
+    main(["--text"])
+    assert "--base-router (model.base_router, default balanced)" in capsys.readouterr().out
 
 
 def test_the_upcycle_options_table_lists_every_option_of_the_command():
