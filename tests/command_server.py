@@ -42,6 +42,7 @@ AT_START = ("PYTHON", "LD_", "OMP_", "KMP_", "GOMP_", "MKL_", "TORCH", "PYTORCH"
 THREADS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 HANDLED = ("PYTHONUNBUFFERED", *THREADS, "TORCHELASTIC_", "TORCH_NCCL_")  # torchrun's, read when used
 server = None  # the server this process started (``start``)
+STAND_INS = "bin"  # the stand-ins' folder, beside the server's socket
 
 
 def start(workdir):
@@ -61,7 +62,7 @@ def start(workdir):
         server = subprocess.Popen([sys.executable, "-c", program], pass_fds=[listener.fileno()],
                                   stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=workdir)
     listener.close()
-    stand_ins = os.path.join(workdir, "bin")
+    stand_ins = os.path.join(workdir, STAND_INS)
     os.makedirs(stand_ins)
     for name in COMMANDS:  # Python scripts, as the real ones: torchrun runs `$(which fairseq-train)` with Python
         path = os.path.join(stand_ins, name)
@@ -76,7 +77,7 @@ def start(workdir):
 def stand_in(name):
     """The stand-in of console script ``name`` where this process started a server, else None."""
     if name in COMMANDS and os.environ.get(ADDRESS):
-        return os.path.join(os.path.dirname(os.environ[ADDRESS]), "bin", name)
+        return os.path.join(os.path.dirname(os.environ[ADDRESS]), STAND_INS, name)
     return None
 
 

@@ -34,16 +34,18 @@ EVAL = ["--user-dir", "fairseq_base", "--cpu", "--tokens-per-sample", "64", "--b
         "--num-workers", "0", "--gen-subset", "valid"]
 
 
-def run(*cmd, cwd=REPO, check=True, input=None, watchdog_s=600):
+def run(*cmd, cwd=REPO, check=True, input=None, env=None, watchdog_s=600):
     """Run ``cmd``; fail as "hung" if it has not exited after ``watchdog_s`` (generous: a
     watchdog, not a speed bound). fairseq's own console scripts run through the command server's
     stand-ins where the suite started one (conftest, ``command_server.py``: no start-up)."""
     cmd = [console_script(os.path.basename(str(arg))) if os.path.dirname(str(arg)) == BIN else arg for arg in cmd]
     try:
-        result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=watchdog_s, input=input)
+        result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=watchdog_s, input=input, env=env)
     except subprocess.TimeoutExpired as err:
-        tail = err.stderr.decode(errors="replace") if isinstance(err.stderr, bytes) else err.stderr or ""
-        raise AssertionError(f"{cmd[0]} hung: no exit after {watchdog_s} s\n{tail[-3000:]}") from None
+        tail = "".join(out.decode(errors="replace") if isinstance(out, bytes) else out or ""
+                       for out in (err.stdout, err.stderr))
+        command = " ".join(map(str, cmd[:3]))
+        raise AssertionError(f"{command} ... hung: no exit after {watchdog_s} s\n{tail[-3000:]}") from None
     if check and result.returncode != 0:
         raise AssertionError(f"{cmd[0]} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
