@@ -39,15 +39,15 @@ def run(*cmd, cwd=REPO, check=True, input=None, env=None, watchdog_s=600):
     watchdog, not a speed bound). fairseq's own console scripts run through the command server's
     stand-ins where the suite started one (conftest, ``command_server.py``: no start-up)."""
     cmd = [console_script(os.path.basename(str(arg))) if os.path.dirname(str(arg)) == BIN else arg for arg in cmd]
+    command = " ".join(map(str, cmd[:3])) + (" ..." if len(cmd) > 3 else "")
     try:
         result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=watchdog_s, input=input, env=env)
     except subprocess.TimeoutExpired as err:
         tail = "".join(out.decode(errors="replace") if isinstance(out, bytes) else out or ""
                        for out in (err.stdout, err.stderr))
-        command = " ".join(map(str, cmd[:3]))
-        raise AssertionError(f"{command} ... hung: no exit after {watchdog_s} s\n{tail[-3000:]}") from None
+        raise AssertionError(f"{command} hung: no exit after {watchdog_s} s\n{tail[-3000:]}") from None
     if check and result.returncode != 0:
-        raise AssertionError(f"{cmd[0]} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        raise AssertionError(f"{command} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
 
 
