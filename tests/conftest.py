@@ -12,7 +12,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import command_server  # noqa: E402
-from fairseq_runs import (ROUTER_RUN, TINY_MODEL, TWO_WORKER_RUN, binarize, made_once,  # noqa: E402
+from fairseq_runs import (TWO_WORKER_RUN, binarize, dense_run_command, made_once, router_run_command,  # noqa: E402
                           torchrun_train, trained_once)  # tests/ is on the path
 
 
@@ -92,17 +92,22 @@ def data_bin(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def router_runs(data_bin, tmp_path_factory):
-    """``router_runs(R)``: (save_dir, the run's output) of the tiny model with a BASE layer and expert
-    FFNs routed by R, trained in one process (30 updates, validated at 15 and 30) at the first test
-    that asks for it, once per run (``trained_once``): the tests of its logs and of sampling from it
-    share it."""
-    def command(router, save_dir):
-        return ["fairseq-train", str(data_bin / "bin"), "--user-dir", "fairseq_base", *TINY_MODEL, "--cpu",
-                "--save-dir", str(save_dir), "--base-router", router, *ROUTER_RUN, "--max-update", "30",
-                "--log-interval", "5", "--validate-interval-updates", "15", "--max-valid-steps", "2",
-                "--tensorboard-logdir", str(save_dir / "tb")]
+    """``router_runs(R)``: (save_dir, the run's output) of router R's shared run
+    (``router_run_command``: one process, 30 updates, validated and saved at 15 and 30), trained at
+    the first test that asks for it, once per run (``trained_once``): the tests of its logs, of
+    sampling from it, of resuming it and of the stacked experts' old layout share it."""
+    return lambda router: trained_once(tmp_path_factory, f"router-{router}",
+                                       functools.partial(router_run_command, data_bin, router))
 
-    return lambda router: trained_once(tmp_path_factory, f"router-{router}", functools.partial(command, router))
+
+@pytest.fixture(scope="session")
+def dense_runs(data_bin, tmp_path_factory):
+    """``dense_runs(plugin)``: (save_dir, the run's output) of the shared dense transformer_lm
+    (``dense_run_command``: one process, 10 updates), with the plugin imported or in a process that
+    never imports it, trained once per run (``trained_once``): the no-harm test compares the two,
+    and fairseq-base-upcycle starts from the one fairseq alone trained, as a user's would be."""
+    return lambda plugin: trained_once(tmp_path_factory, "dense-plugin" if plugin else "dense-fairseq",
+                                       lambda save_dir: dense_run_command(data_bin, save_dir, plugin))
 
 
 @pytest.fixture(scope="session")

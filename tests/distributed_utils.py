@@ -3,14 +3,14 @@
 import io
 import os
 import queue
+import shutil
+import tempfile
 import time
 import traceback
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-from fairseq_runs import unused_port
 
 
 def _to_bytes(value) -> bytes:
@@ -20,12 +20,11 @@ def _to_bytes(value) -> bytes:
     return buffer.getvalue()
 
 
-def _worker(rank, world_size, port, fn, args, results):
+def _worker(rank, world_size, rendezvous, fn, args, results):
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world_size)
+        dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world_size)
         results.put((rank, _to_bytes(fn(rank, world_size, *args))))
         dist.barrier()
         dist.destroy_process_group()
@@ -39,11 +38,13 @@ mp.set_forkserver_preload(["torch", "fairseq", "fairseq.metrics", "fairseq_base"
 
 
 def run_workers(fn, world_size, *args, timeout=120):
-    """fn(rank, world_size, *args) on each worker; returns the results by rank."""
+    """fn(rank, world_size, *args) on each worker; returns the results by rank. The workers meet
+    at a file of their own (a TCP port could be taken by another test's workers between its choice
+    and its bind)."""
     ctx = mp.get_context("forkserver")
     results = ctx.Queue()
-    port = unused_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results))
+    folder = tempfile.mkdtemp(prefix="rendezvous-")
+    procs = [ctx.Process(target=_worker, args=(r, world_size, os.path.join(folder, "store"), fn, args, results))
              for r in range(world_size)]
     for p in procs:
         p.start()
@@ -68,4 +69,5 @@ def run_workers(fn, world_size, *args, timeout=120):
             p.join(timeout=10)
             if p.is_alive():
                 p.terminate()
+        shutil.rmtree(folder, ignore_errors=True)
     return [collected[r] for r in range(world_size)]

@@ -1,5 +1,5 @@
 """Running fairseq's commands from the tests: subprocesses with a watchdog, the English text they
-train on, the tiny model, torchrun, ports for process groups, and reading losses, perplexities and
+train on, the tiny model, torchrun, the shared runs' commands, and reading losses, perplexities and
 error lines from the output, and folders made once per test run (``made_once``). The fixtures built
 from these (binarized data, trained checkpoints) are in conftest.py."""
 
@@ -15,7 +15,6 @@ import filelock
 import pytest
 
 from command_server import stand_in
-from fairseq_base.fairseq_patches.launch import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAKESPEARE = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare", "input.txt")
@@ -28,6 +27,11 @@ TINY_MODEL = ["--task", "language_modeling", "--arch", "transformer_lm_base", "-
               "--no-epoch-checkpoints", "--num-workers", "0", "--seed", "3"]
 # A BASE layer and expert FFNs, both routed by the router under test (--base-router R).
 ROUTER_RUN = ["--base-layers", "1", "--base-moe-freq", "2", "--base-experts", "4", "--criterion", "base_cross_entropy"]
+# The tiny model as a dense transformer_lm (its --arch), pre-LayerNorm and with input and output
+# projections of its own width, as transformer_lm_base builds them: what fairseq-base-upcycle starts from.
+DENSE = [*TINY_MODEL[:TINY_MODEL.index("--arch")], "--arch", "transformer_lm",
+         *TINY_MODEL[TINY_MODEL.index("--arch") + 2:], "--decoder-normalize-before",
+         "--decoder-input-dim", "32", "--decoder-output-dim", "32"]
 # The shared 2-worker run (conftest's two_worker_runs) and the runs that resume it: a save every 5 updates.
 TWO_WORKER_RUN = ["--base-experts", "2", "--save-interval-updates", "5", "--log-interval", "5"]
 EVAL = ["--user-dir", "fairseq_base", "--cpu", "--tokens-per-sample", "64", "--batch-size", "8",
@@ -86,19 +90,6 @@ def trained_once(tmp_path_factory, name, command):
     save_dir = made_once(tmp_path_factory, name, train)
     output = json.loads((save_dir / "output.json").read_text())
     return save_dir, subprocess.CompletedProcess(command(save_dir), 0, output["stdout"], output["stderr"])
-
-
-_PORTS_GIVEN = set()
-
-
-def unused_port():
-    """A free port for a process group's rendezvous that no earlier caller of this session got: the
-    operating system may hand a port that was just released to the next bind, before the test that
-    asked for it first has bound it."""
-    while (port := free_port()) in _PORTS_GIVEN:
-        pass
-    _PORTS_GIVEN.add(port)
-    return port
 
 
 def run_two_at_a_time(commands, check=True):
@@ -160,6 +151,24 @@ def torchrun_command(workers, data, save_dir, *flags):
 
 def torchrun_train(workers, data, save_dir, *flags, check=True):
     return run(*torchrun_command(workers, data, save_dir, *flags), check=check)
+
+
+def router_run_command(data, router, save_dir, *flags):
+    """The shared run of router ``router`` (conftest's ``router_runs``): the tiny model with a BASE
+    layer and expert FFNs routed by it, in one process, 30 updates, validated and saved at 15 and
+    30. ``flags`` come last: a test that resumes the run changes an option by passing it again
+    (argparse keeps the last value)."""
+    return ["fairseq-train", str(data / "bin"), "--user-dir", "fairseq_base", *TINY_MODEL, "--cpu",
+            "--save-dir", str(save_dir), "--base-router", router, *ROUTER_RUN, "--max-update", "30",
+            "--log-interval", "5", "--validate-interval-updates", "15", "--save-interval-updates", "15",
+            "--max-valid-steps", "2", "--tensorboard-logdir", str(save_dir / "tb"), *flags]
+
+
+def dense_run_command(data, save_dir, plugin):
+    """The shared dense run (conftest's ``dense_runs``): ``DENSE`` trained 10 updates in one
+    process, with dropout, logging every update; with ``--user-dir fairseq_base`` where ``plugin``."""
+    return ["fairseq-train", str(data / "bin"), "--cpu", *DENSE, "--max-update", "10", "--log-interval", "1",
+            "--dropout", "0.1", "--save-dir", str(save_dir), *(["--user-dir", "fairseq_base"] if plugin else [])]
 
 
 def error_messages(stderr):

@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from fairseq_runs import BIN, EVAL, TINY_MODEL, losses, run, run_two_at_a_time, unused_port
+from fairseq_runs import BIN, EVAL, TINY_MODEL, losses, run, run_two_at_a_time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODELS = {"transformer_lm": ["--arch", "transformer_lm"],
@@ -109,7 +109,7 @@ def python_steps(data, save_dir, model):
              ["generate", str(data / "bin"), "--user-dir", "fairseq_base", "--path", str(checkpoint), "--cpu",
               *SAMPLE],
              ["distributed_init", *train_args(data, model, save_dir, 10), "--distributed-world-size", "1",
-              "--distributed-backend", "gloo", "--distributed-init-method", f"tcp://127.0.0.1:{unused_port()}"]]
+              "--distributed-backend", "gloo", "--distributed-init-method", f"file://{save_dir}-rendezvous"]]
     command = [sys.executable, os.path.join(HERE, "fairseq_entry_points.py")]
     for step in steps:
         command += [*step, "--then"]
@@ -134,18 +134,15 @@ def test_python_entry_points_with_a_namespace(python_entry_points, model):
     assert "distributed_init: rank 0" in result.stdout
 
 
-def test_a_dense_model_trains_as_without_the_plugin(data_bin, tmp_path):
-    """10 updates of a dense transformer_lm: the same losses and parameters with the plugin
-    imported as in a process that never imports it."""
-    common = [str(data_bin / "bin"), "--cpu", *TRUNK, "--arch", "transformer_lm", "--max-update", "10",
-              "--log-interval", "1", "--dropout", "0.1"]
-    plugin, fairseq = run_two_at_a_time([
-        [os.path.join(BIN, "fairseq-train"), *common, "--user-dir", "fairseq_base", "--save-dir", str(tmp_path / "a")],
-        [os.path.join(BIN, "fairseq-train"), *common, "--save-dir", str(tmp_path / "b")]])
+def test_a_dense_model_trains_as_without_the_plugin(dense_runs):
+    """10 updates of a dense transformer_lm (conftest's ``dense_runs``): the same losses and
+    parameters with the plugin imported as in a process that never imports it."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:  # each is one process at a time
+        (plugin_dir, plugin), (fairseq_dir, fairseq) = pool.map(dense_runs, (True, False))
     assert "fairseq_base" not in fairseq.stdout + fairseq.stderr
     assert losses(plugin) == losses(fairseq) and sorted(losses(plugin)) == list(range(1, 11))
-    with_plugin, without = (torch.load(tmp_path / name / "checkpoint_last.pt", weights_only=True)["model"]
-                            for name in ("a", "b"))
+    with_plugin, without = (torch.load(save_dir / "checkpoint_last.pt", weights_only=True)["model"]
+                            for save_dir in (plugin_dir, fairseq_dir))
     assert with_plugin.keys() == without.keys()
     for name, value in without.items():
         assert torch.equal(with_plugin[name], value), name

@@ -3,6 +3,7 @@ lossfree bias, statistics, training."""
 
 import math
 import re
+import shutil
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from fairseq_base.reshard import reshard
 from fairseq_base.router import (ROUTER, ROUTER_RECORDS, Routing, balanced_hash, hash_routing, lossfree_routing,
                                  random_hash, routing_counts, stats_from_counts, switch_balance_loss, switch_routing,
                                  top2_routing, update_expert_bias, within_capacity)
-from fairseq_runs import ROUTER_RUN, TINY_MODEL, losses, run, torchrun_train
+from fairseq_runs import ROUTER_RUN, TINY_MODEL, losses, router_run_command, run, torchrun_train
 from expert_weights import ScaledExperts
 
 
@@ -178,30 +179,27 @@ def test_lossfree_bias_is_float32_and_saved_in_any_precision():
 
 
 @pytest.mark.slow
-def test_lossfree_bias_survives_save_resume_and_reshard(data_bin, tmp_path):
-    """Trained in one process 12 updates straight, or 6 then resumed to 12: the same losses and
-    the same bias; fairseq-base-reshard to 2 workers carries the bias into both files."""
-    def train(save_dir, updates):
-        return run("fairseq-train", str(data_bin / "bin"), "--user-dir", "fairseq_base", *TINY_MODEL, "--cpu",
-                   "--save-dir", str(save_dir), "--base-router", "lossfree", "--base-bias-update-rate", "0.01",
-                   "--base-moe-freq", "2", "--base-experts", "4", "--max-update", str(updates), "--log-interval", "1")
-
-    straight = losses(train(tmp_path / "straight", 12))
-    train(tmp_path / "resumed", 6)
-    resumed = losses(train(tmp_path / "resumed", 12))
-    assert sorted(resumed) == list(range(7, 13))
-    assert all(abs(resumed[u] - straight[u]) <= 1e-3 for u in resumed), (resumed, straight)
+def test_lossfree_bias_survives_save_resume_and_reshard(data_bin, router_runs, tmp_path):
+    """lossfree's shared run (``router_runs``: 30 updates straight) against the same run resumed
+    from its save at update 15: the same losses and the same bias; fairseq-base-reshard to 2
+    workers carries the bias into both files."""
+    straight_dir, straight = router_runs("lossfree")
+    (tmp_path / "resumed").mkdir()
+    shutil.copy(straight_dir / "checkpoint_1_15.pt", tmp_path / "resumed" / "checkpoint_last.pt")
+    resumed = losses(run(*router_run_command(data_bin, "lossfree", tmp_path / "resumed")))
+    assert sorted(resumed) == [20, 25, 30]
+    assert all(abs(resumed[u] - losses(straight)[u]) <= 1e-3 for u in resumed), (resumed, losses(straight))
     biases = {}
-    for name in ("straight", "resumed"):
-        model = torch.load(tmp_path / name / "checkpoint_last.pt", weights_only=True)["model"]
-        biases[name] = {k: v for k, v in model.items() if k.endswith("expert_bias")}
-    assert len(biases["straight"]) == 2  # the BASE layer and the expert FFN
-    for key, bias in biases["straight"].items():
-        assert bias.abs().max() > 0 and torch.allclose(biases["resumed"][key], bias, atol=1e-6), key
-    outputs = reshard(str(tmp_path / "straight" / "checkpoint_last.pt"), 2, str(tmp_path / "two.pt"))
+    for save_dir in (straight_dir, tmp_path / "resumed"):
+        model = torch.load(save_dir / "checkpoint_last.pt", weights_only=True)["model"]
+        biases[save_dir] = {k: v for k, v in model.items() if k.endswith("expert_bias")}
+    assert len(biases[straight_dir]) == 2  # the BASE layer and the expert FFN
+    for key, bias in biases[straight_dir].items():
+        assert bias.abs().max() > 0 and torch.allclose(biases[tmp_path / "resumed"][key], bias, atol=1e-6), key
+    outputs = reshard(str(straight_dir / "checkpoint_last.pt"), 2, str(tmp_path / "two.pt"))
     for path in outputs:
         model = torch.load(path, weights_only=True)["model"]
-        for key, bias in biases["straight"].items():
+        for key, bias in biases[straight_dir].items():
             assert torch.equal(model[key], bias), (path, key)
 
 

@@ -33,15 +33,8 @@ def train(data, save_dir, updates, *flags, backend="legacy_ddp", workers=2, faul
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if fault:
         env.update(FAIRSEQ_BASE_FAULT=fault, PYTHONPATH=FAULTS + os.pathsep + env.get("PYTHONPATH", ""))
-    command = torchrun_command(workers, data, save_dir, *SAVES, "--ddp-backend", backend, "--max-update", str(updates),
-                               *flags)
-    try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
-    except subprocess.TimeoutExpired:  # a watchdog, not a speed bound: the workers waited on each other
-        raise AssertionError(f"fairseq-train on {workers} workers hung: no exit after 600 s") from None
-    if check:
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
+    return run(*torchrun_command(workers, data, save_dir, *SAVES, "--ddp-backend", backend, "--max-update",
+                                 str(updates), *flags), env=env, check=check)
 
 
 def updates_of(path):

@@ -1,6 +1,8 @@
 """The local experts as stacked weights: the batched forward computes what one module per expert
 did, and checkpoints written in the per-expert layout still evaluate, resume and reshard."""
 
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,7 +10,7 @@ import torch.nn.functional as F
 from expert_weights import expert_weights, per_expert_layout
 from fairseq_base.experts import LocalExperts, expert_batches
 from fairseq_base.reshard import reshard
-from fairseq_runs import TINY_MODEL, eval_loss, losses, run, torchrun_train
+from fairseq_runs import eval_loss, losses, router_run_command, run, torchrun_train
 
 
 def one_expert(weights, x, num_sublayers):
@@ -56,9 +58,10 @@ def test_the_batched_experts_compute_each_expert_on_its_own_tokens(counts):
 
 
 def train(data, save_dir, updates, *flags):
-    return run("fairseq-train", str(data / "bin"), "--user-dir", "fairseq_base", *TINY_MODEL, "--cpu",
-               "--save-dir", str(save_dir), "--base-experts", "4", "--base-moe-freq", "2", "--log-interval", "1",
-               "--max-update", str(updates), *flags)
+    """BASE's shared run (``router_run_command``: a BASE layer and expert FFNs, E = 4) to
+    ``updates``, logging every update."""
+    return run(*router_run_command(data, "balanced", save_dir, *flags, "--max-update", str(updates),
+                                   "--log-interval", "1"))
 
 
 def write_per_expert_layout(source, target):
@@ -71,12 +74,16 @@ def write_per_expert_layout(source, target):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_a_checkpoint_in_the_per_expert_layout_evaluates_resumes_and_reshards(data_bin, tmp_path, precision):  # noqa: E501
+def test_a_checkpoint_in_the_per_expert_layout_evaluates_resumes_and_reshards(data_bin, router_runs, tmp_path, precision):  # noqa: E501
     """A checkpoint rewritten in the layout of one module per expert (optimizer state included: one
     entry per parameter in fp32, one flat entry in bf16) scores and resumes as the stacked one it
     came from; fairseq-base-reshard reads it, and old per-worker files, as the stacked files."""
     flags = ["--bf16"] if precision == "bf16" else []
-    train(data_bin, tmp_path / "new", 6, *flags)
+    if flags:
+        train(data_bin, tmp_path / "new", 15, *flags)
+    else:  # BASE's shared run (conftest's router_runs), saved at update 15
+        (tmp_path / "new").mkdir()
+        shutil.copy(router_runs("balanced")[0] / "checkpoint_1_15.pt", tmp_path / "new" / "checkpoint_last.pt")
     write_per_expert_layout(tmp_path / "new" / "checkpoint_last.pt", tmp_path / "old" / "checkpoint_last.pt")
     if precision == "fp32":
         assert eval_loss(data_bin, tmp_path / "old" / "checkpoint_last.pt") == eval_loss(
@@ -98,8 +105,8 @@ def test_a_checkpoint_in_the_per_expert_layout_evaluates_resumes_and_reshards(da
         back = reshard(two[0], 1, str(tmp_path / "back.pt"))[0]
         assert_same_checkpoint(torch.load(back, weights_only=True),
                                torch.load(tmp_path / "new" / "checkpoint_last.pt", weights_only=True))
-    resumed = {name: losses(train(data_bin, tmp_path / name, 10, *flags)) for name in ("new", "old")}
-    assert sorted(resumed["old"]) == list(range(7, 11)) and resumed["old"] == resumed["new"]
+    resumed = {name: losses(train(data_bin, tmp_path / name, 20, *flags)) for name in ("new", "old")}
+    assert sorted(resumed["old"]) == list(range(16, 21)) and resumed["old"] == resumed["new"]
 
 
 @pytest.mark.slow

@@ -19,11 +19,6 @@ PLUGIN = os.path.join(REPO, "fairseq_base")
 TRUNK = ["--decoder-embed-dim", "16", "--decoder-input-dim", "16", "--decoder-output-dim", "16",
          "--decoder-ffn-embed-dim", "32", "--decoder-attention-heads", "2", "--decoder-layers", "3",
          "--decoder-normalize-before", "--tokens-per-sample", "16"]
-# The tiny model as a dense transformer_lm (its --arch), pre-LayerNorm and with input and output
-# projections of its own width, as transformer_lm_base builds them.
-DENSE = [*TINY_MODEL[:TINY_MODEL.index("--arch")], "--arch", "transformer_lm",
-         *TINY_MODEL[TINY_MODEL.index("--arch") + 2:], "--decoder-normalize-before",
-         "--decoder-input-dim", "32", "--decoder-output-dim", "32"]
 KINDS = {"a BASE layer": ["--base-layers", "1"], "expert FFNs": ["--base-layers", "0", "--base-moe-freq", "2"],
          "both": ["--base-layers", "2", "--base-moe-freq", "1"]}
 
@@ -108,13 +103,10 @@ def test_only_a_dense_transformer_lm_is_upcycled(dictionary):
         dense_config({"cfg": {"model": {"_name": "lstm_lm"}}, "model": {}}, "x.pt")
 
 
-@pytest.fixture(scope="module")
-def dense_run(data_bin, tmp_path_factory):
-    """A dense transformer_lm trained 20 updates in one process: its save_dir."""
-    save_dir = tmp_path_factory.mktemp("dense")
-    run(os.path.join(BIN, "fairseq-train"), str(data_bin / "bin"), "--user-dir", "fairseq_base", "--cpu", *DENSE,
-        "--max-update", "20", "--save-dir", str(save_dir))
-    return save_dir
+@pytest.fixture
+def dense_run(dense_runs):
+    """The dense transformer_lm that fairseq alone trained (conftest's ``dense_runs``): its save_dir."""
+    return dense_runs(False)[0]
 
 
 def upcycle_command(*args):
