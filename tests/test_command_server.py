@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import fairseq  # noqa: F401  as in the suite, where test modules import it: it sets KMP_* in this process
 import pytest
 
 import command_server
@@ -69,10 +70,13 @@ def test_a_command_takes_its_stand_ins_signals_and_ends_with_it(data_bin, tmp_pa
     for stop, status in ((signal.SIGTERM, -signal.SIGTERM), (signal.SIGKILL, -signal.SIGKILL)):
         before = set(commands_running())
         stand_in = subprocess.Popen(train, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(lambda: set(commands_running()) - before, "no command started")
-        command = (set(commands_running()) - before).pop()
-        stand_in.send_signal(stop)
-        assert stand_in.wait(timeout=120) == status  # SIGTERM: forwarded, and the command died of it
+        try:  # a stand-in that ran the command fresh (not served) is the command: it must not outlive the test
+            wait_for(lambda: set(commands_running()) - before, "no command started in the server")
+            command = (set(commands_running()) - before).pop()
+            stand_in.send_signal(stop)
+            assert stand_in.wait(timeout=120) == status  # SIGTERM: forwarded, and the command died of it
+        finally:
+            stand_in.kill()
         wait_for(lambda: command not in commands_running(), f"the command outlived its stand-in ({stop.name})")
 
 
