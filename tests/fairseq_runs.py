@@ -27,11 +27,12 @@ TINY_MODEL = ["--task", "language_modeling", "--arch", "transformer_lm_base", "-
               "--no-epoch-checkpoints", "--num-workers", "0", "--seed", "3"]
 # A BASE layer and expert FFNs, both routed by the router under test (--base-router R).
 ROUTER_RUN = ["--base-layers", "1", "--base-moe-freq", "2", "--base-experts", "4", "--criterion", "base_cross_entropy"]
-# The tiny model as a dense transformer_lm (its --arch), pre-LayerNorm and with input and output
-# projections of its own width, as transformer_lm_base builds them: what fairseq-base-upcycle starts from.
-DENSE = [*TINY_MODEL[:TINY_MODEL.index("--arch")], "--arch", "transformer_lm",
-         *TINY_MODEL[TINY_MODEL.index("--arch") + 2:], "--decoder-normalize-before",
-         "--decoder-input-dim", "32", "--decoder-output-dim", "32"]
+_ARCH = TINY_MODEL.index("--arch")
+TINY_TRUNK = TINY_MODEL[:_ARCH] + TINY_MODEL[_ARCH + 2:]  # the tiny model's options, less its --arch
+# The tiny model as a dense transformer_lm, pre-LayerNorm and with input and output projections of
+# its own width, as transformer_lm_base builds them: what fairseq-base-upcycle starts from.
+DENSE = [*TINY_TRUNK, "--arch", "transformer_lm", "--decoder-normalize-before", "--decoder-input-dim", "32",
+         "--decoder-output-dim", "32"]
 # The shared 2-worker run (conftest's two_worker_runs) and the runs that resume it: a save every 5 updates.
 TWO_WORKER_RUN = ["--base-experts", "2", "--save-interval-updates", "5", "--log-interval", "5"]
 EVAL = ["--user-dir", "fairseq_base", "--cpu", "--tokens-per-sample", "64", "--batch-size", "8",

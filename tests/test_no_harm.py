@@ -15,15 +15,13 @@ import sys
 import pytest
 import torch
 
-from fairseq_runs import BIN, EVAL, TINY_MODEL, losses, run, run_two_at_a_time
+from fairseq_runs import BIN, EVAL, TINY_TRUNK, losses, run, run_two_at_a_time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODELS = {"transformer_lm": ["--arch", "transformer_lm"],
           "transformer_lm_base": ["--arch", "transformer_lm_base", "--base-experts", "2"]}
 SGD = ["--optimizer", "sgd", "--lr", "0.1"]  # a legacy fairseq component: its checkpoints hold a Namespace
 SHARDS = 3
-_ARCH = TINY_MODEL.index("--arch")
-TRUNK = TINY_MODEL[:_ARCH] + TINY_MODEL[_ARCH + 2:]  # the tiny model's options, less its --arch
 # Lines longer than the model's 64 positions (Brown has some) are skipped, as fairseq's option says.
 SAMPLE = ["--task", "language_modeling", "--gen-subset", "valid", "--tokens-per-sample", "64",
           "--sample-break-mode", "eos", "--beam", "2", "--max-len-b", "5", "--batch-size", "8", "--num-workers", "0",
@@ -31,7 +29,7 @@ SAMPLE = ["--task", "language_modeling", "--gen-subset", "valid", "--tokens-per-
 
 
 def train_args(data, model, save_dir, updates):
-    return [str(data / "bin"), "--user-dir", "fairseq_base", "--cpu", *TRUNK, *MODELS[model], *SGD,
+    return [str(data / "bin"), "--user-dir", "fairseq_base", "--cpu", *TINY_TRUNK, *MODELS[model], *SGD,
             "--save-dir", str(save_dir), "--max-update", str(updates), "--log-interval", "5"]
 
 

@@ -183,12 +183,13 @@ def test_lossfree_bias_survives_save_resume_and_reshard(data_bin, router_runs, t
     """lossfree's shared run (``router_runs``: 30 updates straight) against the same run resumed
     from its save at update 15: the same losses and the same bias; fairseq-base-reshard to 2
     workers carries the bias into both files."""
-    straight_dir, straight = router_runs("lossfree")
+    straight_dir, result = router_runs("lossfree")
+    straight = losses(result)
     (tmp_path / "resumed").mkdir()
     shutil.copy(straight_dir / "checkpoint_1_15.pt", tmp_path / "resumed" / "checkpoint_last.pt")
     resumed = losses(run(*router_run_command(data_bin, "lossfree", tmp_path / "resumed")))
     assert sorted(resumed) == [20, 25, 30]
-    assert all(abs(resumed[u] - losses(straight)[u]) <= 1e-3 for u in resumed), (resumed, losses(straight))
+    assert all(abs(resumed[u] - straight[u]) <= 1e-3 for u in resumed), (resumed, straight)
     biases = {}
     for save_dir in (straight_dir, tmp_path / "resumed"):
         model = torch.load(save_dir / "checkpoint_last.pt", weights_only=True)["model"]
