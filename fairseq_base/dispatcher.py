@@ -10,13 +10,13 @@ group: P of the model's workers), L = E/W local experts per worker, d the model 
 """
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from fairseq_base.router import count_per_expert
+from fairseq_base.router import Routing, count_per_expert
 
 
 def world_size(group=None) -> int:
@@ -45,6 +45,15 @@ class SizeExchange:
         return self._sizes
 
 
+def sizes_of_every_worker(exchange: Optional[SizeExchange], size: int, device, group=None) -> Tensor:
+    """Every worker's ``size`` [W]: from ``exchange``, started earlier for this size, or exchanged now."""
+    if exchange is None:
+        exchange = SizeExchange(size, device, group)
+    elif exchange.size != size:
+        raise RuntimeError(f"the model announced {exchange.size} tokens, the expert layer got {size}")
+    return exchange.wait()
+
+
 def even_split(sizes: Tensor, parts: int) -> Tensor:
     """[W, parts]: each worker's tokens dealt out evenly to ``parts`` parts, the first parts taking the remainder."""
     base = (sizes // parts)[:, None].expand(-1, parts)
@@ -52,7 +61,7 @@ def even_split(sizes: Tensor, parts: int) -> Tensor:
 
 
 def shuffle_replies(chosen: Tensor, received: List[int], received_counts: Tensor, local: int) -> Tensor:
-    """A router's replies after the shuffle of BASE routing (``BaseLayer._route_shuffled``).
+    """A router's replies after the shuffle of BASE routing (``route_shuffled``).
 
     The router received ``received[w]`` tokens from worker w (``received_counts``: the same as a
     LongTensor [W], on the device), in worker order, and chose global expert ``chosen[i]`` ([sum
@@ -76,6 +85,33 @@ def read_replies(replies: Tensor, sent: List[int], local: int) -> Tuple[Tensor, 
     workers = len(sent)
     parts = replies.split([size for n in sent for size in (n, workers * local)])
     return torch.cat(parts[0::2]), torch.stack(parts[1::2]).view(workers, workers, local).sum(0)
+
+
+def route_shuffled(scores: Tensor, token_counts: Tensor, route: Callable[[Tensor], Routing], local: int,
+                   group=None) -> Tuple[Tensor, Tensor, Routing, Tensor]:
+    """BASE routing in which every worker's router sees a random sample of the whole batch (as in
+    the paper): each worker sends its tokens' ``scores`` [T, E] to random workers, whose routers
+    (``route``) send back the experts. Tokens then travel once, straight to their experts.
+    ``token_counts`` [W]: every worker's T; ``local``: experts per worker.
+
+    Returns (the experts of our tokens [T], recv_counts [W, L] for ``TokenDispatcher.dispatch``,
+    this worker's router's routing and the sample [sum received, E] it routed). Each router's
+    reply to worker u also says how many tokens of each worker it sent to u's experts, so that u
+    learns what it will receive without another exchange. With one worker: a routing of the
+    tokens in a random order, mapped back."""
+    workers, rank = world_size(group), world_rank(group)
+    split = even_split(token_counts, workers)  # split[w, v]: w's tokens for v's router
+    sent, received = torch.stack([split[rank], split[:, rank]]).tolist()  # one synchronisation
+    order = torch.randperm(scores.size(0), device=scores.device)
+    sample = all_to_all(scores.detach().index_select(0, order), received, sent, group)
+    routing = route(sample)
+    reply = shuffle_replies(routing.expert_ids[:, 0], received, split[:, rank], local)
+    per_router = workers * local
+    reply = all_to_all(reply, [n + per_router for n in sent], [n + per_router for n in received], group)
+    chosen, recv_counts = read_replies(reply, sent, local)
+    expert_ids = torch.empty_like(order)
+    expert_ids[order] = chosen
+    return expert_ids, recv_counts, routing, sample
 
 
 def invert_permutation(perm: Tensor) -> Tensor:

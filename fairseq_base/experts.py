@@ -71,6 +71,11 @@ def is_expert(param: Tensor) -> bool:
     return hasattr(param, "expert")
 
 
+def has_experts(model) -> bool:
+    """A built model with expert parameters (BASE layers or expert FFNs, ours or fairseq's)."""
+    return isinstance(model, nn.Module) and any(is_expert(param) for param in model.parameters())
+
+
 class LocalExperts(nn.Module):
     """The experts held by this worker, ``len(global_ids)`` of them, as stacked weights: each is
     a stack of residual sublayers x <- x + sublayer(x), and returns its update expert(x) - x.

@@ -7,24 +7,21 @@ dimension.
 """
 
 import dataclasses
-import logging
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
-from fairseq import metrics
 from torch import Tensor, nn
 
-from fairseq_base.dispatcher import (SizeExchange, TokenDispatcher, all_to_all, even_split, read_replies,
-                                     shuffle_replies, world_rank)
+from fairseq_base.dispatcher import SizeExchange, TokenDispatcher, route_shuffled, sizes_of_every_worker
 from fairseq_base.errors import BaseLayerConfigError
 from fairseq_base.experts import EXPERT_IDS, LocalExperts
 from fairseq_base.groups import ExpertLayout, expert_layout
-from fairseq_base.router import (EVAL_ROUTING, HASHES, ROUTER, RouteContext, Routing, balanced_hash, random_hash,
-                                 COUNTED, routing_counts, sigmoid_gated, stats_from_counts, update_expert_bias)
-
-logger = logging.getLogger(__name__)
+from fairseq_base.layer_checkpoints import adapt_layer_state
+from fairseq_base.router import (EVAL_ROUTING, ROUTER, RouteContext, Routing, hash_table, sigmoid_gated,
+                                 update_expert_bias)
+from fairseq_base.routing_stats import RoutingStatistics
 
 
 @dataclass
@@ -103,17 +100,11 @@ class BaseLayer(nn.Module):
         # Shuffling gives each worker's balanced assignment a sample of the whole batch; other
         # routers decide token by token, and one worker needs no shuffling.
         self.shuffle = config.shuffle and self.dispatcher.world_size > 1 and self.record.balanced_in_training
-        # Set by the model before each training forward (see ``_token_counts``).
+        # Every worker's token count, exchanged in the background: set by the model before each training forward.
         self.token_count_exchange: Optional[SizeExchange] = None
         self.name = name
         if not self.record.reads_scores:
-            if config.hash not in HASHES:
-                raise BaseLayerConfigError(f"--base-hash must be one of {', '.join(HASHES)}; got {config.hash!r}")
-            if config.hash == "balanced" and token_counts is None:
-                raise BaseLayerConfigError("--base-hash balanced needs the dictionary's token counts")
-            table = balanced_hash(token_counts, num_experts) if config.hash == "balanced" else random_hash(
-                vocab_size, num_experts)
-            self.register_buffer("hash_table", table)
+            self.register_buffer("hash_table", hash_table(config.hash, num_experts, vocab_size, token_counts))
             self.token_ids: Optional[Tensor] = None
         else:
             self.centroids = nn.Parameter(nn.init.orthogonal_(torch.empty(num_experts, embed_dim), gain=0.1))
@@ -136,16 +127,15 @@ class BaseLayer(nn.Module):
         # The weighted balance loss of the last forward, until the criterion takes it.
         self.balance_loss: Optional[Tensor] = None
         self.criterion_takes_balance_loss = False
-        # This worker's ``routing_counts`` of the training forwards since the last optimizer step,
-        # summed over the workers and logged once per step (``reduce_routing_stats``).
-        self.register_buffer("step_counts", torch.zeros(num_experts + len(COUNTED)), persistent=False)
-        # Routing churn: the first batch after ``probe_next_batch`` is set (at every validation) is
-        # the probe; its first-choice experts are compared with those of the previous probe.
-        self.probe_next_batch = False
-        self.probe_expert_ids: Optional[Tensor] = None
+        self.stats = RoutingStatistics(name, num_experts, self.layout)
         # Registered last: a checkpoint's entries (and the optimizer state that follows them) keep
         # the order they had before the router had it (the old layout's converters rely on that).
         self.score_norm = score_norm if self.record.reads_scores else None
+
+    # The statistics' state where fairseq's trainer (``routing_churn``) and the tests reach it.
+    step_counts = property(lambda self: self.stats.step_counts)
+    probe_next_batch = property(lambda self: self.stats.probe_next_batch,
+                                lambda self, value: setattr(self.stats, "probe_next_batch", value))
 
     def forward(self, x: Tensor, *args, **kwargs):
         tokens = x.reshape(-1, x.size(-1))
@@ -191,48 +181,20 @@ class BaseLayer(nn.Module):
     def _route_here(self, tokens: Tensor) -> Routing:
         routing, scores = self.route(tokens)
         self._keep_balance_loss(routing.balance_loss)
-        self._count_routing(routing, None if scores is None else scores.detach())
-        if self.probe_next_batch and not self.training:
-            self.probe_next_batch = False
-            self._log_churn(routing.expert_ids[:, 0])
+        self.stats.count(routing, None if scores is None else scores.detach())
         return routing
 
     def _route_shuffled(self, tokens: Tensor):
-        """BASE routing in which every worker's router sees a random sample of the whole batch (as
-        in the paper): each worker sends its tokens' scores to random workers, whose routers
-        send back the experts. Tokens then travel once, straight to their experts.
-
-        Returns (routing of our tokens, recv_counts for ``dispatch``). Each router's reply to
-        worker u also says how many tokens of each worker it sent to u's experts, so that u
-        learns what it will receive without another exchange.
-        """
-        group, workers = self.dispatcher.group, self.dispatcher.world_size
-        local, rank = self.dispatcher.num_local_experts, world_rank(group)
-        scores = self._scores(tokens)
-        split = even_split(self._token_counts(tokens), workers)  # split[w, v]: w's tokens for v's router
-        sent, received = torch.stack([split[rank], split[:, rank]]).tolist()  # one synchronisation
-        order = torch.randperm(tokens.size(0), device=tokens.device)
-        sample = all_to_all(scores.detach().index_select(0, order), received, sent, group)
-        routing = self.record.route(sample, self.route_context())
-        self._count_routing(routing, sample)
-        reply = shuffle_replies(routing.expert_ids[:, 0], received, split[:, rank], local)
-        per_router = workers * local
-        reply = all_to_all(reply, [n + per_router for n in sent], [n + per_router for n in received], group)
-        chosen, recv_counts = read_replies(reply, sent, local)
-        expert_ids = torch.empty_like(order)
-        expert_ids[order] = chosen
+        """(routing of our tokens, recv_counts for ``dispatch``): each token routed on a random
+        worker (``dispatcher.route_shuffled``), gated here by its own score."""
+        scores, group = self._scores(tokens), self.dispatcher.group
+        exchange, self.token_count_exchange = self.token_count_exchange, None  # the model's, for this forward
+        token_counts = sizes_of_every_worker(exchange, tokens.size(0), tokens.device, group)
+        expert_ids, recv_counts, routing, sample = route_shuffled(
+            scores, token_counts, lambda sample: self.record.route(sample, self.route_context()),
+            self.dispatcher.num_local_experts, group)
+        self.stats.count(routing, sample)
         return sigmoid_gated(scores, expert_ids), recv_counts
-
-    def _token_counts(self, tokens: Tensor) -> Tensor:
-        """Every worker's number of tokens: from the exchange the model started before the
-        decoder ran, or exchanged now."""
-        exchange, self.token_count_exchange = self.token_count_exchange, None
-        if exchange is None:
-            exchange = SizeExchange(tokens.size(0), tokens.device, self.dispatcher.group)
-        elif exchange.size != tokens.size(0):
-            raise RuntimeError(f"{self.name}: the model announced {exchange.size} tokens, the layer got "
-                               f"{tokens.size(0)}")
-        return exchange.wait()
 
     def _mix(self, tokens: Tensor, routing: Routing, recv_counts: Optional[Tensor]) -> Tensor:
         choices = routing.expert_ids.size(1)
@@ -259,96 +221,18 @@ class BaseLayer(nn.Module):
                 f"--criterion base_cross_entropy (or --base-balance-loss 0)")
         self.balance_loss = self.balance_loss_weight * balance_loss
 
-    def _count_routing(self, routing: Routing, scores: Optional[Tensor]) -> None:
-        """In training, add this forward's routing counts to the step's (no collective: they are
-        summed over the workers once per optimizer step, ``reduce_routing_stats``). Outside training
-        there is no step: the batch's counts are summed now (every worker routes in every forward,
-        so all of them take part) and logged."""
-        counts = routing_counts(routing, scores, self.num_experts)
-        if self.training:
-            self.step_counts += counts
-            return
-        if self.layout.world_size > 1:
-            dist.all_reduce(counts, group=self.layout.world_group)
-        self.log_stats(counts)
-
-    def log_stats(self, counts: Tensor) -> None:
-        """Log the statistics of ``counts``, the ``routing_counts`` of every worker, summed."""
-        for key, value in stats_from_counts(counts, self.num_experts).items():
-            metrics.log_scalar(f"{self.name}_{key}", value, weight=1, priority=250, round=3)
-
     def _apply(self, fn, *args, **kwargs):
-        # The bias stays float32 under --fp16 and --bf16 (model.half() casts every buffer): steps
-        # of 1e-3 vanish against a bias of 1 in bf16, whose spacing there is 2^-7.
-        # The step's counts stay float32 too: fp16 holds whole numbers exactly only up to 2048.
-        kept = {name: self._buffers[name] for name in ("expert_bias", "step_counts") if name in self._buffers}
+        # lossfree's bias stays float32 under --fp16 and --bf16 (model.half() casts every buffer):
+        # steps of 1e-3 vanish against a bias of 1 in bf16, whose spacing there is 2^-7.
+        bias = self._buffers.get("expert_bias")
         super()._apply(fn, *args, **kwargs)
-        for name, value in kept.items():
-            self._buffers[name] = value.to(self._buffers[name].device)
+        if bias is not None:
+            self._buffers["expert_bias"] = bias.to(self._buffers["expert_bias"].device)
         return self
 
-    def _log_churn(self, expert_ids: Tensor) -> None:
-        """Log ``churn``, the share of the probe's tokens whose first-choice expert changed since the
-        previous probe, over all workers (each worker's probe is its first validation batch)."""
-        previous, self.probe_expert_ids = self.probe_expert_ids, expert_ids.detach().clone()
-        comparable = previous is not None and previous.shape == expert_ids.shape
-        counts = torch.zeros(2, device=expert_ids.device)
-        if comparable:
-            counts[0], counts[1] = (previous != expert_ids).sum(), expert_ids.numel()
-        if self.layout.world_size > 1:  # every worker probes at the same validation
-            dist.all_reduce(counts, group=self.layout.world_group)
-        if previous is not None:
-            metrics.log_scalar(f"{self.name}_churn", counts[0] / counts[1].clamp_min(1), weight=1, priority=250,
-                               round=3)
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        saved = state_dict.get(prefix + "centroids")
-        saved_experts = saved.size(0) if saved is not None else None
-        table = state_dict.get(prefix + "hash_table")
-        if table is not None and table.numel() > 0 and int(table.max()) >= self.num_experts:
-            saved_experts = int(table.max()) + 1  # a random hash of a large vocabulary uses every expert
-        if saved_experts is not None and saved_experts != self.num_experts:
-            raise BaseLayerConfigError(
-                f"{prefix.rstrip('.')}: the checkpoint has {saved_experts} experts but this model was built "
-                f"with {self.num_experts}; pass --base-experts {saved_experts} (for fairseq-eval-lm: "
-                f"--model-overrides \"{{'base_experts': {saved_experts}}}\")")
-        self._route_as_saved(state_dict, prefix)
-        saved_ids = state_dict.get(prefix + EXPERT_IDS)
-        if saved_ids is not None and not torch.equal(saved_ids.cpu(), self.expert_ids.cpu()):
-            self._take_own_experts(state_dict, prefix, saved_ids.tolist())
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
-
-    def _route_as_saved(self, state_dict, prefix: str) -> None:
-        """Checkpoints written before the routers followed their references route as they were
-        trained: lossfree's bias on the raw score (no ``bias_on_affinity`` saved), and expert
-        FFN slots scoring the raw residual stream (no ``score_norm`` saved)."""
-        name = prefix.rstrip(".")
-        if self.record.has_bias and prefix + "expert_bias" in state_dict \
-                and prefix + "bias_on_affinity" not in state_dict:
-            logger.info(f"fairseq_base: {name} routes as it was trained: lossfree's bias on the raw score "
-                        f"(a checkpoint written before the bias moved to the sigmoid affinity)")
-            state_dict[prefix + "bias_on_affinity"] = torch.tensor(False)
-        if getattr(self, "score_norm", None) is not None and prefix + "centroids" in state_dict \
-                and not any(key.startswith(prefix + "score_norm.") for key in state_dict):
-            logger.info(f"fairseq_base: {name} routes as it was trained: on the raw residual stream (a checkpoint "
-                        f"written before expert FFN slots scored the normalised input)")
-            self.score_norm = None
-
-    def _take_own_experts(self, state_dict, prefix: str, saved_ids) -> None:
-        """Keep this worker's experts from a checkpoint that holds others too (e.g. one file for all)."""
-        position = {global_id: j for j, global_id in enumerate(saved_ids)}
-        mine = self.expert_ids.tolist()
-        if any(global_id not in position for global_id in mine):
-            raise BaseLayerConfigError(
-                f"{prefix.rstrip('.')}: this checkpoint file holds experts {saved_ids} but this worker needs "
-                f"experts {mine}; run fairseq-base-reshard CKPT --world-size {self.num_experts // len(mine)} "
-                f"--out OUT.pt and load OUT.pt")
-        rows = torch.tensor([position[global_id] for global_id in mine])
-        for key in [k for k in state_dict if k.startswith(prefix + "experts.")]:  # stacked: expert j at row j
-            state_dict[key] = state_dict[key].index_select(0, rows.to(state_dict[key].device))
-        state_dict[prefix + EXPERT_IDS] = self.expert_ids.clone()
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        adapt_layer_state(self, state_dict, prefix)  # the expert count, earlier versions, other workers' experts
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def reduce_routing_stats(model: nn.Module) -> None:
@@ -365,8 +249,8 @@ def reduce_routing_stats(model: nn.Module) -> None:
     if world.world_size > 1:
         dist.all_reduce(counts, group=world.world_group)
     for layer, summed in zip(layers, counts.split([layer.step_counts.numel() for layer in layers])):
-        layer.step_counts.zero_()
-        layer.log_stats(summed)
+        layer.stats.step_counts.zero_()
+        layer.stats.log(summed)
         if layer.record.has_bias:
             update_expert_bias(layer.expert_bias, summed[:layer.num_experts], layer.bias_update_rate)
 

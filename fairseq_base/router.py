@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fairseq_base.assignment import balanced_assignment_and_counts, greedy_assignment, sinkhorn_assignment
+from fairseq_base.errors import BaseLayerConfigError
 
 HASH_SEED = 1234  # shared by every worker and every run: the hash is part of the model
 
@@ -177,6 +178,15 @@ def balanced_hash(token_counts: Sequence[int], num_experts: int) -> Tensor:
 
 
 HASHES = ("random", "balanced")
+
+
+def hash_table(kind: str, num_experts: int, vocab_size: int, token_counts: Optional[Sequence[int]]) -> Tensor:
+    """[V] the expert of each token id: ``kind`` random or balanced (by ``token_counts``)."""
+    if kind not in HASHES:
+        raise BaseLayerConfigError(f"--base-hash must be one of {', '.join(HASHES)}; got {kind!r}")
+    if kind == "balanced" and token_counts is None:
+        raise BaseLayerConfigError("--base-hash balanced needs the dictionary's token counts")
+    return balanced_hash(token_counts, num_experts) if kind == "balanced" else random_hash(vocab_size, num_experts)
 
 
 def hash_routing(token_ids: Tensor, table: Tensor) -> Routing:

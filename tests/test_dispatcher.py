@@ -2,7 +2,8 @@
 
 import torch
 
-from fairseq_base.dispatcher import read_replies, shuffle_replies
+from fairseq_base.dispatcher import read_replies, route_shuffled, shuffle_replies
+from fairseq_base.router import balanced_routing, count_per_expert, greedy_routing
 
 
 def test_a_routers_replies_say_which_expert_and_what_each_worker_will_receive():
@@ -26,3 +27,15 @@ def test_a_worker_reads_its_experts_and_what_it_will_receive_from_every_router()
     assert chosen.tolist() == [3, 0, 2]
     # Worker v's tokens for local expert j, summed over the routers: v=0: (1 + 0, 0 + 1); v=1: (0 + 1, 2 + 0).
     assert recv_counts.tolist() == [[1, 1], [1, 2]]
+
+
+def test_shuffled_routing_in_one_process_routes_the_tokens_in_a_random_order_and_maps_the_experts_back():
+    torch.manual_seed(0)
+    scores = torch.randn(12, 4)
+    expert_ids, recv_counts, routing, sample = route_shuffled(scores, torch.tensor([12]), greedy_routing, local=4)
+    assert not torch.equal(sample, scores) and sorted(map(tuple, sample.tolist())) == sorted(map(tuple, scores.tolist()))
+    assert torch.equal(routing.expert_ids[:, 0], sample.argmax(1))  # the router routed the sample
+    assert torch.equal(expert_ids, scores.argmax(1))  # each token gets its own choice back
+    assert recv_counts.tolist() == [count_per_expert(expert_ids, 4).tolist()]  # what expert j will receive
+    balanced, _, _, _ = route_shuffled(scores, torch.tensor([12]), balanced_routing, local=4)
+    assert count_per_expert(balanced, 4).tolist() == [3, 3, 3, 3]

@@ -11,6 +11,7 @@ import pytest
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "scripts"))  # reproduce_small.py's rooms, scripts/reproduce/
 
 
 @pytest.mark.slow
@@ -130,8 +131,8 @@ def test_reproduce_small_upcycling_continues_one_dense_start_and_trains_base_fro
 
 
 def test_reproduce_small_says_which_differences_exceed_the_spread():
-    script = runpy.run_path(os.path.join(REPO, "scripts", "reproduce_small.py"))
-    spread, versus = script["spread"], script["versus"]
+    from reproduce.report import versus
+    from reproduce.stats import spread
     reference = {"test_ppl": spread([100.0, 101.0, 102.0])}
     assert reference["test_ppl"]["std"] == 1.0
     assert versus({"test_ppl": spread([103.5, 104.0, 105.0])}, reference) == "+3.17 (beyond the spread)"
@@ -140,8 +141,8 @@ def test_reproduce_small_says_which_differences_exceed_the_spread():
 
 
 def test_the_expert_sweep_table_says_whether_more_experts_helped():
-    script = runpy.run_path(os.path.join(REPO, "scripts", "reproduce_small.py"))
-    spread = script["spread"]
+    from reproduce.report import sweep_table
+    from reproduce.stats import expert_curves, spread
 
     def row(model, experts, test, valid):
         return {"model": model, "experts": experts, "test_ppl": spread(test),
@@ -152,8 +153,8 @@ def test_the_expert_sweep_table_says_whether_more_experts_helped():
                "BASE E=1": row("BASE", 1, [145.0, 147.0], [155.0, 157.0]),
                "Hash E=1": row("Hash", 1, [139.0, 141.0], [149.0, 151.0]),
                "Hash E=4": row("Hash", 4, [140.0, 140.5], [148.0, 150.0])}
-    assert [e for e, _ in script["expert_curves"](results, "test_ppl")["BASE"]] == [1, 4]
-    table = [line for line in script["sweep_table"](results, 250) if line.startswith("| ")]
+    assert [e for e, _ in expert_curves(results, "test_ppl")["BASE"]] == [1, 4]
+    table = [line for line in sweep_table(results, 250) if line.startswith("| ")]
     assert table[0] == "| model | E=1 | E=4 | E=4 vs E=1: test ppl | valid ppl at update 250 |"
     assert table[1] == ("| BASE | 146.00 ± 1.41 (156.00) | 141.00 ± 1.41 (151.00) | -5.00 (beyond the spread) "
                         "| -5.00 (beyond the spread) |")

@@ -8,20 +8,14 @@ configurations from ``MagicMock``) is "not ours", and fairseq's function runs un
 from argparse import Namespace
 
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
-from torch import nn
 
-from fairseq_base.experts import is_expert
+from fairseq_base.experts import has_experts  # noqa: F401  (beside the decisions on configurations below)
 
 
 def _whole_number(model_cfg, name: str):
     """``model_cfg.name`` if it is a whole number (not a bool), else None."""
     value = getattr(model_cfg, name, None) if model_cfg is not None else None
     return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def has_experts(model) -> bool:
-    """A built model with expert parameters (BASE layers or expert FFNs, ours or fairseq's)."""
-    return isinstance(model, nn.Module) and any(is_expert(param) for param in model.parameters())
 
 
 def has_expert_options(model_cfg) -> bool:

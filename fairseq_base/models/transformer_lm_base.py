@@ -10,10 +10,13 @@ from fairseq.models import register_model
 from fairseq.models.transformer import TransformerDecoder
 from fairseq.models.transformer_lm import TransformerLanguageModel, TransformerLanguageModelConfig
 from omegaconf import II
-from torch import Tensor, nn
+from torch import nn
 
+from fairseq_base.dense_to_experts import state_has_experts, upcycle_state
 from fairseq_base.dispatcher import SizeExchange
 from fairseq_base.errors import BaseLayerConfigError
+from fairseq_base.expert_ffn import ExpertFeedForwardLayer
+from fairseq_base.experts import has_experts
 from fairseq_base.groups import expert_layout, resolve_num_experts
 from fairseq_base.layer import BaseLayer, BaseLayerConfig
 from fairseq_base.placement import base_layer_positions
@@ -207,43 +210,12 @@ class TransformerLanguageModelBase(TransformerLanguageModel):
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
         """fairseq's, and a dense transformer_lm's state dict (``--finetune-from-model DENSE.pt``)
         upcycled first: its trunk under the indices the expert layers leave it, its FFN blocks copied
-        into the experts of the expert FFN slots (``fairseq_base/upcycle.py``)."""
-        from fairseq_base import upcycle  # it builds this model: imported when first needed
-        from fairseq_base.fairseq_patches.which_models import has_experts
-
-        if not upcycle.state_has_experts(state_dict) and has_experts(self):
-            state_dict = upcycle.upcycle_state(state_dict, self)
+        into the experts of the expert FFN slots (``fairseq_base/dense_to_experts.py``)."""
+        if not state_has_experts(state_dict) and has_experts(self):
+            state_dict = upcycle_state(state_dict, self)
             logger.info("upcycled a dense transformer_lm checkpoint: the expert layers start as the dense "
-                        "model computes (fairseq_base/upcycle.py)")
+                        "model computes (fairseq_base/dense_to_experts.py)")
         return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
-
-
-class _NoFeedForward(nn.Module):
-    """Stands in for a decoder layer's fc1: its feed-forward block then adds nothing."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x.new_zeros(())
-
-
-class ExpertFeedForwardLayer(nn.Module):
-    """A fairseq decoder layer whose feed-forward block is an expert layer (the MoE baselines').
-
-    fairseq's layer computes x + dropout(fc2(act(fc1(LayerNorm(x))))) after attention; with
-    fc1 returning zero it keeps the attention block only, and the expert layer, whose
-    experts are pre-LayerNorm FFN blocks, takes the place of the feed-forward block. The
-    block's LayerNorm moves to the expert layer's router, which scores LayerNorm(x) as the
-    block's FFN would have read it (``BaseLayer``'s ``score_norm``).
-    """
-
-    def __init__(self, layer: nn.Module, experts: BaseLayer):
-        super().__init__()
-        layer.final_layer_norm, layer.fc1, layer.fc2 = nn.Identity(), _NoFeedForward(), nn.Identity()
-        self.attention = layer
-        self.moe = experts
-
-    def forward(self, x: Tensor, *args, **kwargs):
-        x, attn, state = self.attention(x, *args, **kwargs)
-        return self.moe(x)[0], attn, state
 
 
 class TransformerDecoderWithExperts(TransformerDecoder):
