@@ -21,7 +21,8 @@ class StackedSublayer(nn.Module):
     ff2_weight[j] (ff1_weight [E, d, ffn], ff2_weight [E, ffn, d]).
 
     The last projection starts at zero (fairseq zeroes its weight; we zero its bias too), so
-    a new expert is the identity and a new BASE layer leaves the trunk as is.
+    a new expert is the identity and a new BASE layer leaves the trunk as is; ``LocalExperts``
+    draws it as nn.Linear does where an expert takes a feed-forward block's place.
     """
 
     def __init__(self, num_experts: int, embed_dim: int, ffn_dim: int, activation_fn: str = "relu"):
@@ -51,14 +52,12 @@ class StackedSublayer(nn.Module):
         return [[w[None] for w in weights] for weights in zip(*(p.unbind(0) for p in self.stacked_weights()))]
 
 
-def _first_projections(num_sublayers: int, embed_dim: int, ffn_dim: int):
-    """One expert's initial (ff1 weight, ff1 bias) per sublayer, drawn as nn.Linear draws them. The
-    draws of ff2, which starts at zero, are made too: an expert then starts from the same
-    numbers as when each expert was a module of its own."""
+def _projections(num_sublayers: int, embed_dim: int, ffn_dim: int):
+    """One expert's initial (ff1, ff2) per sublayer, drawn as nn.Linear draws them (fairseq's
+    fc1 and fc2). ff2 is drawn even where it starts at zero: an expert's ff1 then does not depend
+    on how it starts, and is the same numbers as when each expert was a module of its own."""
     for _ in range(num_sublayers):
-        ff1 = nn.Linear(embed_dim, ffn_dim)
-        nn.Linear(ffn_dim, embed_dim)
-        yield ff1.weight.detach(), ff1.bias.detach()
+        yield nn.Linear(embed_dim, ffn_dim), nn.Linear(ffn_dim, embed_dim)
 
 
 # The buffer in which an expert layer saves its local experts' global ids (``BaseLayer``).
@@ -82,13 +81,16 @@ class LocalExperts(nn.Module):
 
     Expert g starts from a generator seeded with ``seed + g``: its initial weights depend on
     the seed and its global id only, so that the experts of a model built for W workers are
-    those of the one-process model, and no two experts start equal. Every parameter is
-    tagged ``expert = True`` so that fairseq's legacy_ddp does not average it across
-    data-parallel workers.
+    those of the one-process model, and no two experts start equal. ``identity_start``: the
+    last projection starts at zero, so that the expert starts as the identity (a BASE layer,
+    as the paper and fairseq's ``base_layer.py``); else as nn.Linear draws it, as the
+    feed-forward block that the expert replaces would (fairseq's MoE layers and ParlAI's hash
+    layers). Every parameter is tagged ``expert = True`` so that fairseq's legacy_ddp does not
+    average it across data-parallel workers.
     """
 
     def __init__(self, global_ids: Iterable[int], embed_dim: int, ffn_dim: int, num_sublayers: int,
-                 activation_fn: str = "relu", seed: int = 0):
+                 activation_fn: str = "relu", seed: int = 0, identity_start: bool = True):
         super().__init__()
         global_ids = list(global_ids)
         self.num_experts = len(global_ids)
@@ -98,9 +100,10 @@ class LocalExperts(nn.Module):
             for j, global_id in enumerate(global_ids):
                 with torch.random.fork_rng(devices=[]):
                     torch.default_generator.manual_seed(seed + global_id)
-                    for sublayer, (weight, bias) in zip(self.sublayers,
-                                                        _first_projections(num_sublayers, embed_dim, ffn_dim)):
-                        sublayer.ff1_weight[j], sublayer.ff1_bias[j] = weight.t(), bias
+                    for sublayer, (ff1, ff2) in zip(self.sublayers, _projections(num_sublayers, embed_dim, ffn_dim)):
+                        sublayer.ff1_weight[j], sublayer.ff1_bias[j] = ff1.weight.t(), ff1.bias
+                        if not identity_start:
+                            sublayer.ff2_weight[j], sublayer.ff2_bias[j] = ff2.weight.t(), ff2.bias
         for param in self.parameters():
             param.expert = True
 

@@ -19,8 +19,8 @@ from fairseq_base.errors import BaseLayerConfigError
 from fairseq_base.experts import EXPERT_IDS, LocalExperts
 from fairseq_base.groups import ExpertLayout, expert_layout
 from fairseq_base.layer_checkpoints import adapt_layer_state
-from fairseq_base.router import (EVAL_ROUTING, ROUTER, RouteContext, Routing, hash_table, sigmoid_gated,
-                                 update_expert_bias)
+from fairseq_base.router import (EVAL_ROUTING, ROUTER, GATES, RouteContext, Routing, gate_one, hash_table,
+                                 sigmoid_gated, update_expert_bias)
 from fairseq_base.routing_stats import RoutingStatistics
 
 
@@ -41,7 +41,9 @@ class BaseLayerConfig:
     bias_update_rate: float = 1e-3  # lossfree: the bias step per optimizer step (DeepSeek-V3's)
     top2_second: str = "sampled"  # top2's second expert in training: sampled or greedy
     hash: str = "random"  # hash: random, or balanced by the token counts
+    gate: str = "router"  # router: the router's own gate (as published); one: ``router.gate_one``
     dropout: float = 0.0  # on the gated update
+    identity_start: bool = True  # experts start as the identity (a BASE layer); False: as an FFN block
 
     @classmethod
     def from_model_options(cls, args, **overrides) -> "BaseLayerConfig":
@@ -52,7 +54,7 @@ class BaseLayerConfig:
                    "eval_routing": "base_eval_routing", "shuffle": "base_shuffle",
                    "capacity_factor": "base_capacity_factor", "balance_loss_weight": "base_balance_loss",
                    "bias_update_rate": "base_bias_update_rate", "top2_second": "base_top2_second",
-                   "hash": "base_hash"}
+                   "hash": "base_hash", "gate": "base_gate"}
         values = {name: getattr(args, option, getattr(defaults, name)) for name, option in options.items()}
         values["shuffle"] = bool(values["shuffle"])
         return cls(**{**values, **overrides})
@@ -60,26 +62,18 @@ class BaseLayerConfig:
 
 class BaseLayer(nn.Module):
     """A BASE layer (Lewis et al., 2021) over ``num_experts`` experts spread across the workers of
-    an expert-parallel group (``layout``; default: all workers); with another ``router``, the
-    expert layer of the MoE baselines (see ``router.py``).
+    an expert-parallel group (``layout``; default: all workers); with another router, the expert
+    layer of the MoE baselines (``router.py``). Token t goes to expert a(t), the balanced
+    assignment in training (``eval_routing`` otherwise), and leaves as
 
-    Token t with hidden state h_t goes to expert a(t): the balanced assignment during
-    training, ``eval_routing`` otherwise. Its output is
+        h_t + sigmoid(h_t . w_a) * (expert_a(h_t) - h_t)     (w_e: expert e's centroid, as fairseq)
 
-        h_t + sigmoid(h_t . w_a) * (expert_a(h_t) - h_t)
-
-    with w_e the learned centroid of expert e (fairseq's formulation). Other routers choose
-    and gate differently, and may leave a token out of an expert over capacity. Called like
-    a fairseq decoder layer: ``forward(x, ...)`` returns ``(x, None, None)``. The hash router
-    needs the token ids of ``x`` in ``self.token_ids`` ([B, T], set by the model).
-
-    ``config`` (or its fields as keywords, which replace the config's) says how it routes.
-    ``score_norm``: where the layer takes the place of a decoder layer's feed-forward block, the
-    LayerNorm that block applied to its input; the router scores its output, as fairseq's MoE
-    gates, DeepSeek-V3 and torchtitan route the normalised FFN input (the experts, pre-LayerNorm
-    blocks, normalise for themselves). A stand-alone BASE layer scores raw h, as fairseq's
-    ``base_layer.py`` does. ``token_counts``: each token id's count (a dictionary's), for a
-    balanced hash.
+    Other routers choose and gate differently, and may drop a token over capacity. Called like a
+    fairseq decoder layer: ``forward(x, ...)`` returns ``(x, None, None)``; hash needs the token ids
+    of ``x`` in ``token_ids`` ([B, T], set by the model). ``config`` (or its fields as keywords)
+    says how it routes. ``score_norm``: in a feed-forward slot, that block's LayerNorm, whose output
+    the router scores (as fairseq's MoE gates, DeepSeek-V3 and torchtitan); a stand-alone BASE layer
+    scores raw h, as fairseq's ``base_layer.py``. ``token_counts``: token id counts, for a balanced hash.
     """
 
     def __init__(self, embed_dim: int, ffn_dim: int, num_experts: int, config: Optional[BaseLayerConfig] = None, *,
@@ -87,8 +81,9 @@ class BaseLayer(nn.Module):
                  score_norm: Optional[nn.Module] = None, token_counts: Optional[Sequence[int]] = None, **options):
         super().__init__()
         config = dataclasses.replace(config or BaseLayerConfig(), **options)
-        if config.router not in ROUTER:
-            raise BaseLayerConfigError(f"--base-router must be one of {', '.join(ROUTER)}; got {config.router!r}")
+        for option, value, choices in (("--base-router", config.router, ROUTER), ("--base-gate", config.gate, GATES)):
+            if value not in choices:
+                raise BaseLayerConfigError(f"{option} must be one of {', '.join(choices)}; got {value!r}")
         self.config = config
         self.layout = layout or expert_layout()
         self.dispatcher = TokenDispatcher(num_experts, self.layout.expert_parallel_group)
@@ -102,6 +97,7 @@ class BaseLayer(nn.Module):
         self.shuffle = config.shuffle and self.dispatcher.world_size > 1 and self.record.balanced_in_training
         # Every worker's token count, exchanged in the background: set by the model before each training forward.
         self.token_count_exchange: Optional[SizeExchange] = None
+        self.real_tokens: Optional[Tensor] = None  # the rows that are no padding, set by the model (see forward)
         self.name = name
         if not self.record.reads_scores:
             self.register_buffer("hash_table", hash_table(config.hash, num_experts, vocab_size, token_counts))
@@ -120,7 +116,7 @@ class BaseLayer(nn.Module):
         # --seed; the experts are then built from it and their global ids alone.
         experts_seed = int(torch.randint(2**62, ()))
         self.experts = LocalExperts(range(first, first + local), embed_dim, ffn_dim, config.num_sublayers,
-                                    config.activation_fn, experts_seed)
+                                    config.activation_fn, experts_seed, config.identity_start)
         self.dropout = nn.Dropout(config.dropout)
         # The global ids of the local experts, saved with them so that a checkpoint knows them.
         self.register_buffer(EXPERT_IDS, torch.arange(first, first + local))
@@ -139,33 +135,44 @@ class BaseLayer(nn.Module):
 
     def forward(self, x: Tensor, *args, **kwargs):
         tokens = x.reshape(-1, x.size(-1))
+        # Padding takes no expert: only the real rows are routed and mixed, padding rows pass as
+        # they came (``real_tokens``: set by the model for this forward where its batch pads).
+        rows, self.real_tokens = self.real_tokens, None
+        routed = tokens if rows is None else tokens.index_select(0, rows)
         if self.shuffle and self.training:
-            routing, recv_counts = self._route_shuffled(tokens)
+            routing, recv_counts = self._route_shuffled(routed)
         else:
-            routing, recv_counts = self._route_here(tokens), None
-        return self._mix(tokens, routing, recv_counts).view_as(x), None, None
+            routing, recv_counts = self._route_here(routed, rows), None
+        mixed = self._mix(routed, routing, recv_counts)
+        return (mixed if rows is None else tokens.index_copy(0, rows, mixed)).view_as(x), None, None
 
-    def route(self, tokens: Tensor):
-        """(routing, scores); scores are None for a router that reads none (hash)."""
+    def route(self, tokens: Tensor, rows: Optional[Tensor] = None):
+        """(routing, scores) of ``tokens``, the rows ``rows`` of the layer's input (None: all); scores
+        are None for a router that reads none (hash)."""
+        context = self.route_context(rows)
         if not self.record.reads_scores:
-            if self.token_ids is None or self.token_ids.numel() != tokens.size(0):
+            if context.token_ids is None or context.token_ids.numel() != tokens.size(0):
                 raise RuntimeError(f"{self.name}: the {self.router} router needs the token ids of its "
                                    f"{tokens.size(0)} tokens in .token_ids (transformer_lm_base sets them)")
-            return self.record.route(None, self.route_context()), None
+            return self._gated(self.record.route(None, context)), None
         scores = self._scores(tokens)
-        if self.record.balanced_in_training and not self.training:
-            return EVAL_ROUTING[self.eval_routing](scores), scores
-        return self.record.route(scores, self.route_context()), scores
+        outside_training = self.record.balanced_in_training and not self.training  # BASE's family: eval_routing
+        routing = EVAL_ROUTING[self.eval_routing](scores) if outside_training else self.record.route(scores, context)
+        return self._gated(routing), scores
 
-    def route_context(self) -> RouteContext:
-        """What this layer's router needs beyond the scores."""
+    def route_context(self, rows: Optional[Tensor] = None) -> RouteContext:
+        """What this layer's router needs beyond the scores, for the rows ``rows`` (None: all)."""
         context = RouteContext(self.training, self.capacity_factor,
                                sample_second=self.config.top2_second == "sampled")
         if self.record.has_bias:
             context.bias, context.bias_on_affinity = self.expert_bias, bool(self.bias_on_affinity)
-        if not self.record.reads_scores:  # hidden states are time-major [T, B, C]; token ids are [B, T]
-            context.token_ids, context.hash_table = self.token_ids.t(), self.hash_table
+        if not self.record.reads_scores and self.token_ids is not None:
+            ids = self.token_ids.t().reshape(-1)  # hidden states are time-major [T, B, C]; token ids are [B, T]
+            context.token_ids, context.hash_table = ids if rows is None else ids.index_select(0, rows), self.hash_table
         return context
+
+    def _gated(self, routing: Routing) -> Routing:
+        return gate_one(routing) if self.config.gate == "one" else routing
 
     def _scores(self, tokens: Tensor) -> Tensor:
         """[T, E] float32: each token's affinity h_t . w_e with each expert's centroid.
@@ -178,8 +185,8 @@ class BaseLayer(nn.Module):
         with torch.autocast(tokens.device.type, enabled=False):
             return tokens.float().matmul(self.centroids.float().t())
 
-    def _route_here(self, tokens: Tensor) -> Routing:
-        routing, scores = self.route(tokens)
+    def _route_here(self, tokens: Tensor, rows: Optional[Tensor]) -> Routing:
+        routing, scores = self.route(tokens, rows)
         self._keep_balance_loss(routing.balance_loss)
         self.stats.count(routing, None if scores is None else scores.detach())
         return routing
@@ -194,7 +201,7 @@ class BaseLayer(nn.Module):
             scores, token_counts, lambda sample: self.record.route(sample, self.route_context()),
             self.dispatcher.num_local_experts, group)
         self.stats.count(routing, sample)
-        return sigmoid_gated(scores, expert_ids), recv_counts
+        return self._gated(sigmoid_gated(scores, expert_ids)), recv_counts
 
     def _mix(self, tokens: Tensor, routing: Routing, recv_counts: Optional[Tensor]) -> Tensor:
         choices = routing.expert_ids.size(1)

@@ -22,6 +22,7 @@ choices come before second choices, then token order. A token over capacity gets
 update from that expert (with no expert left it passes through the residual).
 """
 
+import dataclasses
 import heapq
 import math
 from dataclasses import dataclass
@@ -158,6 +159,20 @@ def top2_routing(scores: Tensor, capacity_factor: Optional[float] = 2.0, sample_
     return Routing(ids, gates, kept, switch_balance_loss(probs, first[:, 0]))
 
 
+def gate_one(routing: Routing) -> Routing:
+    """``--base-gate one``, an ablation (no paper's method): every token's update at weight 1 in
+    all, its kept choices sharing it equally (top-2: 1/2 each), each gate keeping the gradient of
+    the router's own gate g (1 + g - g.detach(): value 1, gradient that of g, straight through).
+    The routers then differ in their choices of expert alone. Hash, whose gate is 1 with no
+    gradient, is unchanged."""
+    kept = routing.kept_mask().to(routing.gates.dtype)
+    share = kept / kept.sum(1, keepdim=True).clamp_min(1)
+    return dataclasses.replace(routing, gates=(1 + routing.gates - routing.gates.detach()) * share)
+
+
+GATES = ("router", "one")  # --base-gate: the router's own, or gate_one
+
+
 def random_hash(vocab_size: int, num_experts: int, seed: int = HASH_SEED) -> Tensor:
     """[V]: a fixed random expert for every token id (Roller et al., 2021)."""
     generator = torch.Generator().manual_seed(seed)
@@ -190,6 +205,7 @@ def hash_table(kind: str, num_experts: int, vocab_size: int, token_counts: Optio
 
 
 def hash_routing(token_ids: Tensor, table: Tensor) -> Routing:
+    """Token t (``token_ids`` [T], any shape of T ids) to expert ``table[token_ids[t]]``, gate 1."""
     ids = table[token_ids.reshape(-1)][:, None]
     return Routing(ids, torch.ones(ids.shape, device=ids.device))
 

@@ -505,3 +505,106 @@ def test_router_trains_on_two_gloo_workers(data_bin, tmp_path, router, base_laye
                  str(tmp_path / "one" / "model.pt"), "--cpu", "--tokens-per-sample", "64", "--gen-subset", "valid",
                  "--max-valid-steps", "2")
     assert re.search(r"Perplexity: [0-9.]+", result.stdout + result.stderr)
+
+
+@pytest.mark.parametrize("router", [record.name for record in ROUTER_RECORDS])
+def test_expert_ffn_slots_start_as_fairseqs_ffn_blocks_and_base_layers_as_the_identity(data_bin, router):
+    """An expert in a feed-forward slot starts as the block it replaces would (nn.Linear's draws,
+    as fairseq's fc1 and fc2, and fairseq's MoE and ParlAI's hash layers); a BASE layer's experts
+    start as the identity (the paper: the last projection zero)."""
+    model = build(data_bin, "--base-layers", "1", "--base-moe-freq", "2", "--base-router", router,
+                  "--base-experts", "4")
+    base, slot = model.decoder.layers[1], model.decoder.layers[2].moe
+    assert isinstance(base, BaseLayer) and isinstance(slot, BaseLayer)
+    assert not base.experts.sublayers[0].ff2_weight.any() and not base.experts.sublayers[0].ff2_bias.any()
+    dense_fc2 = build(data_bin).decoder.layers[1].fc2
+    expert = slot.experts.sublayers[0]
+    for stacked, dense in ((expert.ff2_weight, dense_fc2.weight), (expert.ff2_bias, dense_fc2.bias),
+                           (expert.ff1_weight, None)):
+        bound = 1 / math.sqrt(stacked.size(1) if stacked.dim() == 3 else 64)  # nn.Linear's: 1 / sqrt(fan_in)
+        assert stacked.abs().max() <= bound and stacked.std() > 0.45 * bound  # uniform: std = bound / sqrt(3)
+        if dense is not None:
+            assert float(stacked.std()) == pytest.approx(float(dense.std()), rel=0.25)
+    assert not torch.equal(expert.ff2_weight[0], expert.ff2_weight[1])  # every expert drawn on its own
+
+
+def padded_batch(data_bin):
+    """A training batch of --sample-break-mode eos (one sentence per row, padded to the longest)."""
+    from fairseq import checkpoint_utils, tasks
+    cfg = checkpoint_utils.convert_namespace_to_omegaconf(parse(data_bin, "--sample-break-mode", "eos"))
+    task = tasks.setup_task(cfg.task)
+    task.load_dataset("valid")
+    batches = task.get_batch_iterator(task.dataset("valid"), max_sentences=6).next_epoch_itr(shuffle=False)
+    pad = task.dictionary.pad()
+    return next(sample for sample in batches if sample["net_input"]["src_tokens"].eq(pad).any()), pad
+
+
+@pytest.mark.parametrize("router", [record.name for record in ROUTER_RECORDS])
+@pytest.mark.parametrize("training", [True, False], ids=["training", "inference"])
+def test_padding_takes_no_expert_and_the_real_tokens_route_as_without_it(data_bin, router, training):
+    """Every expert layer of a padded batch routes its real tokens as it routes those tokens alone
+    (no padding): the same experts and gates, the same capacity and balance loss, and its counts
+    (loads, tokens) hold real tokens only; padding positions pass the layer unchanged."""
+    sample, pad = padded_batch(data_bin)
+    tokens = sample["net_input"]["src_tokens"]
+    real = tokens.ne(pad)
+    model = build(data_bin, "--base-layers", "1", "--base-moe-freq", "2", "--base-router", router,
+                  "--base-experts", "4", "--base-balance-loss", "0").train(training)
+    seen = {}
+
+    def reseed(layer, inputs):  # top2's sampled second choice draws the same numbers below
+        torch.manual_seed(0)
+
+    def keep(layer, inputs, output):
+        x = inputs[0]
+        seen[layer.name] = (x.detach().clone(), output[0].detach().clone(), layer.step_counts.clone())
+
+    for layer in model.modules():
+        if isinstance(layer, BaseLayer):
+            layer.register_forward_hook(keep)
+            layer.register_forward_pre_hook(reseed)
+    model(**sample["net_input"])
+    layers = {m.name: m for m in model.modules() if isinstance(m, BaseLayer)}
+    assert set(seen) == {"base1", "moe1"}
+    rows = real.t().reshape(-1)  # hidden states are time-major
+    for name, (x, out, counts) in seen.items():
+        layer = layers[name]
+        flat_in, flat_out = x.reshape(-1, x.size(-1)), out.reshape(-1, out.size(-1))
+        assert torch.equal(flat_out[~rows], flat_in[~rows])  # padding passes unchanged
+        alone_in = flat_in[rows][:, None]  # the real tokens alone: [N, 1, d], no padding
+        layer.token_ids = tokens.t().reshape(-1)[rows][None]
+        layer.stats.step_counts.zero_()
+        torch.manual_seed(0)
+        with torch.no_grad():
+            alone_out = layer(alone_in)[0]
+        assert torch.allclose(alone_out[:, 0], flat_out[rows], atol=1e-5), name
+        if training:
+            assert torch.equal(layer.step_counts, counts)  # what the step's statistics hold
+            assert counts[-1] == real.sum() and counts[:4].sum() == real.sum() * ROUTER[router].choices
+
+
+@pytest.mark.parametrize("router", ["balanced", "switch", "top2", "hash", "lossfree"])
+def test_gate_one_weighs_every_tokens_update_one_and_keeps_the_routers_gradient(router):
+    torch.manual_seed(0)
+    layer = BaseLayer(8, 16, num_experts=4, router=router, gate="one", vocab_size=30, capacity_factor=0.0).train()
+    layer.token_ids = torch.randint(30, (1, 24))
+    routing, scores = layer.route(torch.randn(24, 8))
+    kept = routing.kept_mask()
+    assert torch.allclose(routing.gates.detach().sum(1)[kept.any(1)], torch.ones(int(kept.any(1).sum())))
+    if router == "top2":
+        assert torch.allclose(routing.gates.detach()[kept.all(1)], torch.full((int(kept.all(1).sum()), 2), 0.5))
+    if router != "hash":  # the gradient reaches the centroids as the router's own gate's would
+        published = BaseLayer(8, 16, num_experts=4, router=router, vocab_size=30).train()
+        published.load_state_dict(layer.state_dict())
+        torch.manual_seed(1)
+        x = torch.randn(24, 8)
+        torch.manual_seed(2)
+        ones, _ = layer.route(x)
+        torch.manual_seed(2)
+        own, _ = published.route(x)
+        assert torch.equal(ones.expert_ids, own.expert_ids)
+        ones.gates.sum().backward()
+        (own.gates * ones.kept_mask() / ones.kept_mask().sum(1, keepdim=True).clamp_min(1)).sum().backward()
+        assert torch.allclose(layer.centroids.grad, published.centroids.grad, atol=1e-6)
+    with pytest.raises(BaseLayerConfigError, match="--base-gate must be one of router, one; got 'half'"):
+        BaseLayer(8, 16, num_experts=4, gate="half")

@@ -4,13 +4,14 @@ import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
+from typing import Optional
 
 from fairseq.dataclass import ChoiceEnum
 from fairseq.models import register_model
 from fairseq.models.transformer import TransformerDecoder
 from fairseq.models.transformer_lm import TransformerLanguageModel, TransformerLanguageModelConfig
 from omegaconf import II
-from torch import nn
+from torch import Tensor, nn
 
 from fairseq_base.dense_to_experts import state_has_experts, upcycle_state
 from fairseq_base.dispatcher import SizeExchange
@@ -20,7 +21,7 @@ from fairseq_base.experts import has_experts
 from fairseq_base.groups import expert_layout, resolve_num_experts
 from fairseq_base.layer import BaseLayer, BaseLayerConfig
 from fairseq_base.placement import base_layer_positions
-from fairseq_base.router import EVAL_ROUTING, HASHES, ROUTER, ROUTER_RECORDS
+from fairseq_base.router import EVAL_ROUTING, GATES, HASHES, ROUTER, ROUTER_RECORDS
 
 logger = logging.getLogger(__name__)
 EVAL_ROUTINGS = tuple(EVAL_ROUTING)
@@ -28,6 +29,7 @@ EVAL_ROUTING_CHOICES = ChoiceEnum(list(EVAL_ROUTINGS))
 ROUTER_CHOICES = ChoiceEnum(list(ROUTER))
 TOP2_SECOND_CHOICES = ChoiceEnum(["sampled", "greedy"])
 HASH_CHOICES = ChoiceEnum(list(HASHES))
+GATE_CHOICES = ChoiceEnum(list(GATES))
 LAYER_DEFAULTS = BaseLayerConfig()
 DROPPING = [record for record in ROUTER_RECORDS if record.drops_tokens]
 
@@ -65,6 +67,12 @@ class TransformerLanguageModelBaseConfig(TransformerLanguageModelConfig):
         metadata={"help": "hash: random (a random expert per token id, as the paper's released code) or balanced "
                           "(the most frequent tokens of dict.txt first, each to the expert with the smallest total "
                           "count so far)"})
+    base_gate: GATE_CHOICES = field(
+        default=LAYER_DEFAULTS.gate,
+        metadata={"help": "router: each router's own gate, as published; one: every token's update at weight 1 (top2's "
+                          "two choices 1/2 each), each gate keeping the gradient of the router's own (1 + g - "
+                          "g.detach()): an ablation that separates a router's choices from its gate's size, no "
+                          "paper's method; hash is unchanged"})
     base_bias_update_rate: float = field(
         default=LAYER_DEFAULTS.bias_update_rate,
         metadata={"help": "lossfree: the bias of each expert moves by this much per optimizer step, up if it "
@@ -183,7 +191,10 @@ class TransformerLanguageModelBase(TransformerLanguageModel):
         token_counts = list(dictionary.count)  # once, for every hash layer that balances by them
 
         def expert_layer(name, num_sublayers, dropout, score_norm=None):
-            config = BaseLayerConfig.from_model_options(args, num_sublayers=num_sublayers, dropout=dropout)
+            # A BASE layer's experts start as the identity (the paper); those of a feed-forward slot
+            # as the block they replace would (fairseq's MoE layers, ParlAI's hash layers).
+            config = BaseLayerConfig.from_model_options(args, num_sublayers=num_sublayers, dropout=dropout,
+                                                        identity_start=score_norm is None)
             return BaseLayer(args.decoder_embed_dim, args.decoder_ffn_embed_dim, num_experts, config, layout=layout,
                              name=name, vocab_size=len(dictionary), score_norm=score_norm, token_counts=token_counts)
 
@@ -218,6 +229,16 @@ class TransformerLanguageModelBase(TransformerLanguageModel):
         return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
 
 
+def real_rows(tokens: Tensor, pad: int) -> Optional[Tensor]:
+    """The rows of the decoder's time-major hidden states [T * B, d] whose token ``tokens`` [B, T]
+    is no padding; None where none is. Reads the device once, as fairseq's decoder does for its
+    attention's padding mask (and once more where the batch pads)."""
+    padding = tokens.eq(pad)
+    if not padding.any():
+        return None
+    return (~padding).t().reshape(-1).nonzero().squeeze(1)
+
+
 class TransformerDecoderWithExperts(TransformerDecoder):
     """fairseq's decoder, which first tells its expert layers what they need to know about the
     input: hash layers the token ids, shuffling BASE layers every worker's token count (an
@@ -230,12 +251,15 @@ class TransformerDecoderWithExperts(TransformerDecoder):
         # As fairseq's decoder does: with an incremental state, only the last position is new.
         tokens = prev_output_tokens if incremental_state is None else prev_output_tokens[:, -1:]
         expert_layers = [m for m in self.modules() if isinstance(m, BaseLayer)]
+        real = real_rows(tokens, self.padding_idx) if expert_layers else None
         for layer in expert_layers:
+            layer.real_tokens = real
             if not layer.record.reads_scores:
                 layer.token_ids = tokens
         shuffling = [layer for layer in expert_layers if layer.shuffle]
         if self.training and shuffling:
-            exchange = SizeExchange(tokens.numel(), tokens.device, shuffling[0].dispatcher.group)
+            routed = tokens.numel() if real is None else real.numel()
+            exchange = SizeExchange(routed, tokens.device, shuffling[0].dispatcher.group)
             for layer in shuffling:
                 layer.token_count_exchange = exchange
         return super().extract_features(prev_output_tokens, encoder_out=encoder_out,
