@@ -19,7 +19,8 @@ get once the expert layers are inserted. Then:
   training and drop tokens over capacity until the centroids separate.
 """
 
-from typing import Dict, Optional
+from dataclasses import dataclass
+from typing import Dict, List, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +29,7 @@ from fairseq_base.errors import BaseLayerConfigError
 from fairseq_base.expert_ffn import ExpertFeedForwardLayer
 from fairseq_base.experts import EXPERT_IDS
 from fairseq_base.layer import BaseLayer
+from fairseq_base.optimizer_state import per_element
 
 TRUNK = "decoder.layers."
 # A dense layer's feed-forward block: what an expert feed-forward slot takes from it.
@@ -46,6 +48,28 @@ def state_has_experts(state_dict: Dict[str, Tensor]) -> bool:
 def _decoder_layer_count(state_dict: Dict[str, Tensor]) -> int:
     indices = {int(key[len(TRUNK):].split(".", 1)[0]) for key in state_dict if key.startswith(TRUNK)}
     return max(indices) + 1 if indices else 0
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where an upcycled parameter comes from: the dense model's ``key``, transposed (the experts
+    store projections as [in, out]), times ``factor``, and stacked once per local expert
+    (``copies``; 0: as it is)."""
+
+    key: str
+    factor: float = 1.0
+    transposed: bool = False
+    copies: int = 0
+
+    def apply(self, value: Tensor, power: int = 1) -> Tensor:
+        """``value`` (the parameter, or per-element optimizer state that scales as its ``power``)."""
+        value = (value.t() if self.transposed else value) * self.factor ** power
+        return value.unsqueeze(0).expand(self.copies, *value.shape).contiguous() if self.copies else value
+
+
+# How per-element optimizer state scales with its parameter: the gradient of factor * w is the
+# gradient of w over factor, its moving mean likewise, its moving square over factor squared.
+MOMENT_POWERS = {"exp_avg": -1, "momentum_buffer": -1, "exp_avg_sq": -2, "max_exp_avg_sq": -2}
 
 
 def gate_at_start(layer: BaseLayer) -> float:
@@ -67,21 +91,24 @@ def upcycle_state(dense: Dict[str, Tensor], model: nn.Module) -> Dict[str, Tenso
     """``model``'s state dict (a transformer_lm_base, any layout) with the dense model's parameters
     in its trunk and its expert feed-forward slots filled from the dense FFN blocks (see the module
     docstring). Raises ``UpcycleError`` where the dense model does not fit the options."""
-    target = model.state_dict()
-    upcycled = dict(target)
-    used = set()
+    return upcycle_mapping(dense, model)[0]
 
-    def take(source_key: Optional[str], target_key: str, value: Optional[Tensor] = None) -> None:
-        """``upcycled[target_key]`` from the dense model's ``source_key`` (or ``value`` made from it)."""
-        value = dense[source_key] if value is None else value
+
+def upcycle_mapping(dense: Dict[str, Tensor], model: nn.Module) -> Tuple[Dict[str, Tensor], Dict[str, Origin]]:
+    """``upcycle_state``, and the ``Origin`` of each entry taken from the dense model."""
+    target = model.state_dict()
+    upcycled, origins = dict(target), {}
+
+    def take(origin: Origin, target_key: str) -> None:
+        """``upcycled[target_key]`` from the dense model, as ``origin`` says."""
+        value = origin.apply(dense[origin.key])
         if tuple(value.shape) != tuple(target[target_key].shape):
             raise UpcycleError(
-                f"{source_key} of the dense model has shape {tuple(value.shape)} but the options give "
+                f"{origin.key} of the dense model has shape {tuple(dense[origin.key].shape)} but the options give "
                 f"{target_key} {tuple(target[target_key].shape)}: pass the dense model's own trunk options "
                 f"(--decoder-embed-dim, --decoder-ffn-embed-dim, ...) or none")
         upcycled[target_key] = value.to(target[target_key].dtype)
-        if source_key is not None:
-            used.add(source_key)
+        origins[target_key] = origin
 
     layers = model.decoder.layers
     trunk = [j for j, layer in enumerate(layers) if not isinstance(layer, BaseLayer)]
@@ -94,7 +121,7 @@ def upcycle_state(dense: Dict[str, Tensor], model: nn.Module) -> Dict[str, Tenso
             if key not in target:
                 raise UpcycleError(f"the dense model's {key} has no place in transformer_lm_base: it is not a "
                                    f"transformer_lm, or was built with options the plugin does not take")
-            take(key, key)
+            take(Origin(key), key)
     for source_index, j in enumerate(trunk):
         source, layer = f"{TRUNK}{source_index}.", layers[j]
         slot = isinstance(layer, ExpertFeedForwardLayer)
@@ -106,35 +133,54 @@ def upcycle_state(dense: Dict[str, Tensor], model: nn.Module) -> Dict[str, Tenso
             if destination + rest not in target:
                 raise UpcycleError(f"the dense model's {key} has no place in transformer_lm_base "
                                    f"({destination + rest}): a decoder layer the plugin does not build")
-            take(key, destination + rest)
+            take(Origin(key), destination + rest)
         if slot:
-            _fill_slot(dense, source, f"{TRUNK}{j}.moe.", layer.moe, take)
-    unused = sorted(set(dense) - used)
+            upcycled.update(_fill_slot(source, f"{TRUNK}{j}.moe.", layer.moe, take))
+    unused = sorted(set(dense) - {origin.key for origin in origins.values()})
     if unused:
         raise UpcycleError(f"the dense model's {', '.join(unused[:3])} have no place in the upcycled model: its "
                            f"feed-forward blocks are not fairseq's LayerNorm, fc1, fc2")
-    return upcycled
+    return upcycled, origins
 
 
-def _fill_slot(dense, source: str, prefix: str, moe: BaseLayer, take) -> None:
+def _fill_slot(source: str, prefix: str, moe: BaseLayer, take) -> Dict[str, Tensor]:
     """Every local expert of ``moe`` a copy of the dense FFN block at ``source``, its last
     projection divided by the gates a token gets at zero centroids; the router's input norm the
-    block's LayerNorm; the centroids zero (``moe``'s own too: ``gate_at_start`` routes with them)."""
+    block's LayerNorm. Returns the new centroids, zero (``moe``'s own too: ``gate_at_start``
+    routes with them)."""
+    centroids = {}
     if moe.record.reads_scores:
         with torch.no_grad():
             moe.centroids.zero_()
-        take(None, prefix + "centroids", moe.centroids.detach().clone())
-    scale = 1.0 / gate_at_start(moe)
+        centroids[prefix + "centroids"] = moe.centroids.detach().clone()
+    scale, copies = 1.0 / gate_at_start(moe), moe.experts.num_experts
     if moe.score_norm is not None:  # hash reads no scores
-        take(source + "final_layer_norm.weight", prefix + "score_norm.weight")
-        take(source + "final_layer_norm.bias", prefix + "score_norm.bias")
-    # expert parameter <- (dense key, factor, transposed: the experts store projections as [in, out])
-    copies = {"norm_weight": ("final_layer_norm.weight", 1.0, False),
-              "norm_bias": ("final_layer_norm.bias", 1.0, False),
-              "ff1_weight": ("fc1.weight", 1.0, True), "ff1_bias": ("fc1.bias", 1.0, False),
-              "ff2_weight": ("fc2.weight", scale, True), "ff2_bias": ("fc2.bias", scale, False)}
-    for name, (key, factor, transposed) in copies.items():
-        value = dense[source + key]
-        value = (value.t() if transposed else value) * factor
-        take(source + key, f"{prefix}experts.sublayers.0.{name}",
-             value.unsqueeze(0).expand(moe.experts.num_experts, *value.shape).contiguous())
+        take(Origin(source + "final_layer_norm.weight"), prefix + "score_norm.weight")
+        take(Origin(source + "final_layer_norm.bias"), prefix + "score_norm.bias")
+    # expert parameter <- (dense key, factor, transposed)
+    parts = {"norm_weight": ("final_layer_norm.weight", 1.0, False),
+             "norm_bias": ("final_layer_norm.bias", 1.0, False),
+             "ff1_weight": ("fc1.weight", 1.0, True), "ff1_bias": ("fc1.bias", 1.0, False),
+             "ff2_weight": ("fc2.weight", scale, True), "ff2_bias": ("fc2.bias", scale, False)}
+    for name, (key, factor, transposed) in parts.items():
+        take(Origin(source + key, factor, transposed, copies), f"{prefix}experts.sublayers.0.{name}")
+    return centroids
+
+
+def upcycle_optimizer_entries(dense_entries: Dict[str, dict], origins: Dict[str, Origin],
+                              names: List[str]) -> List[dict]:
+    """The optimizer state of the upcycled model's parameters ``names`` (in its order), from the
+    dense run's (``optimizer_state.state_by_name``): a parameter taken from the dense model takes
+    its state as ``Origin`` maps the parameter (experts: a copy each); a new one (centroids, a BASE
+    layer's experts) and one whose state cannot be rescaled start with none, as a new parameter
+    would."""
+    entries = []
+    for name in names:
+        origin, entry = origins.get(name), dense_entries.get(origins[name].key, {}) if name in origins else {}
+        scalable = all(key in MOMENT_POWERS for key, value in entry.items() if per_element(value))
+        if origin is None or not entry or (origin.factor != 1 and not scalable):
+            entries.append({})
+            continue
+        entries.append({key: origin.apply(value, MOMENT_POWERS.get(key, 0)) if per_element(value) else value
+                        for key, value in entry.items()})
+    return entries

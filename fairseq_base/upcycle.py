@@ -5,9 +5,13 @@ checkpoint (sparse upcycling, Komatsuzaki et al., ICLR 2023).
     fairseq-train DATA --user-dir fairseq_base --arch transformer_lm_base ... --finetune-from-model DENSE.pt
 
 The conversion itself, and what the upcycled model computes, is ``dense_to_experts.py``'s.
+The file also keeps the dense run's place: its updates, learning-rate schedule, data position
+and optimizer state, moved parameter by parameter (new parameters start with none). Train from
+it with ``--continue-once OUT.pt`` to go on with the dense run, upcycled (the same data order
+and schedule), or with ``--finetune-from-model OUT.pt`` to start a new run from it.
 
-fairseq's ``--finetune-from-model DENSE.pt`` with ``--arch transformer_lm_base`` does the same
-when the model loads (``TransformerLanguageModelBase.load_state_dict``).
+fairseq's ``--finetune-from-model DENSE.pt`` with ``--arch transformer_lm_base`` upcycles the
+model in one step when it loads (``TransformerLanguageModelBase.load_state_dict``), as a new run.
 """
 
 import argparse
@@ -19,11 +23,12 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
-from fairseq_base.checkpoints import check_finite, new_run_id, read_checkpoint, stamp
-from fairseq_base.dense_to_experts import UpcycleError, state_has_experts, upcycle_state
+from fairseq_base.checkpoints import check_finite, new_run_id, num_updates, read_checkpoint, stamp
+from fairseq_base.dense_to_experts import UpcycleError, state_has_experts, upcycle_mapping, upcycle_optimizer_entries
 from fairseq_base.errors import BaseLayerConfigError
 from fairseq_base.experts import has_experts
 from fairseq_base.models.transformer_lm_base import TransformerLanguageModelBaseConfig
+from fairseq_base.optimizer_state import optimizer_state_by_name, parameter_names, regrouped
 from fairseq_base.options import model_fields
 from fairseq_base.reshard import reshard, write_all_or_nothing
 
@@ -75,11 +80,13 @@ def check_dictionary(dense: Dict[str, Tensor], model: nn.Module, data: str) -> N
 
 
 def upcycle(path: str, out: str, options: dict, data: Optional[str] = None, world_size: int = 1,
-            seed: Optional[int] = None) -> List[str]:
+            seed: Optional[int] = None, criterion: Optional[str] = None) -> List[str]:
     """Write the upcycled checkpoint of the dense ``path`` to ``out`` (``out``-rank-R.pt for
     ``world_size`` > 1, as training on that many workers writes it); the paths written. The new
     layers' initial weights are those fairseq-train builds with ``seed`` (default: the dense
-    run's), so that this and ``--finetune-from-model DENSE.pt`` start from the same model."""
+    run's), so that this and ``--finetune-from-model DENSE.pt`` start from the same model.
+    ``criterion``: the one the upcycled model will train with (default: the dense run's), which
+    fairseq checks against the optimizer history before it goes on with the run."""
     from omegaconf import OmegaConf
 
     state = read_checkpoint(path)
@@ -90,15 +97,16 @@ def upcycle(path: str, out: str, options: dict, data: Optional[str] = None, worl
     check_dictionary(state["model"], model, data or cfg["task"].get("data"))
     if not has_experts(model):
         raise UpcycleError("the options add no expert layer: pass --base-layers N and/or --base-moe-freq K")
-    upcycled = upcycle_state(state["model"], model)
+    upcycled, origins = upcycle_mapping(state["model"], model)
     model.load_state_dict(upcycled)  # as fairseq will: every key, every shape
     cfg["model"] = OmegaConf.to_container(model_cfg, enum_to_str=True)
     cfg["distributed_training"] = dict(cfg.get("distributed_training") or {}, distributed_world_size=1)
-    # No optimizer state (none fits the new parameters): train from it with --finetune-from-model.
-    history = dict((state.get("optimizer_history") or [{}])[-1], num_updates=0)
-    written = {"cfg": cfg, "model": model.state_dict(), "optimizer_history": [history], "extra_state": {},
-               "last_optimizer_state": None}
-    stamp(written, new_run_id(), 0)
+    written = {"cfg": cfg, "model": model.state_dict(),
+               **(dense_run_place(state, model.state_dict(), origins) or new_run_place(state))}
+    if criterion:
+        written["optimizer_history"][-1] = dict(written["optimizer_history"][-1],
+                                                criterion_name=criterion_class_name(criterion))
+    stamp(written, new_run_id(), num_updates(written))
     if world_size == 1:
         write_all_or_nothing([written], [out])
         return [out]
@@ -106,6 +114,35 @@ def upcycle(path: str, out: str, options: dict, data: Optional[str] = None, worl
         one = os.path.join(tmp, "one.pt")
         torch.save(written, one)
         return reshard(one, world_size, out, options.get("base_expert_parallel_size", 0))
+
+
+def dense_run_place(state: dict, model_state: dict, origins) -> Optional[dict]:
+    """The dense run's optimizer history (updates, learning-rate schedule), extra state (data
+    position, meters) and optimizer state, moved to the upcycled model's parameters; None where
+    its optimizer state cannot follow (none saved, several parameter groups, or one flat copy of
+    every parameter, --fp16's and --bf16's, which new parameters would have to join)."""
+    optim, entries = state.get("last_optimizer_state"), optimizer_state_by_name(state)
+    if not optim or entries is None or len(optim["param_groups"][0]["params"]) == 1 < len(entries):
+        return None
+    moved = upcycle_optimizer_entries(entries, origins, parameter_names(model_state))
+    return {"optimizer_history": state["optimizer_history"], "extra_state": dict(state.get("extra_state") or {}),
+            "last_optimizer_state": regrouped(optim, moved)}
+
+
+def criterion_class_name(name: str) -> str:
+    """The class name fairseq's optimizer history keeps for the criterion registered as ``name``."""
+    from fairseq.criterions import CRITERION_REGISTRY
+
+    if name not in CRITERION_REGISTRY:
+        raise UpcycleError(f"--criterion {name}: no such criterion; choose one of fairseq's (cross_entropy, "
+                           f"base_cross_entropy, ...)")
+    return CRITERION_REGISTRY[name].__name__
+
+
+def new_run_place(state: dict) -> dict:
+    """No optimizer state and no updates: a start for --finetune-from-model only."""
+    history = dict((state.get("optimizer_history") or [{}])[-1], num_updates=0)
+    return {"optimizer_history": [history], "extra_state": {}, "last_optimizer_state": None}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "default: the one its checkpoint names)")
     parser.add_argument("--seed", type=int, help="seeds the new layers' initial weights as fairseq-train --seed would "
                                                  "(default: the dense run's)")
+    parser.add_argument("--criterion", help="the criterion the upcycled model will train with, for --continue-once "
+                                            "(default: the dense run's; base_cross_entropy for switch and top2)")
     for field in model_fields():  # the model's options: the README's table
         parser.add_argument("--" + field.name.replace("_", "-"), type=type(field.default), default=None,
                             help=f"{field.metadata['help']} (default {field.default!r})")
@@ -130,13 +169,16 @@ def cli_main(argv=None) -> None:
     try:
         if args.world_size < 1:
             raise UpcycleError(f"--world-size must be >= 1, got {args.world_size}")
-        written = upcycle(args.checkpoint, args.out, options, args.data, args.world_size, args.seed)
+        written = upcycle(args.checkpoint, args.out, options, args.data, args.world_size, args.seed, args.criterion)
     except BaseLayerConfigError as err:  # UpcycleError, and the checkpoint errors of checkpoints.py
         sys.exit(f"fairseq-base-upcycle: error: {err}")
     for path in written:
         print(f"| wrote {path}")
+    updates = num_updates(read_checkpoint(written[0]))
+    goes_on = (f"--continue-once {args.out} to go on with the dense run at update {updates} (its data order, "
+               f"schedule and optimizer state), or " if updates > 0 else "")
     print(f"| score it with fairseq-eval-lm DATA --user-dir fairseq_base --path {args.out}; train from it with "
-          f"fairseq-train ... --finetune-from-model {args.out}")
+          f"fairseq-train ... {goes_on}--finetune-from-model {args.out} to start a new run from it")
 
 
 if __name__ == "__main__":

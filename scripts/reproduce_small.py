@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The paper's language-model comparison at laptop scale, with several seeds, and two more.
 
-    python scripts/reproduce_small.py [--minutes 3] [--seeds 3] [--out runs/reproduce_small]
+    python scripts/reproduce_small.py [--minutes 3] [--seeds 5] [--out runs/reproduce_small]
     python scripts/reproduce_small.py --comparison routers --updates 1000 --out runs/reproduce_routers
     python scripts/reproduce_small.py --comparison upcycling --out runs/reproduce_upcycling
     python scripts/reproduce_small.py --models dense,BASE,Hash --experts 1,2,4,8,16   # the expert-count sweep
@@ -12,7 +12,9 @@ top-2 MoE and Hash layers (the FFNs of layers 2 and 4 as expert FFNs). It answer
 method, as published"; the router and the expert layers change together.
 ``--comparison routers``: only the router changes: the same expert FFNs at layers 2 and 4
 (configs/small_routers.yaml, E = 4), routed by balanced (BASE), sbase, switch, top2, hash
-and lossfree (DeepSeek-V3's bias), plus dense. It answers "which router".
+and lossfree (DeepSeek-V3's bias), plus dense. It answers "which router". Its ablation arms
+("BASE, gate 1", "Switch, gate 1", "MoE top-2, gate 1": --base-gate one) weigh every token's
+update 1 whatever the router, so that the routers differ in their choices alone.
 ``--comparison upcycling``: from one dense start (small_dense, seed 1, --start-updates 400: the
 quick run's dense model), --updates 400 more as dense, as upcycled with one BASE layer
 (small_base) and as upcycled with expert FFNs (small_routers, BASE's router), each through
@@ -22,11 +24,15 @@ whole length. It answers "is upcycling my dense model worth it".
 
 Each model trains from its configs/small_*.yaml on the Brown corpus for the same wall-clock
 budget on this machine (the paper compares at equal GPUs and time), once per seed,
-validating every 50 updates; then fairseq-eval-lm scores it on the test split. The table
-gives each model's mean, standard deviation and range over its seeds at equal wall-clock
-(test perplexity) and at equal updates (validation perplexity at the last update every run
-reached), and marks the models whose range does not overlap the reference's (BASE, or dense
-in a sweep): only those differences exceed the seed-to-seed spread.
+validating every 50 updates; then fairseq-eval-lm scores it on the test split (BASE's family
+also with balanced evaluation routing, the routing it trains with). A seed fixes the data
+order and the trunk's initial weights of every model alike, so the table compares each model
+with the reference (BASE, or dense in a sweep) seed by seed: the mean of the per-seed
+differences with its 95% interval (Student's t over the seeds), "real" where the interval
+excludes 0, at equal wall-clock (test perplexity) and at equal updates (validation perplexity
+at the last update every run reached). Each model's mean, standard deviation and range over
+its seeds stand beside it, and the routing statistics (top-1 share, entropy, loads, drops,
+churn) go into results.json.
 
 ``--updates N`` trains every run for N updates instead of a wall-clock budget (equal training
 compute; the routers comparison's default is 1,000), and the table compares validation
@@ -37,8 +43,9 @@ its busiest expert above 1.2 / E in training (not balanced within the run), "los
 scaled)" runs too, at 10 / N (the bias can then cross the sigmoid's whole range in a tenth of
 the run), labelled as such.
 
-Resumable: a finished run's result is kept in --out (``RUN.result.json``) and skipped when the
-same command runs again, so a sweep can span days. A run of --updates that did not finish goes on
+Resumable: a finished run's result is kept in --out (``RUN.result.json``), and in ``--keep DIR``
+too (a folder of the repository, say, so that a new machine finds what an earlier one finished),
+and skipped when the same command runs again, so a sweep can span days. A run of --updates that did not finish goes on
 from its last validation (it saves a checkpoint at each); one with a wall-clock budget starts
 again from its beginning. Each run records the commit it ran at. Each run prints a progress
 line at every validation: which run, its update, and the time elapsed and left.
@@ -78,7 +85,7 @@ from reproduce.runs import run_plan, run_upcycling  # noqa: E402
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=3.0, help="training budget per run")
-    parser.add_argument("--seeds", type=int, default=3, help="runs per model, with seeds 1..N")
+    parser.add_argument("--seeds", type=int, default=5, help="runs per model, with seeds 1..N")
     parser.add_argument("--data", default=os.path.join(REPO, "data-bin", "brown"))
     parser.add_argument("--out", default=os.path.join(REPO, "runs", "reproduce_small"))
     parser.add_argument("--comparison", choices=sorted(COMPARISONS), default="architectures",
@@ -98,6 +105,8 @@ def main():
                         help=f"upcycling: the dense start's updates (default {START_UPDATES}, as the quick run's)")
     parser.add_argument("--parallel", type=int, default=None,
                         help="trainings at once, each on its own core (default: one per core with --updates, else 1)")
+    parser.add_argument("--keep", default=None, help="also write each finished run's result here, and take the "
+                                                     "results found here as finished (a folder that outlasts --out)")
     parser.add_argument("--redraw", action="store_true",
                         help="write the tables and plots again from --out's results.json, without training")
     args = parser.parse_args()
@@ -112,6 +121,9 @@ def main():
         return
     # Hydra runs each training in its own working directory.
     args.out, args.data = os.path.abspath(args.out), os.path.abspath(args.data)
+    if args.keep:
+        args.keep = os.path.abspath(args.keep)
+        os.makedirs(args.keep, exist_ok=True)
     models = COMPARISONS[args.comparison]
     args.models = args.models or ",".join(models)
     unknown = set(args.models.split(",")) - set(models)

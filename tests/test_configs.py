@@ -132,3 +132,27 @@ def test_a_hydra_run_without_data_is_one_line(tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr
     assert ("no data directory: pass it as task.data=DIR to fairseq-hydra-train (as the first argument to "
             "fairseq-train)") in result.stdout + result.stderr
+
+
+def test_a_seed_starts_every_model_of_a_comparison_from_the_same_trunk(data_bin):
+    """scripts/reproduce_small.py pairs its models seed by seed: with one seed (fairseq-train seeds
+    torch before it builds the model, and the data order from the seed alone), every model of
+    each comparison starts from the same embeddings and attention blocks, whatever its expert
+    layers draw after them."""
+    import sys
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    from reproduce.comparisons import COMPARISONS
+
+    def trunk(config, overrides):
+        cfg = compose_config(config, data_bin / "bin", "common.seed=7", *overrides)
+        utils.set_torch_seed(cfg.common.seed)  # as fairseq_cli/train.py before it builds the model
+        model = tasks.setup_task(cfg.task).build_model(cfg.model)
+        blocks = [getattr(layer, "attention", layer) for layer in model.decoder.layers if not isinstance(layer, BaseLayer)]
+        return [model.decoder.embed_tokens.weight] + [param for block in blocks for name, param in
+                                                      block.named_parameters() if name.startswith("self_attn")]
+
+    for comparison, models in COMPARISONS.items():
+        first, *others = [trunk(config, overrides) for config, overrides in models.values()]
+        assert len(first) == 1 + 4 * 10  # embeddings; per layer q, k, v, out (weight, bias) and the LayerNorm
+        for other in others:
+            assert all(torch.equal(a, b) for a, b in zip(first, other)), comparison

@@ -284,6 +284,23 @@ def test_balance_loss_reaches_the_criterion_and_the_centroids():
     assert layer.centroids.grad.abs().sum() > 0
 
 
+def test_the_balance_loss_is_the_mean_over_the_expert_layers_as_fairseqs_moe_criterion():
+    layers = [BaseLayer(8, 16, num_experts=4, router=router, balance_loss_weight=0.01).train()
+              for router in ("switch", "top2")]
+    for layer in layers:
+        layer(torch.randn(16, 1, 8))
+    each = [layer.balance_loss.item() for layer in layers]
+    assert take_balance_loss(nn.Sequential(*layers)).item() == pytest.approx(sum(each) / 2)
+
+
+@pytest.mark.parametrize("router", [record.name for record in ROUTER_RECORDS if record.reads_scores])
+def test_every_routers_centroids_start_as_base_layers(router):
+    """Orthogonal with gain 0.1, as fairseq's base_layer.py, for every router alike (fairseq's MoE
+    gates start from nn.Linear's draws): the routers then differ in their rule alone."""
+    centroids = BaseLayer(16, 32, num_experts=4, router=router).centroids.detach()
+    assert torch.allclose(centroids @ centroids.t(), 0.01 * torch.eye(4), atol=1e-6)
+
+
 def test_balance_loss_without_the_criterion_is_refused():
     layer = BaseLayer(8, 16, num_experts=4, router="top2", balance_loss_weight=0.01).train()
     layer(torch.randn(16, 1, 8))

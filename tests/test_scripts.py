@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import runpy
 import shutil
 import subprocess
@@ -54,17 +55,25 @@ def test_reproduce_small_runs_seeds_and_an_expert_sweep_of_the_router_comparison
     out = tmp_path / "out"
     # Three updates each, validated after every one, however slow the machine is (a minute is a watchdog).
     result = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "reproduce_small.py"), "--minutes", "1",
-                             "--max-update", "3", "--comparison", "routers", "--models", "lossfree", "--experts", "4",
-                             "--seeds", "2", "--validate-every", "1",
-                             "--data", str(data), "--out", str(out)], capture_output=True, text=True, cwd=REPO)
+                             "--max-update", "3", "--comparison", "routers", "--models", "BASE,lossfree", "--experts",
+                             "4", "--seeds", "2", "--validate-every", "1", "--data", str(data), "--out", str(out),
+                             "--keep", str(tmp_path / "kept")], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     models, sweep = (out / "results.md").read_text().split("Expert-count sweep")
-    rows = [line.split(" | ") for line in models.splitlines() if line.startswith("| ")][1:]
-    assert [row[:3] for row in rows] == [["| lossfree E=4", "small_routers model.base_router=lossfree", "2"]]
-    assert [line.split(" | ")[0] for line in sweep.splitlines() if line.startswith("| ")] == ["| model", "| lossfree"]
+    table = models.split("Per seed")[0]
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| ")][1:]
+    assert [row[:3] for row in rows] == [["| BASE E=4", "small_routers model.base_router=balanced", "2"],
+                                         ["| lossfree E=4", "small_routers model.base_router=lossfree", "2"]]
+    assert rows[0][6].count("[") == 2 and rows[1][6] == "-"  # BASE also scored with balanced routing, paired
+    assert [line.split(" | ")[0] for line in sweep.splitlines() if line.startswith("| ")] == [
+        "| model", "| BASE", "| lossfree"]
     saved = json.loads((out / "results.json").read_text())
     assert saved["comparison"] == "routers"
+    assert sorted(os.listdir(tmp_path / "kept")) == sorted(f"small_routers-{router}-e4-seed{seed}.result.json"
+                                                           for router in ("balanced", "lossfree") for seed in (1, 2))
     runs = saved["models"]["lossfree E=4"]["runs"]
+    assert {"top1", "entropy", "load_max", "load_min", "dropped"} <= set(runs[0]["routing"]["valid"])
+    assert {"top1", "entropy", "load_max"} <= set(runs[0]["routing"]["train"])
     assert [run["seed"] for run in runs] == [1, 2] and len(runs[0]["expert_load"]["moe1"]) == 4
     assert [p["updates"] for p in runs[0]["curve"]] == [1, 2, 3]
     churn = [p["churn"] for p in runs[0]["curve"][1:]]
@@ -116,50 +125,71 @@ def test_reproduce_small_upcycling_continues_one_dense_start_and_trains_base_fro
                             cwd=REPO)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     models = json.loads((out / "results.json").read_text())["models"]
-    assert list(models) == ["dense (continued)", "upcycled: BASE layer", "upcycled: expert FFNs", "BASE from scratch"]
+    assert list(models) == ["dense (continued)", "upcycled: expert FFNs", "upcycled: BASE layer", "BASE from scratch"]
     start = json.loads((out / "small_dense-seed1.result.json").read_text())["curve"]
     for label, r in models.items():
         curve, = [run["curve"] for run in r["runs"]]
         assert [p["updates"] for p in curve] == [1, 2, 3, 4], label
         assert (curve[:2] == start) == (label != "BASE from scratch"), label  # the continued ones share the start
         assert bool(r["runs"][0]["expert_load"]) == (label != "dense (continued)"), label
-    for name in ("small_dense-from-dense-seed1", "small_base-from-dense-seed1",
-                 "small_routers-balanced-from-dense-seed1"):
-        assert "small_dense-seed1/checkpoint_last.pt" in (out / f"{name}.log").read_text()  # fairseq's finetune line
+    # The continued runs go on from the dense start's update 2: as it is, or from its upcycled file.
+    for name, start in (("small_dense-from-dense-seed1", "small_dense-seed1/checkpoint_last.pt"),
+                        ("small_base-from-dense-seed1", "small_base-from-dense-seed1.upcycled.pt"),
+                        ("small_routers-balanced-from-dense-seed1", "small_routers-balanced-from-dense-seed1.upcycled.pt")):
+        assert re.search(rf"Loaded checkpoint \S*{re.escape(start)} \(epoch \d+ @ 2 updates\)",
+                         (out / f"{name}.log").read_text()), name
     table = (out / "results.md").read_text()
-    assert "continued for 2 updates" in table and "differs beyond the seed spread" in table
+    assert "continued for 2 updates" in table and "differs for real" in table
 
 
-def test_reproduce_small_says_which_differences_exceed_the_spread():
+def runs(*values, first_seed=1):
+    """A model's runs, seed by seed, with their test perplexities."""
+    return {"runs": [{"seed": first_seed + i, "test_ppl": value} for i, value in enumerate(values)]}
+
+
+def test_reproduce_small_compares_seed_by_seed_with_a_95_percent_interval():
     from reproduce.report import versus
-    from reproduce.stats import spread
-    reference = {"test_ppl": spread([100.0, 101.0, 102.0])}
-    assert reference["test_ppl"]["std"] == 1.0
-    assert versus({"test_ppl": spread([103.5, 104.0, 105.0])}, reference) == "+3.17 (beyond the spread)"
-    assert versus({"test_ppl": spread([101.5, 103.0, 104.0])}, reference) == "+1.83 (within the spread)"
-    assert versus({"test_ppl": spread([90.0])}, reference) == "-11.00 (one seed: no spread)"
+    reference = runs(100.0, 101.0, 102.0)
+    # The same shift in every seed is real even where the models' ranges overlap.
+    assert versus(runs(103.5, 104.0, 105.0), reference) == "+3.17 [+2.45, +3.88], real"
+    assert versus(runs(101.5, 103.0, 104.0), reference) == "+1.83 [+1.12, +2.55], real"
+    assert versus(runs(99.0, 103.0, 101.0), reference) == "+0.00 [-4.30, +4.30], not separated"
+    assert versus(runs(90.0), reference) == "-10.00 (one seed: no interval)"
+    assert versus(runs(90.0, 91.0, first_seed=5), reference) == "-"  # no seed in common: nothing to pair
+    assert versus(reference, reference) == "reference"
+
+
+def test_the_t_quantiles_are_students():
+    from scipy import stats as scipy_stats
+
+    from reproduce.stats import t95
+    for df in (1, 2, 4, 9, 29, 30, 31, 40, 100, 1000):
+        assert t95(df) == pytest.approx(scipy_stats.t.ppf(0.975, df), abs=2e-3), df
 
 
 def test_the_expert_sweep_table_says_whether_more_experts_helped():
     from reproduce.report import sweep_table
-    from reproduce.stats import expert_curves, spread
+    from reproduce.stats import expert_curves, summarize
 
     def row(model, experts, test, valid):
-        return {"model": model, "experts": experts, "test_ppl": spread(test),
-                "valid_ppl_at_common_updates": spread(valid)}
+        return {"model": model, "experts": experts, "runs": [
+            {"seed": seed + 1, "test_ppl": t, "curve": [{"updates": 250, "valid_ppl": v}]}
+            for seed, (t, v) in enumerate(zip(test, valid))]}
 
     results = {"dense": row("dense", None, [150.0, 151.0], [160.0, 161.0]),  # not a point of the sweep
                "BASE E=4": row("BASE", 4, [140.0, 142.0], [150.0, 152.0]),
                "BASE E=1": row("BASE", 1, [145.0, 147.0], [155.0, 157.0]),
                "Hash E=1": row("Hash", 1, [139.0, 141.0], [149.0, 151.0]),
                "Hash E=4": row("Hash", 4, [140.0, 140.5], [148.0, 150.0])}
-    assert [e for e, _ in expert_curves(results, "test_ppl")["BASE"]] == [1, 4]
+    assert summarize(results) == 250
+    assert [e for e, _ in expert_curves(results)["BASE"]] == [1, 4]
     table = [line for line in sweep_table(results, 250) if line.startswith("| ")]
     assert table[0] == "| model | E=1 | E=4 | E=4 vs E=1: test ppl | valid ppl at update 250 |"
-    assert table[1] == ("| BASE | 146.00 ± 1.41 (156.00) | 141.00 ± 1.41 (151.00) | -5.00 (beyond the spread) "
-                        "| -5.00 (beyond the spread) |")
-    assert table[2] == ("| Hash | 140.00 ± 1.41 (150.00) | 140.25 ± 0.35 (149.00) | +0.25 (within the spread) "
-                        "| -1.00 (within the spread) |")
+    # BASE: -5 in both seeds (an interval of width 0); Hash: +1.00 and -0.50.
+    assert table[1] == ("| BASE | 146.00 ± 1.41 (156.00) | 141.00 ± 1.41 (151.00) | -5.00 [-5.00, -5.00], real "
+                        "| -5.00 [-5.00, -5.00], real |")
+    assert table[2] == ("| Hash | 140.00 ± 1.41 (150.00) | 140.25 ± 0.35 (149.00) | +0.25 [-9.28, +9.78], not "
+                        "separated | -1.00 [-1.00, -1.00], real |")
 
 
 @pytest.mark.slow

@@ -12,8 +12,9 @@ from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
 from fairseq_base.layer import BaseLayer
 from fairseq_base.router import ROUTER_RECORDS
-from fairseq_base.upcycle import UpcycleError, dense_config, upcycle_state
-from fairseq_runs import BIN, REPO, TINY_MODEL, eval_command, eval_result_loss, losses, run
+from fairseq_base.dense_to_experts import Origin, UpcycleError, upcycle_optimizer_entries, upcycle_state
+from fairseq_base.upcycle import dense_config
+from fairseq_runs import BIN, DENSE, REPO, TINY_MODEL, eval_command, eval_result_loss, losses, run
 
 PLUGIN = os.path.join(REPO, "fairseq_base")
 TRUNK = ["--decoder-embed-dim", "16", "--decoder-input-dim", "16", "--decoder-output-dim", "16",
@@ -140,6 +141,47 @@ def test_finetune_from_the_dense_model_or_the_upcycled_file_trains_the_same(data
     from_file = run(*train, "--finetune-from-model", tmp_path / "base.pt", "--save-dir", tmp_path / "b")
     assert "upcycled a dense transformer_lm checkpoint" in from_dense.stdout + from_dense.stderr
     assert sorted(losses(from_dense)) == [1, 2, 3] and losses(from_dense) == losses(from_file)
+
+
+def test_the_optimizer_state_follows_each_parameter_as_the_parameter_was_moved():
+    """Adam's moments of a parameter taken as factor * w: the gradient is the dense one over factor,
+    its mean likewise, its mean square over factor squared; transposed and copied per expert as
+    the parameter. A new parameter, and per-element state that cannot be rescaled, start empty."""
+    fc2, step = torch.randn(3, 5), torch.tensor(7.0)
+    dense = {"fc2.weight": {"step": step, "exp_avg": fc2, "exp_avg_sq": fc2 ** 2},
+             "fc2.bias": {"step": step, "sum": torch.ones(3)}, "embed": {"step": step, "exp_avg": torch.ones(2)}}
+    origins = {"expert.ff2": Origin("fc2.weight", factor=2.0, transposed=True, copies=4),
+               "expert.ff2_bias": Origin("fc2.bias", factor=2.0, copies=4), "embed": Origin("embed")}
+    ff2, bias, new, embed = upcycle_optimizer_entries(dense, origins, ["expert.ff2", "expert.ff2_bias", "centroids",
+                                                                       "embed"])
+    assert ff2["step"] is step and ff2["exp_avg"].shape == (4, 5, 3)
+    assert torch.equal(ff2["exp_avg"][3], fc2.t() / 2) and torch.equal(ff2["exp_avg_sq"][0], fc2.t() ** 2 / 4)
+    assert bias == {} and new == {}  # "sum" (Adagrad's) does not say how it scales; centroids are new
+    assert torch.equal(embed["exp_avg"], torch.ones(2))
+
+
+@pytest.mark.slow
+def test_the_upcycled_file_goes_on_with_the_dense_runs_data_schedule_and_optimizer(data_bin, dense_run, tmp_path):
+    """--continue-once UPCYCLED.pt goes on from the dense run's update 10 with its next batches,
+    learning rate and Adam state: upcycled into one hash-routed expert per FFN slot, which is the
+    dense block with gate 1, it trains exactly as the dense run continued (no dropout, whose
+    masks the two layers draw in another order); --finetune-from-model starts a new run."""
+    dense = dense_run / "checkpoint_last.pt"
+    flags = ["--base-layers", "0", "--base-moe-freq", "2", "--base-router", "hash", "--base-experts", "1"]
+    written = run(*upcycle_command(dense, "--out", tmp_path / "up.pt", *flags, "--data", data_bin / "bin")).stdout
+    assert "--continue-once" in written and "at update 10" in written
+    common = [str(data_bin / "bin"), "--user-dir", "fairseq_base", "--cpu", "--dropout", "0", "--max-update", "13",
+              "--log-interval", "1"]
+    went_on = run(os.path.join(BIN, "fairseq-train"), *common, *DENSE, "--continue-once", dense, "--save-dir",
+                  tmp_path / "dense")
+    upcycled = run(os.path.join(BIN, "fairseq-train"), *common, *TINY_MODEL, *flags, "--continue-once",
+                   tmp_path / "up.pt", "--save-dir", tmp_path / "upcycled")
+    assert sorted(losses(went_on)) == sorted(losses(upcycled)) == [11, 12, 13]
+    for update, loss in losses(went_on).items():
+        assert losses(upcycled)[update] == pytest.approx(loss, abs=2e-3), update
+    new_run = run(os.path.join(BIN, "fairseq-train"), *common, *TINY_MODEL, *flags, "--max-update", "2",
+                  "--finetune-from-model", tmp_path / "up.pt", "--save-dir", tmp_path / "new")
+    assert sorted(losses(new_run)) == [1, 2]
 
 
 @pytest.mark.slow

@@ -12,14 +12,15 @@ from fairseq_base.layer import BaseLayer
 
 
 def take_balance_loss(model: nn.Module) -> Optional[Tensor]:
-    """The sum of the expert layers' weighted balance losses from their last forward; None if none."""
+    """The mean of the expert layers' weighted balance losses from their last forward (fairseq's
+    MoE criterion averages its gates' losses over the layers); None if none."""
     losses = []
     for layer in model.modules():
         if isinstance(layer, BaseLayer) and layer.balance_loss is not None:
             losses.append(layer.balance_loss)
             layer.balance_loss = None
             layer.criterion_takes_balance_loss = True
-    return torch.stack(losses).sum() if losses else None
+    return torch.stack(losses).mean() if losses else None
 
 
 @register_criterion("base_cross_entropy", dataclass=CrossEntropyCriterionConfig)
@@ -28,7 +29,7 @@ class BaseCrossEntropyCriterion(CrossEntropyCriterion):
     divides by sample_size the objective is the mean cross-entropy + alpha * balance loss.
 
     ``loss`` (and the perplexity) in the logs stay the cross-entropy alone, comparable with
-    any other model; ``balance_loss`` is logged beside it (weighted, summed over layers).
+    any other model; ``balance_loss`` is logged beside it (weighted, the mean over layers).
     """
 
     def forward(self, model, sample, reduce=True):

@@ -84,8 +84,8 @@ class TransformerLanguageModelBaseConfig(TransformerLanguageModelConfig):
                           f"{', '.join(f'{r.name} {r.default_capacity}' for r in DROPPING)})"})
     base_balance_loss: float = field(
         default=0.01,
-        metadata={"help": "switch and top2: weight A of the balance loss A*E*sum_i f_i*P_i (needs --criterion "
-                          "base_cross_entropy)"})
+        metadata={"help": "switch and top2: weight A of the balance loss A*E*sum_i f_i*P_i, averaged over the expert "
+                          "layers as fairseq's MoE criterion (needs --criterion base_cross_entropy)"})
     base_moe_freq: int = field(
         default=0,
         metadata={"help": "the feed-forward block of every K-th decoder layer becomes an expert layer routed "

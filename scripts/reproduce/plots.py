@@ -55,13 +55,14 @@ def plot(results, out, common):
         return
     grid(plt, routed, out, "expert_load.png", plot_load)
     grid(plt, routed, out, "churn.png", plot_churn)
-    sweep = {key: expert_curves(results, key) for key in ("test_ppl", "valid_ppl_at_common_updates")}
-    if sweep["test_ppl"]:
+    curves = expert_curves(results)
+    if curves:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        titles = ["equal wall-clock", f"equal updates (update {common}): equal training compute"]
+        titles = ["test perplexity", f"equal updates (update {common}): equal training compute"]
         ylabels = ["test perplexity", "validation perplexity"]
-        for ax, (key, curves), title, ylabel in zip(axes, sweep.items(), titles, ylabels):
+        for ax, key, title, ylabel in zip(axes, ("test_ppl", "valid_ppl_at_common_updates"), titles, ylabels):
             for model, points in curves.items():
+                points = [(e, r[key]) for e, r in points if r.get(key)]
                 ax.errorbar([e for e, _ in points], [p["mean"] for _, p in points], marker="o", capsize=3,
                             label=model, yerr=[[p["mean"] - p["min"] for _, p in points],
                                                [p["max"] - p["mean"] for _, p in points]])

@@ -8,27 +8,38 @@ import queue
 import shutil
 import sys
 
-from reproduce.comparisons import DENSE, FROM_DENSE, Arm, run_name
+from reproduce.comparisons import DENSE, FROM_DENSE, Arm, balanced_family, run_name
 from reproduce.training import commit, evaluate, expert_load, say, train
 
 
 def run_upcycling(plan, args, cores):
-    """The dense start (one run, seed 1), then every model of ``plan`` per seed: those of FROM_DENSE
-    start from the dense start's checkpoint for ``args.updates`` more updates (their curves begin
-    with the start's and go on from its last update); the others train the whole length."""
+    """The dense start (one run, seed 1), then every model of ``plan`` per seed for the whole
+    length: those of FROM_DENSE go on from the dense start's last checkpoint, upcycled
+    (``training.upcycled_start``) or as it is, with its data order, learning-rate schedule and
+    optimizer state (--continue-once; their curves begin with the start's); the others train
+    from scratch."""
     start_arm = Arm("dense", DENSE, [], None, args.start_updates)
     start, = run_plan({"dense start": start_arm}, args, 0, cores, seeds=1)["dense start"]["runs"]
     checkpoint = os.path.join(args.out, run_name(start_arm, 1), "checkpoint_last.pt")
-    plan = {label: arm._replace(start=checkpoint) if label in FROM_DENSE else
-            arm._replace(updates=args.start_updates + args.updates) for label, arm in plan.items()}
+    plan = {label: arm._replace(updates=args.start_updates + args.updates,
+                                start=checkpoint if label in FROM_DENSE else None) for label, arm in plan.items()}
     results = run_plan(plan, args, 0, cores)
     began = start["curve"][-1]
     for label, r in results.items():
         if plan[label].start:
             for run in r["runs"]:
-                run["curve"] = start["curve"] + [dict(p, updates=p["updates"] + began["updates"],
-                                                      seconds=p["seconds"] + began["seconds"]) for p in run["curve"]]
+                run["curve"] = start["curve"] + [dict(p, seconds=p["seconds"] + began["seconds"])
+                                                 for p in run["curve"] if p["updates"] > began["updates"]]
     return results
+
+
+def kept_result(args, name):
+    """A finished run's result, from --out or else from --keep; OSError or ValueError if there is none."""
+    for folder in (args.out, args.keep):
+        if folder and os.path.exists(os.path.join(folder, f"{name}.result.json")):
+            with open(os.path.join(folder, f"{name}.result.json")) as f:
+                return json.load(f)
+    raise FileNotFoundError(name)
 
 
 def run_plan(plan, args, minutes, cores, seeds=None):
@@ -42,8 +53,7 @@ def run_plan(plan, args, minutes, cores, seeds=None):
     for label, seed in runs:
         name = run_name(plan[label], seed)
         try:
-            with open(os.path.join(args.out, f"{name}.result.json")) as f:
-                done[label, seed] = json.load(f)
+            done[label, seed] = kept_result(args, name)
             trained = done[label, seed]["curve"][-1]["updates"] if done[label, seed]["curve"] else None
             if minutes == 0 and trained != plan[label].updates:
                 sys.exit(f"reproduce_small: --out {args.out} holds {name} trained for {trained} updates, and this "
@@ -76,9 +86,13 @@ def run_plan(plan, args, minutes, cores, seeds=None):
             free_cores.put(core)
         run = {"seed": seed, "commit": commit(), "curve": curve, "test_ppl": evaluate(args.data, save_dir),
                "train_dropped": stats["dropped"], "train_busiest": stats["busiest"],
+               "routing": {"train": stats, "valid": curve[-1].get("routing", {}) if curve else {}},
                "expert_load": expert_load(args.data, save_dir) if arm.config != DENSE else {}}
-        with open(os.path.join(args.out, f"{run_name(arm, seed)}.result.json"), "w") as f:
-            json.dump(run, f)
+        if balanced_family(arm):
+            run["test_ppl_balanced"] = evaluate(args.data, save_dir, balanced=True)
+        for folder in {args.out, args.keep or args.out}:  # --keep: also where a new machine finds it
+            with open(os.path.join(folder, f"{run_name(arm, seed)}.result.json"), "w") as f:
+                json.dump(run, f)
         say(f"|   {label}, seed {seed}: test perplexity {run['test_ppl']:.2f}")
         return run
 

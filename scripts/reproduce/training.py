@@ -8,10 +8,10 @@ import subprocess
 import sys
 import time
 
-from reproduce.comparisons import REPO, run_name
+from reproduce.comparisons import DENSE, REPO, run_name
 
-DROPPED = re.compile(r"\b\w+_dropped=([0-9.]+)")
-LOAD_MAX = re.compile(r"\b\w+_load_max=([0-9.]+)")
+# An expert layer's routing statistic, "base1_top1=0.5" in a train_inner line, "| moe1_top1 0.5" in a valid one.
+ROUTING = re.compile(r"\b([a-z]+\d+)_(top1|entropy|load_max|load_min|dropped)[= ]([0-9.]+)")
 CHURN = re.compile(r"\b(\w+)_churn ([0-9.]+)")
 LOADED = re.compile(r"Loaded checkpoint .* \(epoch \d+ @ (\d+) updates\)")
 SAVED = re.compile(r"Saved checkpoint .* \(epoch \d+ @ (\d+) updates")
@@ -45,12 +45,14 @@ def train(arm, data, minutes, out, seed, validate_every=50, core=None, progress=
     name, max_update = run_name(arm, seed), arm.updates
     save_dir = os.path.join(out, name)
     log_path = os.path.join(out, f"{name}.log")
+    start = arm.start and (arm.start if arm.config == DENSE else upcycled_start(arm, seed, data, out))
     cmd = ["fairseq-hydra-train", "--config-dir", os.path.join(REPO, "configs"), "--config-name", arm.config,
            f"task.data={data}", f"checkpoint.save_dir={save_dir}", f"hydra.run.dir={save_dir}/hydra",
            f"optimization.max_update={max_update}", f"optimization.stop_time_hours={minutes / 60}",
-           f"dataset.validate_interval_updates={validate_every}", "common.log_interval=25", f"common.seed={seed}",
+           f"dataset.validate_interval_updates={validate_every}", f"common.log_interval={min(25, validate_every)}",
+           f"common.seed={seed}",
            *arm.overrides] + ([f"model.base_experts={arm.experts}"] if arm.experts else []) + (
-               [f"checkpoint.finetune_from_model={arm.start}"] if arm.start else []) + (
+               [f"checkpoint.continue_once={start}"] if start else []) + (
                [f"checkpoint.save_interval_updates={validate_every}", "checkpoint.keep_interval_updates=1"]
                if minutes == 0 else ["checkpoint.save_interval_updates=100000"])
     env = dict(os.environ, PYTHONUNBUFFERED="1")  # progress lines as they come
@@ -79,7 +81,7 @@ def train(arm, data, minutes, out, seed, validate_every=50, core=None, progress=
             updates = int(re.search(r"\| num_updates (\d+)", line).group(1))
             seconds = run["offset"] + (log_time(line) - run["start"]).total_seconds()
             run["curve"].append({"updates": updates, "seconds": seconds, "valid_ppl": ppl,
-                                 "busiest": run["stats"]["busiest"],
+                                 "busiest": run["stats"]["busiest"], "routing": routing_stats(line),
                                  "churn": {layer: float(v) for layer, v in CHURN.findall(line)}})
             if live:
                 elapsed = time.monotonic() - began
@@ -106,22 +108,53 @@ def train(arm, data, minutes, out, seed, validate_every=50, core=None, progress=
     return save_dir, run["curve"], run["stats"]
 
 
+def upcycled_start(arm, seed, data, out):
+    """The dense start (``arm.start``) upcycled by fairseq-base-upcycle into ``arm``'s model, its new
+    layers drawn with ``seed``; the file keeps the dense run's updates, data position, schedule
+    and optimizer state, for --continue-once."""
+    from omegaconf import OmegaConf
+
+    path = os.path.join(out, f"{run_name(arm, seed)}.upcycled.pt")
+    if os.path.exists(path):  # written all or nothing
+        return path
+    config = OmegaConf.load(os.path.join(REPO, "configs", f"{arm.config}.yaml"))
+    options = {key: value for key, value in config.model.items() if key.startswith("base_")}
+    options.update(override[len("model."):].split("=", 1) for override in arm.overrides
+                   if override.startswith("model.base_"))
+    if arm.experts:
+        options["base_experts"] = arm.experts
+    subprocess.run(["fairseq-base-upcycle", arm.start, "--out", path, "--data", data, "--seed", str(seed),
+                    "--criterion", config.criterion,
+                    *(f"--{key.replace('_', '-')}={value}" for key, value in options.items())],
+                   check=True, capture_output=True, text=True)
+    return path
+
+
+def routing_stats(line):
+    """Each routing statistic of a log line (the logs' names: top1, entropy, load_max, load_min,
+    dropped), the mean over the expert layers; {} for a model without them."""
+    values = {}
+    for _, statistic, value in ROUTING.findall(line):
+        values.setdefault(statistic, []).append(float(value))
+    return {statistic: sum(v) / len(v) for statistic, v in values.items()}
+
+
 def training_stats(line):
-    """From a train_inner line, means over expert layers: the share of (token, choice) pairs
-    dropped, and the busiest expert's load over the mean (its share of the pairs times E; None
-    for dense)."""
-    def mean(values):
-        return sum(values) / len(values) if values else None
-
-    return {"dropped": mean([float(v) for v in DROPPED.findall(line)]) or 0.0,
-            "busiest": mean([float(v) for v in LOAD_MAX.findall(line)])}
+    """From a train_inner line, ``routing_stats`` with, under their earlier names, the share of
+    (token, choice) pairs dropped and the busiest expert's load over the mean (its share of the
+    pairs times E; None for dense)."""
+    stats = routing_stats(line)
+    return dict(stats, dropped=stats.get("dropped", 0.0), busiest=stats.get("load_max"))
 
 
-def evaluate(data, save_dir):
+def evaluate(data, save_dir, balanced=False):
+    """Test perplexity of the run's last checkpoint; ``balanced``: with BASE's balanced evaluation
+    routing (the routing it trains with) instead of the checkpoint's greedy."""
+    overrides = ["--model-overrides", "{'base_eval_routing': 'balanced'}"] if balanced else []
     result = subprocess.run(
         ["fairseq-eval-lm", data, "--user-dir", os.path.join(REPO, "fairseq_base"), "--path",
          os.path.join(save_dir, "checkpoint_last.pt"), "--gen-subset", "test", "--tokens-per-sample", "128",
-         "--batch-size", "16", "--cpu", "--num-workers", "0"], capture_output=True, text=True, check=True)
+         "--batch-size", "16", "--cpu", "--num-workers", "0", *overrides], capture_output=True, text=True, check=True)
     return float(re.search(r"Perplexity: ([0-9.]+)", result.stdout + result.stderr).group(1))
 
 
