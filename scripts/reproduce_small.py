@@ -13,7 +13,7 @@ method, as published"; the router and the expert layers change together.
 ``--comparison routers``: only the router changes: the same expert FFNs at layers 2 and 4
 (configs/small_routers.yaml, E = 4), routed by balanced (BASE), sbase, switch, top2, hash
 and lossfree (DeepSeek-V3's bias), plus dense. It answers "which router". Its ablation arms
-("BASE, gate 1", "Switch, gate 1", "MoE top-2, gate 1": --base-gate one) weigh every token's
+("BASE (gate 1)", "Switch (gate 1)", "MoE top-2 (gate 1)": --base-gate one) weigh every token's
 update 1 whatever the router, so that the routers differ in their choices alone.
 ``--comparison upcycling``: from one dense start (small_dense, seed 1, --start-updates 400: the
 quick run's dense model), --updates 400 more as dense, as upcycled with one BASE layer

@@ -152,6 +152,7 @@ def test_a_seed_starts_every_model_of_a_comparison_from_the_same_trunk(data_bin)
                                                       block.named_parameters() if name.startswith("self_attn")]
 
     for comparison, models in COMPARISONS.items():
+        assert not [name for name in models if "," in name]  # --models takes a comma-separated list
         first, *others = [trunk(config, overrides) for config, overrides in models.values()]
         assert len(first) == 1 + 4 * 10  # embeddings; per layer q, k, v, out (weight, bias) and the LayerNorm
         for other in others:

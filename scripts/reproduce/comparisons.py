@@ -15,7 +15,7 @@ COMPARISONS = {
                     ("BASE", "balanced"), ("S-BASE", "sbase"), ("Switch", "switch"), ("MoE top-2", "top2"),
                     ("Hash", "hash"), ("lossfree", "lossfree"))},
                 # The ablation that separates a router's choices from its gate's size (--base-gate one).
-                **{f"{name}, gate 1": ("small_routers", [f"model.base_router={router}", "model.base_gate=one"])
+                **{f"{name} (gate 1)": ("small_routers", [f"model.base_router={router}", "model.base_gate=one"])
                    for name, router in (("BASE", "balanced"), ("Switch", "switch"), ("MoE top-2", "top2"))}},
     # FROM_DENSE go on from the dense start (START_UPDATES); BASE from scratch trains the whole length.
     # The expert FFNs (each expert a copy of the FFN it replaces) are the main arm; a BASE layer
