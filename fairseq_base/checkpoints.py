@@ -107,6 +107,24 @@ def refuse_plain_name_of_rank_files(path: str) -> None:
             f"process: fairseq-base-reshard {found[0]} --world-size 1 --out {path[: -len('.pt')]}-joined.pt")
 
 
+def rank_suffix(paths: List[str], rank: int, workers: int) -> Optional[str]:
+    """On worker ``rank`` of W > 1, for checkpoints NAME.pt saved as K files NAME-rank-{0..K-1}.pt:
+    the suffix of worker r's file, "-rank-{r % K}" (its expert-parallel rank's; K must divide W);
+    None where NAME.pt exists or no such files do (fairseq's own loading then reports it)."""
+    if not paths or any(os.path.exists(p) for p in paths):
+        return None
+    counts = {len(rank_files(p)) for p in paths}
+    files = counts.pop() if len(counts) == 1 else 0
+    if files == 0:
+        return None
+    if workers % files != 0:
+        raise CheckpointError(
+            f"--path {paths[0]} is a checkpoint of {files} files (one per expert-parallel rank), which {workers} "
+            f"workers cannot share; run on a multiple of {files} workers, or rewrite it with fairseq-base-reshard "
+            f"--world-size {workers} --expert-parallel-size Q (Q a divisor of {workers})")
+    return f"-rank-{rank % files}"
+
+
 def first_line(err: Exception) -> str:
     text = str(err).strip().splitlines()
     return text[0][:200] if text else type(err).__name__

@@ -3,11 +3,12 @@
 incremental decoding that gives the same log-probabilities as scoring the whole sequence."""
 
 import os
+import sys
 
 import pytest
 import torch
 
-from fairseq_runs import BIN, run
+from fairseq_runs import BIN, console_script, run
 
 from fairseq_base.models.transformer_lm_base import TransformerLanguageModelBase
 from fairseq_base.router import ROUTER_RECORDS
@@ -70,3 +71,124 @@ def test_interactive_samples_and_searches(data_bin, router_runs, router):
     checkpoint = router_runs(router)[0] / "checkpoint_last.pt"
     interactive(checkpoint, data_bin, "--sampling", "--sampling-topk", "5", "--beam", "1", "--seed", "1")
     interactive(checkpoint, data_bin, "--beam", "2")
+
+
+# Prompts of different lengths, dealt out to the workers: on 4 workers one worker has two and
+# the others one; on 2 workers the counts differ too. A worker's prompts are generated as one batch.
+PROMPTS = ["T h e", "T h e _ k i n g _ o f", "A", "I n _ t h e _ b e g i n n i n g _ w a s", "W h"]
+DECODINGS = {"greedy": dict(beam=1), "beam": dict(beam=3), "top-k": dict(beam=1, sampling=True, sampling_topk=5)}
+
+
+def words(lm, prompts, decoding, seed=3):
+    """For each prompt (one batch), the first hypothesis' tokens, from ``seed``."""
+    torch.manual_seed(seed)
+    hypotheses = lm.generate([lm.encode(prompt) for prompt in prompts], max_len_b=10, **DECODINGS[decoding])
+    return [hypos[0]["tokens"].tolist() for hypos in hypotheses]
+
+
+def _generate_on_workers(rank, world_size, folder, data):
+    from fairseq_base.models.transformer_lm_base import TransformerLanguageModelBase
+    lm = TransformerLanguageModelBase.from_pretrained(folder, "model.pt", data_name_or_path=data).eval()
+    experts = {layer.name: layer.expert_ids.tolist() for layer in lm.models[0].modules() if hasattr(layer, "expert_ids")}
+    mine = PROMPTS[rank::world_size]
+    return experts, {decoding: words(lm, mine, decoding) for decoding in DECODINGS}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("router", ROUTERS)
+def test_workers_each_holding_their_experts_generate_the_words_of_one_process(data_bin, router_runs, router, tmp_path):
+    """Greedy search, beam search and top-k sampling on 2 and 4 gloo workers, each with prompts of
+    its own (different lengths and numbers), give the words that the one-process model gives for
+    the same batches and seed; each worker holds only its own experts."""
+    from fairseq_base.reshard import reshard
+    from distributed_utils import run_workers
+
+    checkpoint = router_runs(router)[0] / "checkpoint_last.pt"
+    one = hub(checkpoint, data_bin)
+    for workers in (2, 4):
+        folder = tmp_path / f"w{workers}"
+        folder.mkdir()
+        reshard(str(checkpoint), workers, str(folder / "model.pt"))
+        results = run_workers(_generate_on_workers, workers, str(folder), str(data_bin / "bin"), timeout=300)
+        for rank, (experts, generated) in enumerate(results):
+            local = 4 // workers  # of the run's 4 experts per layer
+            assert all(ids == list(range(rank * local, (rank + 1) * local)) for ids in experts.values()), experts
+            mine = PROMPTS[rank::workers]
+            for decoding, tokens in generated.items():
+                assert tokens == words(one, mine, decoding), (workers, rank, decoding)
+
+
+def hypotheses(result):
+    lines = [line for line in result.stdout.splitlines() if line.startswith("H-")]
+    assert lines, result.stdout[-2000:] + result.stderr[-2000:]
+    return lines
+
+
+@pytest.mark.slow
+def test_interactive_and_generate_on_two_workers_print_what_one_process_prints(data_bin, router_runs, tmp_path):
+    """fairseq-interactive under torchrun (prompts on stdin) and under fairseq's spawn launch
+    (--input FILE), and fairseq-generate under torchrun, each worker holding its experts: worker 0
+    reads and prints, in input order, exactly what one process prints."""
+    from fairseq_base.reshard import reshard
+    checkpoint = router_runs("balanced")[0] / "checkpoint_last.pt"
+    reshard(str(checkpoint), 2, str(tmp_path / "model.pt"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(prompt + "\n" for prompt in PROMPTS))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    asked = [str(data_bin / "bin"), "--task", "language_modeling", "--user-dir", "fairseq_base", "--cpu",
+             "--max-len-b", "10", "--buffer-size", "2", "--batch-size", "2", "--seed", "5"]
+    for decoding in (["--beam", "2"], ["--sampling", "--sampling-topk", "5", "--beam", "1"]):
+        one = hypotheses(run(os.path.join(BIN, "fairseq-interactive"), *asked, *decoding, "--path", checkpoint,
+                             input=prompts.read_text()))
+        assert [line.split("\t")[0] for line in one] == [f"H-{i}" for i in range(len(PROMPTS))]
+        on_torchrun = run(*torchrun, console_script("fairseq-interactive"), *asked, *decoding, "--path",
+                          tmp_path / "model.pt", "--distributed-backend", "gloo", input=prompts.read_text())
+        spawned = run(os.path.join(BIN, "fairseq-interactive"), *asked, *decoding, "--path", tmp_path / "model.pt",
+                      "--distributed-world-size", "2", "--distributed-backend", "gloo", "--input", prompts)
+        assert hypotheses(on_torchrun) == one and hypotheses(spawned) == one, decoding
+    scored = [str(data_bin / "bin"), "--task", "language_modeling", "--user-dir", "fairseq_base", "--cpu",
+              "--gen-subset", "valid", "--score-reference", "--sample-break-mode", "eos", "--tokens-per-sample", "64",
+              "--batch-size", "8", "--num-workers", "0"]
+    one = hypotheses(run(os.path.join(BIN, "fairseq-generate"), *scored, "--path", checkpoint))
+    two = hypotheses(run(*torchrun, console_script("fairseq-generate"), *scored, "--path", tmp_path / "model.pt",
+                         "--distributed-backend", "gloo"))
+    assert two == one
+
+
+def _fail_on_one_worker(rank, world_size, folder, data):
+    from fairseq_base.models.transformer_lm_base import TransformerLanguageModelBase
+    lm = TransformerLanguageModelBase.from_pretrained(folder, "model.pt", data_name_or_path=data).eval()
+    prompt = " ".join(["a"] * 200) if rank == 1 else PROMPTS[0]  # longer than the model's 64 positions
+    try:
+        lm.generate([lm.encode(prompt)], beam=1, max_len_b=5)
+    except Exception as err:
+        return f"{type(err).__name__}: {err}"
+    return "no error"
+
+
+def _load_on_workers(rank, world_size, folder, data):
+    from fairseq_base.models.transformer_lm_base import TransformerLanguageModelBase
+    try:
+        TransformerLanguageModelBase.from_pretrained(folder, "model.pt", data_name_or_path=data)
+    except Exception as err:
+        return f"{type(err).__name__}: {err}"
+    return "loaded"
+
+
+@pytest.mark.slow
+def test_one_workers_bad_prompt_stops_every_worker_with_its_line_and_bad_layouts_are_one_line(
+        data_bin, router_runs, tmp_path):
+    from fairseq_base.reshard import reshard
+    from distributed_utils import run_workers
+
+    checkpoint = router_runs("balanced")[0] / "checkpoint_last.pt"
+    reshard(str(checkpoint), 2, str(tmp_path / "model.pt"))
+    data = str(data_bin / "bin")
+    failed = run_workers(_fail_on_one_worker, 2, str(tmp_path), data, timeout=300)
+    assert failed[0] == failed[1] and failed[0].startswith("WorkerFailed: ") and "invalid" in failed[0], failed
+    loaded = run_workers(_load_on_workers, 3, str(tmp_path), data, timeout=300)
+    assert all("a checkpoint of 2 files (one per expert-parallel rank), which 3 workers cannot share" in line
+               for line in loaded), loaded
+    torch.save(torch.load(checkpoint, weights_only=False), tmp_path / "model.pt")  # both kinds under one name
+    loaded = run_workers(_load_on_workers, 2, str(tmp_path), data, timeout=300)
+    assert all("both exist" in line for line in loaded), loaded

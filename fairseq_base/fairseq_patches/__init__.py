@@ -13,6 +13,7 @@ module says otherwise.
 | ``checkpoint_files`` | one file per expert-parallel rank, checks on load and save, run stamps, Namespaces under ``weights_only``, checkpoints of one module per expert read as stacked, a ``--path`` beside ``-rank-*`` files | models with experts; the run stamp (``extra_state``) and the Namespace: every model; the ``--path`` line: any model, where fairseq would fail |
 | ``saves`` (and ``save_lock``) | saves all or nothing across files and workers, never of inf or NaN weights; ``crash.pt`` per rank; an explicit ``--restore-file`` must exist; one run per save directory | models with experts, in fairseq-train |
 | ``eval_lm`` | fairseq-eval-lm: per-rank files, workers in lockstep, one perplexity, block length | models with experts |
+| ``generation`` | fairseq-interactive and fairseq-generate on W workers: each worker's own file, worker 0 reads and prints, the others serve its forwards | models with experts on W > 1 workers |
 | ``optimizer`` | gradient norm over shared parameters, expert gradients reduced over replicas, the lossfree bias once per step | models with experts (for others fairseq's norm, nothing to reduce) |
 | ``routing_churn`` | the probe batch of every validation | models with expert layers of this plugin |
 | ``numpy_compat`` | ``np.compat.long`` under numpy 2 | every model under numpy 2 |
@@ -20,10 +21,10 @@ module says otherwise.
 
 from fairseq.distributed import utils as distributed_utils
 
-from fairseq_base.fairseq_patches import (checkpoint_files, ddp, eval_lm, launch, numpy_compat, optimizer,
-                                          routing_churn, saves)
+from fairseq_base.fairseq_patches import (checkpoint_files, ddp, eval_lm, generation, launch, numpy_compat,
+                                          optimizer, routing_churn, saves)
 
-ADJUSTMENTS = (launch, ddp, checkpoint_files, saves, eval_lm, optimizer, routing_churn, numpy_compat)
+ADJUSTMENTS = (launch, ddp, checkpoint_files, saves, eval_lm, generation, optimizer, routing_churn, numpy_compat)
 INSTALLED = "fairseq_base_adjustments_installed"  # marked on fairseq, which every copy of the plugin shares
 
 

@@ -23,7 +23,6 @@ experts write) and ``eval_lm`` is fairseq's, with each worker's own perplexity a
 ``--num-shards``' empty padding batches skipped as fairseq skips them.
 """
 
-import glob
 import logging
 import os
 import sys
@@ -45,21 +44,11 @@ FAIRSEQ_MAIN = fairseq_eval_lm.main
 
 
 def rank_suffix_for_eval(cfg, rank: int, workers: int) -> None:
-    """Under fairseq-eval-lm on W workers, for --path NAME.pt saved as K files NAME-rank-{0..K-1}.pt,
-    load NAME-rank-{r % K}.pt (the file of worker r's expert-parallel rank); K must divide W."""
+    """Under fairseq-eval-lm (and generation) on W workers, for --path NAME.pt saved as K files
+    NAME-rank-{0..K-1}.pt, load NAME-rank-{r % K}.pt (``checkpoints.rank_suffix``)."""
     paths = cfg.common_eval.path.split(os.pathsep) if cfg.get("common_eval") and cfg.common_eval.path else []
-    if not paths or cfg.checkpoint.checkpoint_suffix or any(os.path.exists(p) for p in paths):
-        return
-    counts = {len(glob.glob(glob.escape(p[: -len(".pt")]) + "-rank-*.pt")) for p in paths}
-    files = counts.pop() if len(counts) == 1 else 0
-    if files == 0:
-        return  # fairseq's own loading reports the missing file
-    if workers % files != 0:
-        raise BaseLayerConfigError(
-            f"--path {paths[0]} is a checkpoint of {files} files (one per expert-parallel rank), which {workers} "
-            f"workers cannot share; run on a multiple of {files} workers, or rewrite it with fairseq-base-reshard "
-            f"--world-size {workers} --expert-parallel-size Q (Q a divisor of {workers})")
-    cfg.checkpoint.checkpoint_suffix = f"-rank-{rank % files}"
+    if not cfg.checkpoint.checkpoint_suffix:
+        cfg.checkpoint.checkpoint_suffix = checkpoints.rank_suffix(paths, rank, workers) or ""
 
 
 def read_own_files_together(cfg, workers: int) -> None:

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
+from fairseq import hub_utils
 from fairseq.dataclass import ChoiceEnum
 from fairseq.models import register_model
 from fairseq.models.transformer import TransformerDecoder
@@ -19,7 +20,9 @@ from fairseq_base.errors import BaseLayerConfigError
 from fairseq_base.expert_ffn import ExpertFeedForwardLayer
 from fairseq_base.experts import has_experts
 from fairseq_base.groups import expert_layout, resolve_num_experts
+from fairseq_base.hub import ExpertsHubInterface, own_checkpoint_file
 from fairseq_base.layer import BaseLayer, BaseLayerConfig
+from fairseq_base.lockstep import begin_forward
 from fairseq_base.placement import base_layer_positions
 from fairseq_base.router import EVAL_ROUTING, GATES, HASHES, ROUTER, ROUTER_RECORDS
 
@@ -218,6 +221,14 @@ class TransformerLanguageModelBase(TransformerLanguageModel):
         decoder.__class__ = TransformerDecoderWithExperts
         return model
 
+    @classmethod
+    def from_pretrained(cls, model_name_or_path, checkpoint_file="model.pt", data_name_or_path=".", **kwargs):
+        """fairseq's (``FairseqModel.from_pretrained``), and in a process group of W workers each
+        worker's own file of NAME-rank-*.pt, generating with the others (``fairseq_base/hub.py``)."""
+        loaded = hub_utils.from_pretrained(model_name_or_path, own_checkpoint_file(model_name_or_path, checkpoint_file),
+                                           data_name_or_path, archive_map=cls.hub_models(), **kwargs)
+        return ExpertsHubInterface(loaded["args"], loaded["task"], loaded["models"])
+
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
         """fairseq's, and a dense transformer_lm's state dict (``--finetune-from-model DENSE.pt``)
         upcycled first: its trunk under the indices the expert layers leave it, its FFN blocks copied
@@ -251,6 +262,7 @@ class TransformerDecoderWithExperts(TransformerDecoder):
         # As fairseq's decoder does: with an incremental state, only the last position is new.
         tokens = prev_output_tokens if incremental_state is None else prev_output_tokens[:, -1:]
         expert_layers = [m for m in self.modules() if isinstance(m, BaseLayer)]
+        begin_forward(expert_layers)  # generating on several workers: a round with the others (lockstep.py)
         real = real_rows(tokens, self.padding_idx) if expert_layers else None
         for layer in expert_layers:
             layer.real_tokens = real

@@ -1,0 +1,121 @@
+"""fairseq-interactive and fairseq-generate on W workers, each holding only its experts.
+
+Replaces:
+- ``fairseq_cli.interactive.main`` and ``fairseq_cli.generate.main`` (the Python entry points
+  too, which also take an argparse Namespace): with a model with experts on W > 1 workers
+  (fairseq-generate, which fairseq runs in one process each, first goes through fairseq's
+  launcher, ``call_main``, as fairseq-interactive already does: torchrun, or
+  ``--distributed-world-size N``),
+  worker r loads its own file of ``--path NAME.pt`` saved as NAME-rank-*.pt, as fairseq-eval-lm
+  does (``eval_lm.rank_suffix_for_eval``; each worker reads its file before the first
+  collective). Worker 0 runs fairseq's command as one process would: it alone reads the prompts
+  (stdin or ``--input``; fairseq-generate's whole split) and prints, in input order; the other
+  workers serve its forwards with their experts (``lockstep.py``). An exception on one worker
+  stops every worker with its line.
+Both are module-level functions, so that fairseq's spawn launch can pickle ``main``.
+Touches: models with experts on W > 1 workers; every other run is fairseq's, unchanged.
+"""
+
+import ast
+import contextlib
+import os
+from argparse import Namespace
+
+import torch
+import torch.distributed as dist
+from fairseq import checkpoint_utils, tasks, utils
+from fairseq.distributed import utils as distributed_utils
+from fairseq_cli import generate, interactive
+from omegaconf import DictConfig
+
+from fairseq_base import checkpoints
+from fairseq_base.fairseq_patches.eval_lm import rank_suffix_for_eval, read_own_files_together
+from fairseq_base.fairseq_patches.which_models import as_config, is_expert_model
+from fairseq_base.lockstep import Together
+
+FAIRSEQ_INTERACTIVE_MAIN = interactive.main
+FAIRSEQ_GENERATE_MAIN = generate.main
+
+
+def saved_model_config(path: str):
+    """The model config of the checkpoint ``path`` (or of NAME-rank-0.pt for NAME.pt), None if unreadable."""
+    found = path if os.path.exists(path) else next(iter(checkpoints.rank_files(path)), None)
+    try:  # only the config is read: mmap leaves the tensors on disk
+        return Namespace(**torch.load(found, map_location="cpu", mmap=True, weights_only=True)["cfg"]["model"])
+    except Exception:
+        return None  # fairseq's own loading reports it
+
+
+def asks_for_experts_on_workers(cfg) -> bool:
+    """Several workers (torchrun's, or fairseq's launch of N) and a checkpoint with experts."""
+    workers = max(cfg.distributed_training.distributed_world_size, int(os.environ.get("WORLD_SIZE", "1")))
+    paths = cfg.common_eval.path.split(os.pathsep) if cfg.common_eval.path else []
+    return workers > 1 and any(is_expert_model(saved_model_config(path)) for path in paths)
+
+
+def served_models(cfg):
+    """The models of ``--path``, loaded and placed for generation as fairseq's commands place them."""
+    task = tasks.setup_task(cfg.task)
+    models, _ = checkpoint_utils.load_model_ensemble(
+        utils.split_paths(cfg.common_eval.path), arg_overrides=ast.literal_eval(cfg.common_eval.model_overrides),
+        task=task, suffix=cfg.checkpoint.checkpoint_suffix)
+    for model in models:
+        if cfg.common.fp16:
+            model.half()
+        if torch.cuda.is_available() and not cfg.common.cpu:
+            model.cuda()
+        model.prepare_for_inference_(cfg)
+    return models
+
+
+@contextlib.contextmanager
+def loading_into(together: Together):
+    """fairseq's command adds each model it loads to ``together``."""
+    def load_and_add(*args, **kwargs):
+        loaded = fairseq_load(*args, **kwargs)
+        together.add(loaded[0])
+        return loaded
+
+    fairseq_load = checkpoint_utils.load_model_ensemble
+    checkpoint_utils.load_model_ensemble = load_and_add
+    try:
+        yield
+    finally:
+        checkpoint_utils.load_model_ensemble = fairseq_load
+
+
+def on_workers(fairseq_main, cfg, **kwargs):
+    """``fairseq_main`` on worker 0, as one process would run it, while the others serve."""
+    cfg = as_config(cfg)
+    rank, workers = cfg.distributed_training.distributed_rank, cfg.distributed_training.distributed_world_size
+    for path in cfg.common_eval.path.split(os.pathsep):
+        checkpoints.refuse_two_kinds(path, "move one of them to another directory, so that --path names one model")
+    rank_suffix_for_eval(cfg, rank, workers)
+    read_own_files_together(cfg, workers)
+    utils.import_user_module(cfg.common)
+    if rank != 0:
+        with Together(served_models(cfg)):
+            return None
+    # Worker 0 reads and writes everything: fairseq-generate takes the whole split, not a shard.
+    cfg.distributed_training.distributed_world_size, cfg.distributed_training.distributed_rank = 1, 0
+    with Together() as together, loading_into(together):
+        return fairseq_main(cfg, **kwargs)
+
+
+def interactive_main(cfg, **kwargs):
+    if isinstance(cfg, (Namespace, DictConfig)) and asks_for_experts_on_workers(as_config(cfg)):
+        return on_workers(FAIRSEQ_INTERACTIVE_MAIN, cfg, **kwargs)
+    return FAIRSEQ_INTERACTIVE_MAIN(cfg, **kwargs)
+
+
+def generate_main(cfg, **kwargs):
+    if not (isinstance(cfg, (Namespace, DictConfig)) and asks_for_experts_on_workers(as_config(cfg))):
+        return FAIRSEQ_GENERATE_MAIN(cfg, **kwargs)
+    if not dist.is_initialized():  # fairseq-generate runs each process alone: launch the workers
+        return distributed_utils.call_main(as_config(cfg), generate_main, **kwargs)
+    return on_workers(FAIRSEQ_GENERATE_MAIN, cfg, **kwargs)
+
+
+def install() -> None:
+    interactive.main = interactive_main
+    generate.main = generate_main
