@@ -27,7 +27,7 @@ import re
 import sys
 import tempfile
 from collections import OrderedDict
-from typing import List
+from typing import Callable, List
 
 import torch
 
@@ -308,7 +308,10 @@ def write_all_or_nothing(states, paths: List[str]) -> None:
                 os.unlink(backup)
 
 
-def reshard(checkpoint: str, world_size: int, out: str, expert_parallel_size: int = 0) -> List[str]:
+def reshard(checkpoint: str, world_size: int, out: str, expert_parallel_size: int = 0,
+            report: Callable[[str], None] = print) -> List[str]:
+    """Write ``checkpoint`` for ``world_size`` workers in groups of ``expert_parallel_size`` as
+    ``out`` (the paths written); ``report`` takes the lines that say what was read and written."""
     if world_size < 1:
         raise ReshardError(f"--world-size must be >= 1, got {world_size}")
     if expert_parallel_size < 0:
@@ -316,12 +319,12 @@ def reshard(checkpoint: str, world_size: int, out: str, expert_parallel_size: in
     ckpt = Checkpoint(shard_paths(checkpoint))
     outputs = ckpt.write(world_size, expert_parallel_size or world_size, out)
     counts = ", ".join(f"{p.rstrip('.')}: {n} experts" for p, n in ckpt.num_experts.items())
-    print(f"| read {len(ckpt.paths)} shard(s) at update {ckpt.num_updates} ({counts})")
+    report(f"| read {len(ckpt.paths)} shard(s) at update {ckpt.num_updates} ({counts})")
     if ckpt.shared_optim is None:
-        print("| notice: optimizer state not moved (it cannot be mapped to parameters here); "
-              "resume training with --reset-optimizer")
+        report("| notice: optimizer state not moved (it cannot be mapped to parameters here); "
+               "resume training with --reset-optimizer")
     for path in outputs:
-        print(f"| wrote {path}")
+        report(f"| wrote {path}")
     return outputs
 
 

@@ -65,7 +65,10 @@ def build_upcycled(cfg: dict, data: Optional[str], options: dict):
     if not os.path.isfile(dictionary):
         raise UpcycleError(f"{dictionary} does not exist: pass --data DIR, the data directory (with its dict.txt) "
                            f"the dense model was trained on")
-    model_cfg = dict(cfg["model"], **options, _name="transformer_lm_base")
+    # The dense run's trunk; the expert options are the command's, else the options table's defaults
+    # (a dense transformer_lm_base saved with --base-layers 0 does not keep them at 0).
+    trunk = {key: value for key, value in cfg["model"].items() if not key.startswith("base_")}
+    model_cfg = dict(trunk, **options, _name="transformer_lm_base")
     model_cfg = merge_with_parent(TransformerLanguageModelBaseConfig(), OmegaConf.create(model_cfg))
     task = tasks.setup_task(OmegaConf.create(task_cfg))
     return model_cfg, task.build_model(model_cfg)
@@ -89,6 +92,8 @@ def upcycle(path: str, out: str, options: dict, data: Optional[str] = None, worl
     fairseq checks against the optimizer history before it goes on with the run."""
     from omegaconf import OmegaConf
 
+    if not options.get("base_experts"):  # 0: one expert per worker of an expert-parallel group, as training on them
+        options = dict(options, base_experts=options.get("base_expert_parallel_size") or world_size)
     state = read_checkpoint(path)
     check_finite(state, path)
     cfg = dense_config(state, path)
@@ -113,7 +118,7 @@ def upcycle(path: str, out: str, options: dict, data: Optional[str] = None, worl
     with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(out))) as tmp:
         one = os.path.join(tmp, "one.pt")
         torch.save(written, one)
-        return reshard(one, world_size, out, options.get("base_expert_parallel_size", 0))
+        return reshard(one, world_size, out, options.get("base_expert_parallel_size", 0), report=lambda line: None)
 
 
 def dense_run_place(state: dict, model_state: dict, origins) -> Optional[dict]:

@@ -65,9 +65,11 @@ writes the tables and plots again from --out's results.json, without training.
 """
 
 import argparse
+import glob
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 
@@ -80,6 +82,7 @@ from reproduce.comparisons import (BALANCED_BUSIEST, COMPARISONS, LOSSFREE_SCALE
                                    START_UPDATES, UPCYCLING_UPDATES, Arm)
 from reproduce.report import write_results  # noqa: E402
 from reproduce.runs import run_plan, run_upcycling  # noqa: E402
+from reproduce.training import Stopped, stop_everything  # noqa: E402
 
 
 def main():
@@ -167,19 +170,26 @@ def main():
     from fairseq_base.assignment import balanced_assignment
     balanced_assignment(torch.randn(4, 2))
 
-    if args.comparison == "upcycling":
-        results = run_upcycling(plan, args, cores)
-    else:
-        results = run_plan(plan, args, minutes, cores)
-    lossfree = results.get("lossfree")
-    if args.updates and lossfree and "lossfree" in args.models.split(",") and any(
-            (run.get("train_busiest") or 0) > BALANCED_BUSIEST for run in lossfree["runs"]):
-        rate = 10 / args.updates
-        print(f"| lossfree at DeepSeek-V3's rate did not balance within {args.updates} updates (busiest expert above "
-              f"{BALANCED_BUSIEST} x the mean): {LOSSFREE_SCALED}, at {rate:g}", flush=True)
-        config, overrides = COMPARISONS[args.comparison]["lossfree"]
-        scaled = Arm("lossfree", config, [*overrides, f"model.base_bias_update_rate={rate}"], None, max_update)
-        results.update(run_plan({LOSSFREE_SCALED: scaled}, args, minutes, cores))
+    signal.signal(signal.SIGINT, stop_everything)
+    try:
+        if args.comparison == "upcycling":
+            results = run_upcycling(plan, args, cores)
+        else:
+            results = run_plan(plan, args, minutes, cores)
+        lossfree = results.get("lossfree")
+        if args.updates and lossfree and "lossfree" in args.models.split(",") and any(
+                (run.get("train_busiest") or 0) > BALANCED_BUSIEST for run in lossfree["runs"]):
+            rate = 10 / args.updates
+            print(f"| lossfree at DeepSeek-V3's rate did not balance within {args.updates} updates (busiest expert "
+                  f"above {BALANCED_BUSIEST} x the mean): {LOSSFREE_SCALED}, at {rate:g}", flush=True)
+            config, overrides = COMPARISONS[args.comparison]["lossfree"]
+            scaled = Arm("lossfree", config, [*overrides, f"model.base_bias_update_rate={rate}"], None, max_update)
+            results.update(run_plan({LOSSFREE_SCALED: scaled}, args, minutes, cores))
+    except Stopped:
+        kept = len(glob.glob(os.path.join(args.out, "*.result.json")))
+        sys.exit(f"reproduce_small: stopped (Ctrl-C): every training it started was ended; the {kept} finished "
+                 f"run(s) are kept in {args.out}, and the same command goes on from them" +
+                 (" (unfinished runs of --updates from their last validation)" if args.updates else ""))
 
     machine = f"{platform.processor() or platform.machine()}, {len(cores)} of {os.cpu_count()} cores, no GPU" + (
         f", {args.parallel} runs at once, one core each" if args.parallel > 1 else "")

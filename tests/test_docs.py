@@ -137,7 +137,7 @@ def test_commands_use_options_that_exist():
 def test_what_the_code_writes_is_ignored_by_git():
     if not os.path.isdir(os.path.join(REPO, ".git")):
         pytest.skip("not a git checkout")
-    generated = ["model.pt", "model4-rank-0.pt", "bundle/requirements.txt", "runs/bench/layer.json", "data-bin/brown/train.bin",
+    generated = [".venv/bin/python3", "model.pt", "model4-rank-0.pt", "bundle/requirements.txt", "runs/bench/layer.json", "data-bin/brown/train.bin",
                  "checkpoints/checkpoint_last.pt", "outputs/2026-01-01/00-00-00/x", ".hypothesis/examples/x",
                  "fairseq_base/_auction.cpython-311-x86_64-linux-gnu.so", "tests/__pycache__/x.pyc"]
     result = subprocess.run(["git", "check-ignore", "--no-index", *generated], cwd=REPO, capture_output=True,

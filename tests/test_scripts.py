@@ -142,6 +142,50 @@ def test_reproduce_small_upcycling_continues_one_dense_start_and_trains_base_fro
     assert "continued for 2 updates" in table and "differs for real" in table
 
 
+@pytest.mark.slow
+def test_reproduce_small_stops_every_training_on_the_first_ctrl_c(scored_data, tmp_path):
+    import queue
+    import signal
+    import threading
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "scripts", "reproduce_small.py"), "--updates", "100000",
+                             "--comparison", "routers", "--models", "dense,BASE", "--seeds", "1", "--validate-every",
+                             "1", "--parallel", "2", "--data", str(scored_data), "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    lines = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    printed, progressing = [], set()
+    while len(progressing) < 2:  # both trainings running: each has validated once
+        try:
+            line = lines.get(timeout=300)
+        except queue.Empty:
+            proc.kill()
+            pytest.fail(f"hung: no progress line in 5 minutes; printed {printed}")
+        printed.append(line)
+        if line.startswith("| [") and ": update " in line:
+            progressing.add(line.split(":")[0])
+    proc.send_signal(signal.SIGINT)
+    try:
+        stderr = proc.communicate(timeout=120)[1]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("hung: reproduce_small did not stop within 2 minutes of Ctrl-C")
+    while not lines.empty():
+        printed.append(lines.get())
+    assert proc.returncode == 1 and "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1].startswith("reproduce_small: stopped (Ctrl-C): every training it started "
+                                                      "was ended; the 0 finished run(s) are kept in"), stderr[-2000:]
+    assert len([line for line in printed if line.startswith("== [")]) == 2  # nothing new started
+    def command_line(pid):
+        try:
+            with open(f"/proc/{pid}/cmdline") as f:
+                return f.read()
+        except OSError:  # it ended meanwhile
+            return ""
+
+    assert not [pid for pid in os.listdir("/proc") if pid.isdigit() and str(out) in command_line(pid)], "left running"
+
+
 def runs(*values, first_seed=1):
     """A model's runs, seed by seed, with their test perplexities."""
     return {"runs": [{"seed": first_seed + i, "test_ppl": value} for i, value in enumerate(values)]}

@@ -185,6 +185,33 @@ def test_the_upcycled_file_goes_on_with_the_dense_runs_data_schedule_and_optimiz
 
 
 @pytest.mark.slow
+def test_the_options_tables_defaults_apply_and_each_file_is_reported_once(data_bin, dense_run, capsys, tmp_path):
+    """No --base-* option: the options table's defaults (one BASE layer, one expert per worker);
+    on 2 workers each file is reported once, with no notice that does not apply and no warning of ours."""
+    import warnings
+    from fairseq_base import upcycle
+    # As the quick run's dense model: transformer_lm_base saved with --base-layers 0.
+    state = torch.load(dense_run / "checkpoint_last.pt", weights_only=False)
+    state["cfg"]["model"] = dict(state["cfg"]["model"], _name="transformer_lm_base", base_layers=0, base_moe_freq=0)
+    dense = str(tmp_path / "dense.pt")
+    torch.save(state, dense)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        upcycle.cli_main([dense, "--out", str(tmp_path / "one.pt"), "--data", str(data_bin / "bin")])
+        upcycle.cli_main([dense, "--out", str(tmp_path / "two.pt"), "--data", str(data_bin / "bin"),
+                          "--world-size", "2"])
+    printed = capsys.readouterr().out.splitlines()
+    wrote = [line for line in printed if line.startswith("| wrote")]
+    assert wrote == [f"| wrote {tmp_path / name}" for name in ("one.pt", "two-rank-0.pt", "two-rank-1.pt")]
+    assert not [line for line in printed if "notice" in line or "--reset-optimizer" in line], printed
+    assert not [w for w in caught if "fairseq_base" in w.filename], [str(w.message) for w in caught]
+    one = torch.load(tmp_path / "one.pt", weights_only=False)
+    assert one["cfg"]["model"]["base_layers"] == 1 and one["model"]["decoder.layers.1.centroids"].shape[0] == 1
+    two = torch.load(tmp_path / "two-rank-1.pt", weights_only=False)
+    assert two["cfg"]["model"]["base_experts"] == 2 and two["model"]["decoder.layers.1.expert_ids"].tolist() == [1]
+
+
+@pytest.mark.slow
 def test_bad_input_is_one_line(data_bin, dense_run, tmp_path):
     dense = dense_run / "checkpoint_last.pt"
     other = tmp_path / "other"

@@ -9,7 +9,7 @@ import shutil
 import sys
 
 from reproduce.comparisons import DENSE, FROM_DENSE, Arm, balanced_family, run_name
-from reproduce.training import commit, evaluate, expert_load, say, train
+from reproduce.training import STOP, Stopped, commit, evaluate, expert_load, say, train
 
 
 def run_upcycling(plan, args, cores):
@@ -76,6 +76,8 @@ def run_plan(plan, args, minutes, cores, seeds=None):
         arm = plan[label]
         core = free_cores.get()
         try:
+            if STOP.is_set():
+                raise Stopped(label)
             progress = f"[{index}/{len(todo)}] "
             budget = f"{arm.updates} updates" if minutes == 0 else f"{minutes:g} minutes"
             say(f"== {progress}{label} ({results[label]['config']}), seed {seed}, {budget}"

@@ -1,11 +1,14 @@
 """One run of a comparison: train it (or continue it) with fairseq-hydra-train, following its log
 for the validation curve and the routing statistics, and score it with fairseq-eval-lm."""
 
+import contextlib
 import datetime
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 from reproduce.comparisons import DENSE, REPO, run_name
@@ -98,14 +101,58 @@ def train(arm, data, minutes, out, seed, validate_every=50, core=None, progress=
         return save_dir, run["curve"], run["stats"]
     began = time.monotonic()
     # Line-buffered: a stopped run is read back from this log, which must hold every line it printed.
-    with open(log_path, "a", buffering=1) as log, subprocess.Popen(
-            cmd, cwd=REPO, stdout=subprocess.PIPE, env=env, stderr=subprocess.STDOUT, text=True) as proc:
+    with open(log_path, "a", buffering=1) as log, started(cmd, env) as proc:
         for line in proc.stdout:
             log.write(line)
             read(line, live=True)
+    if STOP.is_set():
+        raise Stopped(name)
     if proc.returncode != 0:
         sys.exit(f"reproduce_small: {name} failed; see {log_path}")
     return save_dir, run["curve"], run["stats"]
+
+
+# Ctrl-C: the command stops every training it started and starts no other (``stop_everything``).
+STOP = threading.Event()
+RUNNING = set()
+
+
+class Stopped(Exception):
+    """A run ended by ``stop_everything``."""
+
+
+@contextlib.contextmanager
+def started(cmd, env):
+    """``cmd`` running, its output piped, in a session of its own: Ctrl-C reaches this command
+    alone, which stops it (``stop_everything``) without the training's own traceback."""
+    if STOP.is_set():
+        raise Stopped(cmd[-1])
+    with subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, env=env, stderr=subprocess.STDOUT, text=True,
+                          start_new_session=True) as proc:
+        RUNNING.add(proc)
+        try:
+            yield proc
+        finally:
+            RUNNING.discard(proc)
+
+
+def finished(cmd):
+    """What ``cmd`` printed (stdout and stderr), once it has succeeded; ``Stopped`` if it was stopped."""
+    with started(cmd, os.environ) as proc:
+        printed = proc.stdout.read()
+    if STOP.is_set():
+        raise Stopped(cmd[0])
+    if proc.returncode != 0:
+        raise subprocess.CalledProcessError(proc.returncode, cmd, printed)
+    return printed
+
+
+def stop_everything(*_):
+    """The SIGINT handler: no run starts any more, and every running one is terminated."""
+    STOP.set()
+    for proc in list(RUNNING):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
 
 
 def upcycled_start(arm, seed, data, out):
@@ -123,10 +170,8 @@ def upcycled_start(arm, seed, data, out):
                    if override.startswith("model.base_"))
     if arm.experts:
         options["base_experts"] = arm.experts
-    subprocess.run(["fairseq-base-upcycle", arm.start, "--out", path, "--data", data, "--seed", str(seed),
-                    "--criterion", config.criterion,
-                    *(f"--{key.replace('_', '-')}={value}" for key, value in options.items())],
-                   check=True, capture_output=True, text=True)
+    finished(["fairseq-base-upcycle", arm.start, "--out", path, "--data", data, "--seed", str(seed),
+              "--criterion", config.criterion, *(f"--{key.replace('_', '-')}={value}" for key, value in options.items())])
     return path
 
 
@@ -151,11 +196,10 @@ def evaluate(data, save_dir, balanced=False):
     """Test perplexity of the run's last checkpoint; ``balanced``: with BASE's balanced evaluation
     routing (the routing it trains with) instead of the checkpoint's greedy."""
     overrides = ["--model-overrides", "{'base_eval_routing': 'balanced'}"] if balanced else []
-    result = subprocess.run(
-        ["fairseq-eval-lm", data, "--user-dir", os.path.join(REPO, "fairseq_base"), "--path",
-         os.path.join(save_dir, "checkpoint_last.pt"), "--gen-subset", "test", "--tokens-per-sample", "128",
-         "--batch-size", "16", "--cpu", "--num-workers", "0", *overrides], capture_output=True, text=True, check=True)
-    return float(re.search(r"Perplexity: ([0-9.]+)", result.stdout + result.stderr).group(1))
+    printed = finished(["fairseq-eval-lm", data, "--user-dir", os.path.join(REPO, "fairseq_base"), "--path",
+                        os.path.join(save_dir, "checkpoint_last.pt"), "--gen-subset", "test", "--tokens-per-sample",
+                        "128", "--batch-size", "16", "--cpu", "--num-workers", "0", *overrides])
+    return float(re.search(r"Perplexity: ([0-9.]+)", printed).group(1))
 
 
 def expert_load(data, save_dir):
