@@ -11,6 +11,11 @@ ratios measured within one run, so they carry from one machine to another better
 but not perfectly. One line per figure with its verdict; a ratio more than --tolerance worse
 than committed says so plainly. It is a benchmark, not a test: it never fails CI, and its exit
 status is 0 whatever it finds (1 only if the committed figures cannot be read).
+
+On a busy machine it judges nothing: where other processes load the machine when it starts
+(the 1-minute load average above half its cores), or a figure's paired repeats spread by more
+than --tolerance (the interquartile range of the ratios over their median), it says "machine
+busy, not judged" with the load and the spread, instead of "SLOWER" or "faster".
 """
 
 import argparse
@@ -47,7 +52,7 @@ FIGURES = {
 
 
 def alternate(functions, repeats):
-    """Median seconds of each function, called in alternation ``repeats`` times after a warm-up."""
+    """Seconds of each function per repeat, called in alternation ``repeats`` times after a warm-up."""
     for fn in functions.values():
         fn()
     times = {name: [] for name in functions}
@@ -56,16 +61,24 @@ def alternate(functions, repeats):
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def paired_ratio(numerator, denominator):
+    """(the median of the repeats' ratios, their spread: interquartile range over the median)."""
+    ratios = [n / d for n, d in zip(numerator, denominator)]
+    low, middle, high = statistics.quantiles(ratios, n=4)
+    return statistics.median(ratios), (high - low) / statistics.median(ratios)
 
 
 def measure(repeats):
+    """{figure: (ratio, spread)}."""
     ratios = {}
     for tokens, experts in ((2048, 16), (8192, 64)):
         scores = problem(tokens, experts)
         s = alternate({"ours": lambda: balanced_assignment(scores), "libbase": lambda: libbase_assignment(scores)},
                       repeats)
-        ratios[f"solver speed-up over libbase, {tokens} x {experts}"] = s["libbase"] / s["ours"]
+        ratios[f"solver speed-up over libbase, {tokens} x {experts}"] = paired_ratio(s["libbase"], s["ours"])
     torch.manual_seed(0)
     modules = {e: BaseLayer(LAYER["dim"], LAYER["ffn"], e, num_sublayers=LAYER["sublayers"]) for e in (1, 64)}
     modules["dense"] = DenseFeedForward(LAYER["dim"], LAYER["ffn"], LAYER["sublayers"])
@@ -75,8 +88,8 @@ def measure(repeats):
         module.train()
     x = torch.randn(LAYER["tokens"], 1, LAYER["dim"], requires_grad=True)
     s = alternate({name: (lambda m=module: step(m, x)) for name, module in modules.items()}, repeats)
-    ratios["BASE layer E=1 over dense FFN block"] = s[1] / s["dense"]
-    ratios["BASE layer E=64 over E=1"] = s[64] / s[1]
+    ratios["BASE layer E=1 over dense FFN block"] = paired_ratio(s[1], s["dense"])
+    ratios["BASE layer E=64 over E=1"] = paired_ratio(s[64], s[1])
     return ratios
 
 
@@ -87,7 +100,10 @@ def committed_figures(path=PERFORMANCE):
     return {name: float(value) for name, value in rows if name in FIGURES}
 
 
-def verdict(name, measured, committed, tolerance):
+def verdict(name, measured, committed, tolerance, busy=None):
+    """The figure against its committed value; ``busy``: why the machine was too busy to judge."""
+    if busy:
+        return f"machine busy, not judged ({busy}); rerun on a quiet machine"
     larger_is_better = FIGURES[name]
     change = (measured / committed - 1) if larger_is_better else (committed / measured - 1)
     if change < -tolerance:
@@ -110,11 +126,17 @@ def main():
         print(f"bench_guard: error: {PERFORMANCE} has no committed figure for {', '.join(missing)} "
               "(rows | `figure` | 1.23x | in its Speed guard table)", file=sys.stderr)
         return 1
+    load, cores = os.getloadavg()[0], len(os.sched_getaffinity(0))
     print(f"| speed guard: {torch.get_num_threads()} threads, median of {args.repeats}, layer at "
-          f"T={LAYER['tokens']} d={LAYER['dim']} ffn={LAYER['ffn']}, freed memory kept", flush=True)
-    for name, value in measure(args.repeats).items():
-        print(f"{name}: {value:.2f}x (committed {committed[name]:.2f}x): "
-              f"{verdict(name, value, committed[name], args.tolerance)}")
+          f"T={LAYER['tokens']} d={LAYER['dim']} ffn={LAYER['ffn']}, freed memory kept; load {load:.1f} on "
+          f"{cores} cores at the start", flush=True)
+    for name, (value, spread) in measure(args.repeats).items():
+        busy = "; ".join(reason for reason, applies in (
+            (f"load {load:.1f} from other processes on {cores} cores", load > cores / 2),
+            (f"its repeats spread {100 * spread:.0f}%, more than {100 * args.tolerance:.0f}%",
+             spread > args.tolerance)) if applies)
+        print(f"{name}: {value:.2f}x (committed {committed[name]:.2f}x, spread {100 * spread:.0f}%): "
+              f"{verdict(name, value, committed[name], args.tolerance, busy)}")
     return 0
 
 

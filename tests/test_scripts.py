@@ -269,6 +269,10 @@ def test_bench_guard_reads_every_committed_figure_and_says_which_got_slower():
     assert guard["verdict"](speed_up, 9.0, 10.0, 0.15).startswith("as committed")
     assert guard["verdict"](time_ratio, 1.9, 1.5, 0.15).startswith("SLOWER: 21% worse")
     assert guard["verdict"](time_ratio, 1.2, 1.5, 0.15).startswith("faster")
+    busy = guard["verdict"](speed_up, 8.0, 10.0, 0.15, busy="load 3.1 from other processes on 2 cores")
+    assert busy == "machine busy, not judged (load 3.1 from other processes on 2 cores); rerun on a quiet machine"
+    ratio, spread = guard["paired_ratio"]([2.0, 2.0, 2.2, 2.0, 4.0], [1.0, 1.0, 1.0, 1.0, 1.0])
+    assert ratio == 2.0 and spread == pytest.approx(0.55)  # quartiles 2.0 and 3.1 of the paired ratios (exclusive)
 
 
 @pytest.mark.slow
