@@ -470,6 +470,14 @@ def test_bad_router_options_are_refused(data_bin, tmp_path, option, value, match
     assert re.search(f"fairseq_base: error: .*{re.escape(match)}", result.stderr), result.stderr[-2000:]
 
 
+@pytest.mark.slow
+def test_a_refused_start_leaves_no_directory_behind(data_bin, tmp_path):
+    result = run("fairseq-train", str(data_bin / "bin"), "--user-dir", "fairseq_base", *TINY_MODEL, "--cpu",
+                 "--save-dir", str(tmp_path / "new" / "run"), "--base-moe-freq", "-1", "--max-update", "1", check=False)
+    assert result.returncode != 0 and "--base-moe-freq must be >= 0" in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "new").exists()  # fairseq made it, and it stayed empty
+
+
 @pytest.mark.parametrize("router", ["lossfree"] + [pytest.param(record.name, marks=pytest.mark.slow)
                                                   for record in ROUTER_RECORDS
                                                   if record.name not in ("lossfree", "balanced")])

@@ -13,14 +13,16 @@ Replaces:
 - ``fairseq_cli.eval_lm.eval_lm``: for models with experts on W > 1 workers, workers run in
   lockstep, a worker out of batches joining the others' all-to-alls with a dummy batch, the
   files they loaded must belong together, and the perplexity printed is the one of all
-  workers' tokens together; a run that scored 0 tokens stops with one line instead of
-  printing "Perplexity: 1.00".
+  workers' tokens together. For every model, a run that scored 0 tokens stops with one line
+  naming --tokens-per-sample instead of printing "Perplexity: 1.00" (fairseq skips every block
+  longer than the model's positions, and says only "Evaluated 0 tokens").
 Both are module-level functions, so that fairseq's spawn launch (one process per GPU) can
 pickle ``main`` to its children, which import this plugin when they unpickle it.
 Touches: models with experts. For a model without experts, ``main`` only converts a Namespace
 as fairseq's does (the suffix applies to files ``NAME-rank-*.pt``, which only models with
 experts write) and ``eval_lm`` is fairseq's, with each worker's own perplexity and
-``--num-shards``' empty padding batches skipped as fairseq skips them.
+``--num-shards``' empty padding batches skipped as fairseq skips them, except that a perplexity
+over 0 tokens stops with one line.
 """
 
 import logging
@@ -165,9 +167,7 @@ def eval_lm_on_all_workers(models, source_dictionary, batch_iterator, **kwargs):
 
 
 def eval_lm(models, source_dictionary, batch_iterator, **kwargs):
-    if not any(has_experts(model) for model in models):
-        return FAIRSEQ_EVAL_LM(models, source_dictionary, batch_iterator, **kwargs)
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if any(has_experts(model) for model in models) and dist.is_initialized() and dist.get_world_size() > 1:
         return eval_lm_on_all_workers(models, source_dictionary, batch_iterator, **kwargs)
     counts = []
     results = FAIRSEQ_EVAL_LM(models, source_dictionary, counting(batch_iterator, counts), **kwargs)

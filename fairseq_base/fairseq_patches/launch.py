@@ -27,9 +27,11 @@ Replaces:
   too, and nothing of the plugin runs there to give their lock back its finalizer).
 Touches: every model, only where fairseq would fail: torchrun or --distributed-world-size N on
 a machine without CUDA devices, ``--bf16`` without torch_xla. The checks: models with experts.
+Every model: a command that fails removes the empty save directory it made (``no_empty_save_dir_left``).
 Everything else goes to fairseq unchanged.
 """
 
+import contextlib
 import importlib.util
 import logging
 import multiprocessing
@@ -137,16 +139,36 @@ def distributed_main(i, main, cfg, kwargs):  # as fairseq's, in each process its
 
 
 def call_main(cfg, main, **kwargs):
-    bf16_without_tpu(cfg)
-    check_sharding(cfg)
-    distributed = cfg.distributed_training
-    if distributed.distributed_init_method is None:
-        infer_init_method(distributed)
-    check_amp(cfg)
-    if distributed.distributed_init_method is not None and not distributed.distributed_no_spawn \
-            and torch.cuda.device_count() == 0 and distributed.distributed_world_size > 1:
-        return spawn_on_cpu(cfg, main, **kwargs)
-    return FAIRSEQ_CALL_MAIN(cfg, main, **kwargs)
+    with no_empty_save_dir_left(cfg):
+        bf16_without_tpu(cfg)
+        check_sharding(cfg)
+        distributed = cfg.distributed_training
+        if distributed.distributed_init_method is None:
+            infer_init_method(distributed)
+        check_amp(cfg)
+        if distributed.distributed_init_method is not None and not distributed.distributed_no_spawn \
+                and torch.cuda.device_count() == 0 and distributed.distributed_world_size > 1:
+            return spawn_on_cpu(cfg, main, **kwargs)
+        return FAIRSEQ_CALL_MAIN(cfg, main, **kwargs)
+
+
+@contextlib.contextmanager
+def no_empty_save_dir_left(cfg):
+    """A command that fails removes the save directory it made (fairseq makes it before anything
+    can refuse the run) while it is still empty, with the folders it made above it."""
+    save_dir = os.path.abspath(cfg.checkpoint.save_dir) if cfg.get("checkpoint") and cfg.checkpoint.save_dir else None
+    made = []  # the folders this command would make, deepest first
+    folder = save_dir
+    while folder and not os.path.exists(folder):
+        made.append(folder)
+        folder = os.path.dirname(folder)
+    try:
+        yield
+    except BaseException:
+        for folder in made:
+            with contextlib.suppress(OSError):  # not empty, or already gone: kept as it is
+                os.rmdir(folder)
+        raise
 
 
 def install() -> None:
