@@ -189,6 +189,16 @@ def test_one_workers_bad_prompt_stops_every_worker_with_its_line_and_bad_layouts
     loaded = run_workers(_load_on_workers, 3, str(tmp_path), data, timeout=300)
     assert all("a checkpoint of 2 files (one per expert-parallel rank), which 3 workers cannot share" in line
                for line in loaded), loaded
+    # A router option that the checkpoint lacks, on 2 workers (torchrun) and in one process.
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                console_script("fairseq-interactive"), "--distributed-backend", "gloo"]
+    for launch, path in ((torchrun, tmp_path / "model.pt"), ([os.path.join(BIN, "fairseq-interactive")], checkpoint)):
+        for override, says in (("{'base_router': 'lossfree'}", "holds the parameters of base_router='balanced'"),
+                               ("{'base_routr': 'hash'}", "base_routr: no option of transformer_lm_base")):
+            result = run(*launch, data, "--task", "language_modeling", "--user-dir", "fairseq_base", "--cpu",
+                         "--path", path, "--model-overrides", override, input=PROMPTS[0] + "\n", check=False)
+            errors = {line.split("]: ")[-1] for line in result.stderr.splitlines() if "fairseq_base: error:" in line}
+            assert result.returncode != 0 and len(errors) == 1 and says in errors.pop(), result.stderr[-2000:]
     torch.save(torch.load(checkpoint, weights_only=False), tmp_path / "model.pt")  # both kinds under one name
     loaded = run_workers(_load_on_workers, 2, str(tmp_path), data, timeout=300)
     assert all("both exist" in line for line in loaded), loaded

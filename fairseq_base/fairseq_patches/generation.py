@@ -1,19 +1,21 @@
 """fairseq-interactive and fairseq-generate on W workers, each holding only its experts.
 
-Replaces:
-- ``fairseq_cli.interactive.main`` and ``fairseq_cli.generate.main`` (the Python entry points
-  too, which also take an argparse Namespace): with a model with experts on W > 1 workers
-  (fairseq-generate, which fairseq runs in one process each, first goes through fairseq's
-  launcher, ``call_main``, as fairseq-interactive already does: torchrun, or
-  ``--distributed-world-size N``),
-  worker r loads its own file of ``--path NAME.pt`` saved as NAME-rank-*.pt, as fairseq-eval-lm
-  does (``eval_lm.rank_suffix_for_eval``; each worker reads its file before the first
-  collective). Worker 0 runs fairseq's command as one process would: it alone reads the prompts
-  (stdin or ``--input``; fairseq-generate's whole split) and prints, in input order; the other
-  workers serve its forwards with their experts (``lockstep.py``). An exception on one worker
-  stops every worker with its line.
+Replaces ``fairseq_cli.interactive.main`` and ``fairseq_cli.generate.main`` (the Python entry
+points too, which also take an argparse Namespace):
+- with a model with experts on W > 1 workers (torchrun, or ``--distributed-world-size N``;
+  fairseq-generate, which fairseq runs in each process alone, first goes through fairseq's
+  launcher, ``call_main``, as fairseq-interactive already does), worker r loads its own file of
+  ``--path NAME.pt`` saved as NAME-rank-*.pt, as fairseq-eval-lm does
+  (``eval_lm.rank_suffix_for_eval``; each worker reads its file before the first collective).
+  Worker 0 runs fairseq's command as one process would: it alone reads the prompts (stdin or
+  ``--input``; fairseq-generate's whole split) and prints, in input order; the other workers
+  serve its forwards with their experts (``lockstep.py``). An exception on one worker stops
+  every worker with its line;
+- with a model with experts on any number of workers, a ``--model-overrides`` that names no
+  option of the model, or asks for a router (or expert layers) other than the checkpoint holds,
+  is one line (fairseq would fail in loading, with a traceback).
 Both are module-level functions, so that fairseq's spawn launch can pickle ``main``.
-Touches: models with experts on W > 1 workers; every other run is fairseq's, unchanged.
+Touches: models with experts; every other run is fairseq's, unchanged.
 """
 
 import ast
@@ -51,6 +53,27 @@ def asks_for_experts_on_workers(cfg) -> bool:
     workers = max(cfg.distributed_training.distributed_world_size, int(os.environ.get("WORLD_SIZE", "1")))
     paths = cfg.common_eval.path.split(os.pathsep) if cfg.common_eval.path else []
     return workers > 1 and any(is_expert_model(saved_model_config(path)) for path in paths)
+
+
+# The options that decide which parameters a model has: its checkpoint holds the ones it was built with.
+BUILT_WITH = ("base_router", "base_experts", "base_layers", "base_moe_freq", "base_sublayers", "base_hash",
+              "base_positions")
+
+
+def check_overrides(cfg, saved) -> None:
+    """One line for a --model-overrides that names no option of the model, or asks a checkpoint
+    with experts for a router (or expert layers) other than those it holds."""
+    overrides = ast.literal_eval(cfg.common_eval.model_overrides)
+    for key, value in overrides.items():
+        if key.startswith("base_") and not hasattr(saved, key):
+            raise checkpoints.CheckpointError(
+                f"--model-overrides {key}: no option of transformer_lm_base by that name "
+                f"(python -m fairseq_base.options lists them)")
+        if key in BUILT_WITH and value != getattr(saved, key):
+            raise checkpoints.CheckpointError(
+                f"--model-overrides {key}={value!r}: the checkpoint holds the parameters of {key}="
+                f"{getattr(saved, key)!r} and has none for {value!r}; drop the override (a router or expert layers "
+                f"of another kind need a model trained, or upcycled, with them)")
 
 
 def served_models(cfg):
@@ -102,17 +125,33 @@ def on_workers(fairseq_main, cfg, **kwargs):
         return fairseq_main(cfg, **kwargs)
 
 
+def checked(cfg):
+    """``cfg`` as a config, its --model-overrides checked where its checkpoint has experts."""
+    cfg = as_config(cfg)
+    for path in cfg.common_eval.path.split(os.pathsep) if cfg.common_eval.path else []:
+        saved = saved_model_config(path)
+        if is_expert_model(saved):
+            check_overrides(cfg, saved)
+    return cfg
+
+
 def interactive_main(cfg, **kwargs):
-    if isinstance(cfg, (Namespace, DictConfig)) and asks_for_experts_on_workers(as_config(cfg)):
+    if not isinstance(cfg, (Namespace, DictConfig)):
+        return FAIRSEQ_INTERACTIVE_MAIN(cfg, **kwargs)
+    cfg = checked(cfg)
+    if asks_for_experts_on_workers(cfg):
         return on_workers(FAIRSEQ_INTERACTIVE_MAIN, cfg, **kwargs)
     return FAIRSEQ_INTERACTIVE_MAIN(cfg, **kwargs)
 
 
 def generate_main(cfg, **kwargs):
-    if not (isinstance(cfg, (Namespace, DictConfig)) and asks_for_experts_on_workers(as_config(cfg))):
+    if not isinstance(cfg, (Namespace, DictConfig)):
+        return FAIRSEQ_GENERATE_MAIN(cfg, **kwargs)
+    cfg = checked(cfg)
+    if not asks_for_experts_on_workers(cfg):
         return FAIRSEQ_GENERATE_MAIN(cfg, **kwargs)
     if not dist.is_initialized():  # fairseq-generate runs each process alone: launch the workers
-        return distributed_utils.call_main(as_config(cfg), generate_main, **kwargs)
+        return distributed_utils.call_main(cfg, generate_main, **kwargs)
     return on_workers(FAIRSEQ_GENERATE_MAIN, cfg, **kwargs)
 
 
