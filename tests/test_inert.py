@@ -96,6 +96,15 @@ def test_a_replacement_calls_fairseqs_function_unchanged_for_what_is_not_ours(mo
     assert fairseq_function.call_args_list == [call(*args)]
 
 
+def test_a_dense_models_perplexity_over_no_tokens_is_one_line(monkeypatch, dense_objects):
+    """fairseq-eval-lm of a dense model that skipped every block (fairseq returns a loss of 0 for
+    no tokens, and prints "Perplexity: 1.00"): one line naming --tokens-per-sample, as for BASE."""
+    from fairseq_base.errors import BaseLayerConfigError
+    monkeypatch.setattr(eval_lm, "FAIRSEQ_EVAL_LM", MagicMock(return_value={"loss": 0, "perplexity": 1.0}))
+    with pytest.raises(BaseLayerConfigError, match="scored 0 tokens .* pass --tokens-per-sample"):
+        eval_lm.eval_lm([dense_objects.model], dense_objects.dictionary, iter([]))
+
+
 @pytest.mark.parametrize("objects", ["MagicMock", "dense transformer_lm"])
 def test_which_files_a_worker_saves_is_fairseqs_for_what_is_not_ours(monkeypatch, dense_objects, objects):
     """``Trainer.should_save_checkpoint_on_current_rank`` is a property: fairseq's getter, unchanged."""

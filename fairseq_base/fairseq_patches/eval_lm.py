@@ -22,7 +22,7 @@ Touches: models with experts. For a model without experts, ``main`` only convert
 as fairseq's does (the suffix applies to files ``NAME-rank-*.pt``, which only models with
 experts write) and ``eval_lm`` is fairseq's, with each worker's own perplexity and
 ``--num-shards``' empty padding batches skipped as fairseq skips them, except that a perplexity
-over 0 tokens stops with one line.
+over 0 tokens (fairseq's loss of 0, which it returns for no tokens) stops with one line.
 """
 
 import logging
@@ -167,7 +167,12 @@ def eval_lm_on_all_workers(models, source_dictionary, batch_iterator, **kwargs):
 
 
 def eval_lm(models, source_dictionary, batch_iterator, **kwargs):
-    if any(has_experts(model) for model in models) and dist.is_initialized() and dist.get_world_size() > 1:
+    if not any(has_experts(model) for model in models):
+        results = FAIRSEQ_EVAL_LM(models, source_dictionary, batch_iterator, **kwargs)
+        if isinstance(results, dict) and results.get("loss") == 0:  # fairseq's loss over no tokens (count 0)
+            refuse_zero_tokens(0)
+        return results
+    if dist.is_initialized() and dist.get_world_size() > 1:
         return eval_lm_on_all_workers(models, source_dictionary, batch_iterator, **kwargs)
     counts = []
     results = FAIRSEQ_EVAL_LM(models, source_dictionary, counting(batch_iterator, counts), **kwargs)
