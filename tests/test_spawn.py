@@ -46,6 +46,20 @@ def test_spawned_workers_train_resume_and_score_as_one_process(data_bin, tmp_pat
 
 
 @pytest.mark.slow
+def test_a_workers_one_line_error_ends_the_output(data_bin, tmp_path):
+    """Raised in the spawned workers (not before launch): torch hands the parent their
+    tracebacks, and the parent prints the line instead, last, with the exit code kept."""
+    result = run(os.path.join(BIN, "fairseq-train"), str(data_bin / "bin"), "--user-dir", "fairseq_base",
+                 *TINY_MODEL, "--base-experts", "3", *SPAWN, "--save-dir", str(tmp_path / "run"),
+                 "--max-update", "1", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.rstrip("\n").splitlines()[-1] == (
+        "fairseq_base: error: --base-experts 3 cannot be split over the 2 workers of an expert-parallel group; use a "
+        "multiple of 2 (or 0 for one expert per worker), or a --base-expert-parallel-size that divides 3")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
 def test_amp_with_experts_on_several_workers_is_one_line(data_bin, tmp_path):
     """torch's GradScaler skips a step from each worker's own overflow check: refused before launch."""
     result = run(os.path.join(BIN, "fairseq-train"), str(data_bin / "bin"), "--user-dir", "fairseq_base",

@@ -27,7 +27,8 @@ Replaces:
   too, and nothing of the plugin runs there to give their lock back its finalizer).
 Touches: every model, only where fairseq would fail: torchrun or --distributed-world-size N on
 a machine without CUDA devices, ``--bf16`` without torch_xla. The checks: models with experts.
-Every model: a command that fails removes the empty save directory it made (``no_empty_save_dir_left``).
+Every model: a command that fails removes the empty save directory it made (``no_empty_save_dir_left``);
+under the spawn launch a worker's one-line error ends the output (``worker_errors_raised_here``).
 Everything else goes to fairseq unchanged.
 """
 
@@ -44,7 +45,7 @@ import torch
 from fairseq.distributed import utils as distributed_utils
 from omegaconf import DictConfig
 
-from fairseq_base.errors import BaseLayerConfigError
+from fairseq_base.errors import BaseLayerConfigError, raised_by_a_worker
 from fairseq_base.fairseq_patches.ddp import check_sharding
 from fairseq_base.fairseq_patches.which_models import has_expert_options
 
@@ -139,7 +140,7 @@ def distributed_main(i, main, cfg, kwargs):  # as fairseq's, in each process its
 
 
 def call_main(cfg, main, **kwargs):
-    with no_empty_save_dir_left(cfg):
+    with no_empty_save_dir_left(cfg), worker_errors_raised_here():
         bf16_without_tpu(cfg)
         check_sharding(cfg)
         distributed = cfg.distributed_training
@@ -150,6 +151,20 @@ def call_main(cfg, main, **kwargs):
                 and torch.cuda.device_count() == 0 and distributed.distributed_world_size > 1:
             return spawn_on_cpu(cfg, main, **kwargs)
         return FAIRSEQ_CALL_MAIN(cfg, main, **kwargs)
+
+
+@contextlib.contextmanager
+def worker_errors_raised_here():
+    """fairseq's spawn launch (on CPU and GPU): a worker's one-line error is raised again in the
+    parent, whose excepthook prints the line, rather than torch's ProcessRaisedException with the
+    worker's traceback after it."""
+    try:
+        yield
+    except torch.multiprocessing.ProcessRaisedException as failure:
+        error = raised_by_a_worker(str(failure))
+        if error is None:
+            raise
+        raise error from None
 
 
 @contextlib.contextmanager
