@@ -72,6 +72,16 @@ def read_checkpoint(path: str, mmap: bool = False) -> dict:
     return state
 
 
+def saved_config(path: str) -> Optional[dict]:
+    """The config a checkpoint was saved with, its tensors left on disk (mmap); None for a
+    missing or unreadable file, which fairseq's own loading then reports."""
+    try:
+        cfg = torch.load(path, map_location="cpu", mmap=True, weights_only=True)["cfg"]
+    except Exception:
+        return None
+    return cfg if isinstance(cfg, dict) else None
+
+
 def rank_files(path: str) -> List[str]:
     """The ``-rank-*`` files that fairseq's suffix rule finds for ``path`` on several workers."""
     stem = path[: -len(".pt")] if path.endswith(".pt") else path

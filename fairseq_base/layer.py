@@ -128,11 +128,6 @@ class BaseLayer(nn.Module):
         # the order they had before the router had it (the old layout's converters rely on that).
         self.score_norm = score_norm if self.record.reads_scores else None
 
-    # The statistics' state where fairseq's trainer (``routing_churn``) and the tests reach it.
-    step_counts = property(lambda self: self.stats.step_counts)
-    probe_next_batch = property(lambda self: self.stats.probe_next_batch,
-                                lambda self, value: setattr(self.stats, "probe_next_batch", value))
-
     def forward(self, x: Tensor, *args, **kwargs):
         tokens = x.reshape(-1, x.size(-1))
         # Padding takes no expert: only the real rows are routed and mixed, padding rows pass as
@@ -251,11 +246,11 @@ def reduce_routing_stats(model: nn.Module) -> None:
     layers = [layer for layer in model.modules() if isinstance(layer, BaseLayer)]
     if not layers:
         return
-    counts = torch.cat([layer.step_counts for layer in layers])
+    counts = torch.cat([layer.stats.step_counts for layer in layers])
     world = layers[0].layout  # every layer's layout spans the same workers (``groups.expert_layout``)
     if world.world_size > 1:
         dist.all_reduce(counts, group=world.world_group)
-    for layer, summed in zip(layers, counts.split([layer.step_counts.numel() for layer in layers])):
+    for layer, summed in zip(layers, counts.split([layer.stats.step_counts.numel() for layer in layers])):
         layer.stats.step_counts.zero_()
         layer.stats.log(summed)
         if layer.record.has_bias:

@@ -18,7 +18,7 @@ import argparse
 import os
 import sys
 import tempfile
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -83,9 +83,10 @@ def check_dictionary(dense: Dict[str, Tensor], model: nn.Module, data: str) -> N
 
 
 def upcycle(path: str, out: str, options: dict, data: Optional[str] = None, world_size: int = 1,
-            seed: Optional[int] = None, criterion: Optional[str] = None) -> List[str]:
+            seed: Optional[int] = None, criterion: Optional[str] = None) -> Tuple[List[str], int]:
     """Write the upcycled checkpoint of the dense ``path`` to ``out`` (``out``-rank-R.pt for
-    ``world_size`` > 1, as training on that many workers writes it); the paths written. The new
+    ``world_size`` > 1, as training on that many workers writes it); the paths written, and the
+    dense run's updates that the files go on from (0: a start for a new run only). The new
     layers' initial weights are those fairseq-train builds with ``seed`` (default: the dense
     run's), so that this and ``--finetune-from-model DENSE.pt`` start from the same model.
     ``criterion``: the one the upcycled model will train with (default: the dense run's), which
@@ -111,14 +112,16 @@ def upcycle(path: str, out: str, options: dict, data: Optional[str] = None, worl
     if criterion:
         written["optimizer_history"][-1] = dict(written["optimizer_history"][-1],
                                                 criterion_name=criterion_class_name(criterion))
-    stamp(written, new_run_id(), num_updates(written))
+    updates = num_updates(written)
+    stamp(written, new_run_id(), updates)
     if world_size == 1:
         write_all_or_nothing([written], [out])
-        return [out]
+        return [out], updates
     with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(out))) as tmp:
         one = os.path.join(tmp, "one.pt")
         torch.save(written, one)
-        return reshard(one, world_size, out, options.get("base_expert_parallel_size", 0), report=lambda line: None)
+        paths = reshard(one, world_size, out, options.get("base_expert_parallel_size", 0), report=lambda line: None)
+        return paths, updates
 
 
 def dense_run_place(state: dict, model_state: dict, origins) -> Optional[dict]:
@@ -174,12 +177,12 @@ def cli_main(argv=None) -> None:
     try:
         if args.world_size < 1:
             raise UpcycleError(f"--world-size must be >= 1, got {args.world_size}")
-        written = upcycle(args.checkpoint, args.out, options, args.data, args.world_size, args.seed, args.criterion)
+        written, updates = upcycle(args.checkpoint, args.out, options, args.data, args.world_size, args.seed,
+                                   args.criterion)
     except BaseLayerConfigError as err:  # UpcycleError, and the checkpoint errors of checkpoints.py
         sys.exit(f"fairseq-base-upcycle: error: {err}")
     for path in written:
         print(f"| wrote {path}")
-    updates = num_updates(read_checkpoint(written[0]))
     goes_on = (f"--continue-once {args.out} to go on with the dense run at update {updates} (its data order, "
                f"schedule and optimizer state), or " if updates > 0 else "")
     print(f"| score it with fairseq-eval-lm DATA --user-dir fairseq_base --path {args.out}; train from it with "

@@ -179,6 +179,12 @@ def error_messages(stderr):
             for message in re.findall(r"fairseq_base: error:(.*?)(?=fairseq_base: error:|\n|$)", stderr)}
 
 
+def workers_stderr(stderr):
+    """``stderr`` without the summary of failed workers that torchrun's agent prints after them
+    (which gives each worker's one-line error again, from its error file)."""
+    return stderr.split("torch.distributed.elastic.multiprocessing.errors.ChildFailedError")[0]
+
+
 def losses(result):
     """{update: training loss} from a run's train_inner lines."""
     found = re.findall(r"\| train_inner \| .*?loss=([0-9.]+).*?num_updates=(\d+)", result.stdout + result.stderr)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fairseq_runs import (BIN, EVAL, TWO_WORKER_RUN, error_messages, losses, run, run_two_at_a_time, torchrun_command,
-                          torchrun_train)
+                          torchrun_train, workers_stderr)
 
 COMMON = [*TWO_WORKER_RUN, "--ddp-backend", "legacy_ddp"]  # run A is the shared run (conftest's two_worker_runs)
 MISMATCH = "fairseq_base: error: the workers loaded checkpoint files that do not belong together"
@@ -117,5 +117,5 @@ def test_eval_lm_with_one_workers_file_damaged_stops_every_worker_with_one_line(
     assert result.returncode != 0
     assert error_messages(result.stderr) == {f"fairseq_base: error: {tmp_path / 'model-rank-1.pt'} is empty (0 bytes): "
                                              f"an interrupted copy or save; restore it from its source"}
-    assert result.stderr.count("fairseq_base: error:") == 2, result.stderr[-3000:]  # from both workers
+    assert workers_stderr(result.stderr).count("fairseq_base: error:") == 2, result.stderr[-3000:]  # both workers
     assert "Connection closed" not in result.stderr and "Perplexity" not in result.stdout + result.stderr

@@ -142,11 +142,11 @@ def _logged_stats(layer, x):
 
 def _churn(layer, x, centroids):
     """The churn a layer logs when its centroids become ``centroids`` between two validations."""
-    layer.probe_next_batch = True
+    layer.stats.probe_next_batch = True
     layer(x)
     with torch.no_grad():
         layer.centroids.copy_(centroids)
-    layer.probe_next_batch = True
+    layer.stats.probe_next_batch = True
     return _logged_stats(layer, x)["base1_churn"]
 
 
@@ -324,7 +324,7 @@ def _step_collectives_worker(rank, world_size, micro_batches):
                 x = layer(x)[0]
             x.sum().backward()
         in_forwards = len(calls)
-        mine = [layer.step_counts.clone() for layer in layers]
+        mine = [layer.stats.step_counts.clone() for layer in layers]
         reduce_routing_stats(layers)
     return in_forwards, len(calls) - in_forwards, agg.get_smoothed_values(), mine
 

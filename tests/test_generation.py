@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from fairseq_runs import BIN, console_script, run
+from fairseq_runs import BIN, console_script, error_messages, run
 
 from fairseq_base.models.transformer_lm_base import TransformerLanguageModelBase
 from fairseq_base.router import ROUTER_RECORDS
@@ -206,7 +206,7 @@ def test_one_workers_bad_prompt_stops_every_worker_with_its_line_and_bad_layouts
                                ("{'base_routr': 'hash'}", "base_routr: no option of transformer_lm_base")):
             result = run(*launch, data, "--task", "language_modeling", "--user-dir", "fairseq_base", "--cpu",
                          "--path", path, "--model-overrides", override, input=PROMPTS[0] + "\n", check=False)
-            errors = {line.split("]: ")[-1] for line in result.stderr.splitlines() if "fairseq_base: error:" in line}
+            errors = error_messages(result.stderr)
             assert result.returncode != 0 and len(errors) == 1 and says in errors.pop(), result.stderr[-2000:]
     torch.save(torch.load(checkpoint, weights_only=False), tmp_path / "model.pt")  # both kinds under one name
     loaded = run_workers(_load_on_workers, 2, str(tmp_path), data, timeout=300)

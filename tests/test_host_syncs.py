@@ -18,6 +18,7 @@ from fairseq_base import assignment
 from fairseq_base.assignment import sinkhorn_assignment
 from fairseq_base.groups import expert_layout
 from fairseq_base.layer import BaseLayer, reduce_routing_stats
+from fairseq_base.models.transformer_lm_base import real_rows
 
 LIMITS = {"balanced": 1, "switch": 2, "top2": 2, "hash": 2}
 DIM, TOKENS, BATCH, VOCAB = 16, 24, 4, 50
@@ -91,3 +92,13 @@ def test_sinkhorn_reads_its_error_every_tenth_iteration():
     with HostSyncs() as syncs:
         sinkhorn_assignment(scores, tolerance=1e-12, max_iterations=100)
     assert syncs.count == 10, syncs.where
+
+
+def test_the_rows_that_are_no_padding_cost_one_read_whether_the_batch_pads_or_not():
+    pad = 1
+    for tokens, expected in ((torch.tensor([[4, 5], [6, 7]]), None),
+                             (torch.tensor([[4, 5], [6, pad]]), [0, 1, 2])):  # time-major rows: (t, b)
+        with HostSyncs() as syncs:
+            real = real_rows(tokens, pad)
+        assert len(syncs.where) == 1, syncs.where
+        assert (real is None) if expected is None else real.tolist() == expected

@@ -169,7 +169,7 @@ def test_lossfree_bias_on_the_sigmoid_balances_scores_of_trained_scale_sooner():
 def test_lossfree_bias_is_float32_and_saved_in_any_precision():
     layer = BaseLayer(8, 16, num_experts=4, router="lossfree").to(torch.bfloat16)
     assert layer.centroids.dtype == torch.bfloat16
-    assert layer.expert_bias.dtype == layer.step_counts.dtype == torch.float32
+    assert layer.expert_bias.dtype == layer.stats.step_counts.dtype == torch.float32
     layer.expert_bias.fill_(1.0)
     update_expert_bias(layer.expert_bias, torch.tensor([0.0, 1, 1, 1]), rate=1e-3)
     assert layer.expert_bias[0].item() == pytest.approx(1.001)  # lost in bf16, whose step at 1 is 2^-7
@@ -582,7 +582,7 @@ def test_padding_takes_no_expert_and_the_real_tokens_route_as_without_it(data_bi
 
     def keep(layer, inputs, output):
         x = inputs[0]
-        seen[layer.name] = (x.detach().clone(), output[0].detach().clone(), layer.step_counts.clone())
+        seen[layer.name] = (x.detach().clone(), output[0].detach().clone(), layer.stats.step_counts.clone())
 
     for layer in model.modules():
         if isinstance(layer, BaseLayer):
@@ -604,7 +604,7 @@ def test_padding_takes_no_expert_and_the_real_tokens_route_as_without_it(data_bi
             alone_out = layer(alone_in)[0]
         assert torch.allclose(alone_out[:, 0], flat_out[rows], atol=1e-5), name
         if training:
-            assert torch.equal(layer.step_counts, counts)  # what the step's statistics hold
+            assert torch.equal(layer.stats.step_counts, counts)  # what the step's statistics hold
             assert counts[-1] == real.sum() and counts[:4].sum() == real.sum() * ROUTER[router].choices
 
 

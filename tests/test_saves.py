@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from fairseq_runs import (BIN, TINY_MODEL, TWO_WORKER_RUN, error_messages, losses, run, run_two_at_a_time,
-                          torchrun_command)
+                          torchrun_command, workers_stderr)
 
 from fairseq_base.fairseq_patches import saves
 
@@ -54,7 +54,7 @@ def one_error(result, fragment, workers=2):
     """The one line that every worker stopped with; none of them lost the others or waited for them."""
     errors = error_messages(result.stderr)
     assert len(errors) == 1 and fragment in next(iter(errors)), result.stderr[-3000:]
-    assert result.stderr.count("fairseq_base: error:") == workers, result.stderr[-3000:]
+    assert workers_stderr(result.stderr).count("fairseq_base: error:") == workers, result.stderr[-3000:]
     for other in ("Connection closed", "DDP expects same model", "Timed out"):
         assert other not in result.stderr, result.stderr[-3000:]
     return next(iter(errors))

@@ -77,13 +77,12 @@ def tokens_per_sample_from_checkpoint(cfg) -> None:
     path = cfg.common_eval.path.split(os.pathsep)[0]
     if cfg.checkpoint.checkpoint_suffix:
         path = path[: -len(".pt")] + cfg.checkpoint.checkpoint_suffix + ".pt"
-    try:  # only the config is read: mmap leaves the tensors on disk
-        saved = torch.load(path, map_location="cpu", mmap=True, weights_only=True)["cfg"]
-    except Exception:
-        return  # a missing or unreadable file: fairseq's own loading reports it
-    if saved["model"].get("_name") == "transformer_lm_base" and "tokens_per_sample" in saved["task"]:
-        if cfg.task.tokens_per_sample != saved["task"]["tokens_per_sample"]:
-            cfg.task.tokens_per_sample = saved["task"]["tokens_per_sample"]
+    saved = checkpoints.saved_config(path) or {}
+    model, task = saved.get("model"), saved.get("task")
+    if isinstance(model, dict) and isinstance(task, dict) and model.get("_name") == "transformer_lm_base" \
+            and "tokens_per_sample" in task:
+        if cfg.task.tokens_per_sample != task["tokens_per_sample"]:
+            cfg.task.tokens_per_sample = task["tokens_per_sample"]
             logger.info(f"fairseq_base: --tokens-per-sample {cfg.task.tokens_per_sample}, as the checkpoint was "
                         f"trained (pass --tokens-per-sample to choose)")
 

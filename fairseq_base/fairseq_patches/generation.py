@@ -39,20 +39,20 @@ FAIRSEQ_INTERACTIVE_MAIN = interactive.main
 FAIRSEQ_GENERATE_MAIN = generate.main
 
 
-def saved_model_config(path: str):
-    """The model config of the checkpoint ``path`` (or of NAME-rank-0.pt for NAME.pt), None if unreadable."""
-    found = path if os.path.exists(path) else next(iter(checkpoints.rank_files(path)), None)
-    try:  # only the config is read: mmap leaves the tensors on disk
-        return Namespace(**torch.load(found, map_location="cpu", mmap=True, weights_only=True)["cfg"]["model"])
-    except Exception:
-        return None  # fairseq's own loading reports it
+def saved_models(cfg) -> list:
+    """The model config of each --path checkpoint (of NAME-rank-0.pt for NAME.pt), None where unreadable."""
+    models = []
+    for path in cfg.common_eval.path.split(os.pathsep) if cfg.common_eval.path else []:
+        found = path if os.path.exists(path) else next(iter(checkpoints.rank_files(path)), None)
+        model = (checkpoints.saved_config(found) or {}).get("model") if found else None
+        models.append(Namespace(**model) if isinstance(model, dict) else None)
+    return models
 
 
-def asks_for_experts_on_workers(cfg) -> bool:
+def experts_on_workers(cfg, models) -> bool:
     """Several workers (torchrun's, or fairseq's launch of N) and a checkpoint with experts."""
     workers = max(cfg.distributed_training.distributed_world_size, int(os.environ.get("WORLD_SIZE", "1")))
-    paths = cfg.common_eval.path.split(os.pathsep) if cfg.common_eval.path else []
-    return workers > 1 and any(is_expert_model(saved_model_config(path)) for path in paths)
+    return workers > 1 and any(is_expert_model(model) for model in models)
 
 
 # The options that decide which parameters a model has: its checkpoint holds the ones it was built with.
@@ -126,20 +126,21 @@ def on_workers(fairseq_main, cfg, **kwargs):
 
 
 def checked(cfg):
-    """``cfg`` as a config, its --model-overrides checked where its checkpoint has experts."""
+    """``cfg`` as a config, its --model-overrides checked where its checkpoint has experts, and
+    whether it asks for experts on several workers."""
     cfg = as_config(cfg)
-    for path in cfg.common_eval.path.split(os.pathsep) if cfg.common_eval.path else []:
-        saved = saved_model_config(path)
-        if is_expert_model(saved):
-            check_overrides(cfg, saved)
-    return cfg
+    models = saved_models(cfg)
+    for model in models:
+        if is_expert_model(model):
+            check_overrides(cfg, model)
+    return cfg, experts_on_workers(cfg, models)
 
 
 def interactive_main(cfg, **kwargs):
     if not isinstance(cfg, (Namespace, DictConfig)):
         return FAIRSEQ_INTERACTIVE_MAIN(cfg, **kwargs)
-    cfg = checked(cfg)
-    if asks_for_experts_on_workers(cfg):
+    cfg, on_several = checked(cfg)
+    if on_several:
         return on_workers(FAIRSEQ_INTERACTIVE_MAIN, cfg, **kwargs)
     return FAIRSEQ_INTERACTIVE_MAIN(cfg, **kwargs)
 
@@ -147,8 +148,8 @@ def interactive_main(cfg, **kwargs):
 def generate_main(cfg, **kwargs):
     if not isinstance(cfg, (Namespace, DictConfig)):
         return FAIRSEQ_GENERATE_MAIN(cfg, **kwargs)
-    cfg = checked(cfg)
-    if not asks_for_experts_on_workers(cfg):
+    cfg, on_several = checked(cfg)
+    if not on_several:
         return FAIRSEQ_GENERATE_MAIN(cfg, **kwargs)
     if not dist.is_initialized():  # fairseq-generate runs each process alone: launch the workers
         return distributed_utils.call_main(cfg, generate_main, **kwargs)

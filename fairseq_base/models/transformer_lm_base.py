@@ -242,12 +242,10 @@ class TransformerLanguageModelBase(TransformerLanguageModel):
 
 def real_rows(tokens: Tensor, pad: int) -> Optional[Tensor]:
     """The rows of the decoder's time-major hidden states [T * B, d] whose token ``tokens`` [B, T]
-    is no padding; None where none is. Reads the device once, as fairseq's decoder does for its
-    attention's padding mask (and once more where the batch pads)."""
-    padding = tokens.eq(pad)
-    if not padding.any():
-        return None
-    return (~padding).t().reshape(-1).nonzero().squeeze(1)
+    is no padding; None where none is. Reads the device once (the rows' count), as fairseq's
+    decoder does for its attention's padding mask."""
+    real = tokens.ne(pad).t().reshape(-1).nonzero().squeeze(1)
+    return None if real.numel() == tokens.numel() else real
 
 
 class TransformerDecoderWithExperts(TransformerDecoder):
