@@ -16,11 +16,13 @@ and lossfree (DeepSeek-V3's bias), plus dense. It answers "which router". Its ab
 ("BASE (gate 1)", "Switch (gate 1)", "MoE top-2 (gate 1)": --base-gate one) weigh every token's
 update 1 whatever the router, so that the routers differ in their choices alone.
 ``--comparison upcycling``: from one dense start (small_dense, seed 1, --start-updates 400: the
-quick run's dense model), --updates 400 more as dense, as upcycled with one BASE layer
-(small_base) and as upcycled with expert FFNs (small_routers, BASE's router), each through
-fairseq's --finetune-from-model (fairseq_base upcycles the dense state dict; optimizer and
-learning-rate schedule start again), against BASE (small_base) trained from scratch for the
-whole length. It answers "is upcycling my dense model worth it".
+quick run's dense model), --updates 400 more as dense, as upcycled with expert FFNs (the main
+arm: small_routers, BASE's router, each expert a copy of the FFN it replaces) and as upcycled
+with one BASE layer (small_base, a new layer that starts as the identity), against BASE
+(small_base) trained from scratch for the whole length. The upcycled models are written by
+fairseq-base-upcycle (their new weights drawn with the seed) and go on with --continue-once from
+the dense run's place: its data order, learning-rate schedule and Adam state, nothing started
+again. It answers "is upcycling my dense model worth it".
 
 Each model trains from its configs/small_*.yaml on the Brown corpus for the same wall-clock
 budget on this machine (the paper compares at equal GPUs and time), once per seed,
