@@ -203,6 +203,14 @@ def test_reproduce_small_compares_seed_by_seed_with_a_95_percent_interval():
     assert versus(reference, reference) == "reference"
 
 
+def test_every_command_of_a_comparison_imports_this_checkouts_plugin(monkeypatch):
+    """Whichever fairseq_base pip installed: the commit a result records is the code that made it."""
+    from reproduce.training import started
+    monkeypatch.setenv("PYTHONPATH", "elsewhere")
+    with started([sys.executable, "-c", "import os; print(os.environ['PYTHONPATH'])"], dict(os.environ)) as proc:
+        assert proc.stdout.read().strip() == os.pathsep.join([REPO, "elsewhere"])
+
+
 def test_the_t_quantiles_are_students():
     from scipy import stats as scipy_stats
 

@@ -127,6 +127,9 @@ def started(cmd, env):
     alone, which stops it (``stop_everything``) without the training's own traceback."""
     if STOP.is_set():
         raise Stopped(cmd[-1])
+    # This checkout's fairseq_base in every command (fairseq-base-upcycle's too), whichever one pip
+    # installed: the commit each result records is the code that made it.
+    env = dict(env, PYTHONPATH=os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")])))
     with subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, env=env, stderr=subprocess.STDOUT, text=True,
                           start_new_session=True) as proc:
         RUNNING.add(proc)
