@@ -76,8 +76,8 @@ def saved_config(path: str) -> Optional[dict]:
     """The config a checkpoint was saved with, its tensors left on disk (mmap); None for a
     missing or unreadable file, which fairseq's own loading then reports."""
     try:
-        cfg = torch.load(path, map_location="cpu", mmap=True, weights_only=True)["cfg"]
-    except Exception:
+        cfg = read_checkpoint(path, mmap=True).get("cfg")
+    except CheckpointError:
         return None
     return cfg if isinstance(cfg, dict) else None
 
