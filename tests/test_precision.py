@@ -2,6 +2,7 @@
 the gradient norm covers shared parameters only, and an overflow in any expert gradient
 on any worker makes every worker skip the step."""
 
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -218,3 +219,26 @@ def test_fp32_optimizer_clips_models_with_and_without_experts(with_experts):
     for p in model.parameters():
         value = 3.0 if getattr(p, "expert", False) else 0.5
         assert torch.allclose(p.grad, torch.full_like(p, value / expected), rtol=1e-4)
+
+
+def amp_cfg(world_size):
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, ["unused", "--task", "language_modeling", "--arch", "transformer_lm",
+                                                "--optimizer", "adam", "--lr", "0.01", "--amp",
+                                                "--distributed-world-size", str(world_size)])
+    return convert_namespace_to_omegaconf(args)
+
+
+def test_amp_with_experts_on_several_workers_is_refused_as_each_worker_builds_its_optimizer():
+    """Also where nothing of the plugin ran before launch (fairseq-hydra-train imports it in each
+    worker's train.main): fairseq's AMPOptimizer, as its trainer builds it, refuses."""
+    from fairseq.optim.amp_optimizer import AMPOptimizer
+    from fairseq_base.errors import BaseLayerConfigError
+
+    with pytest.raises(BaseLayerConfigError, match="--amp with experts on several workers"):
+        AMPOptimizer.build_optimizer(amp_cfg(2), list(TinyModel().parameters()))
+    for world_size, model in ((1, TinyModel()), (2, nn.Linear(4, 4))):  # one worker, or no experts: fairseq's
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's GradScaler, disabled without CUDA, says so
+            built = AMPOptimizer.build_optimizer(amp_cfg(world_size), list(model.parameters()))
+        assert isinstance(built, AMPOptimizer)

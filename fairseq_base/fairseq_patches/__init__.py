@@ -14,7 +14,7 @@ module says otherwise.
 | ``saves`` (and ``save_lock``) | saves all or nothing across files and workers, never of inf or NaN weights; ``crash.pt`` per rank; an explicit ``--restore-file`` must exist; one run per save directory | models with experts, in fairseq-train |
 | ``eval_lm`` | fairseq-eval-lm: per-rank files, workers in lockstep, one perplexity, block length | models with experts |
 | ``generation`` | fairseq-interactive and fairseq-generate on W workers: each worker's own file, worker 0 reads and prints, the others serve its forwards | models with experts on W > 1 workers |
-| ``optimizer`` | gradient norm over shared parameters, expert gradients reduced over replicas, the lossfree bias once per step | models with experts (for others fairseq's norm, nothing to reduce) |
+| ``optimizer`` | gradient norm over shared parameters, expert gradients reduced over replicas, the lossfree bias once per step, ``--amp`` with experts on several workers refused in each worker | models with experts (for others fairseq's norm, nothing to reduce, ``--amp`` as before) |
 | ``routing_churn`` | the probe batch of every validation | models with expert layers of this plugin |
 | ``numpy_compat`` | ``np.compat.long`` under numpy 2 | every model under numpy 2 |
 """

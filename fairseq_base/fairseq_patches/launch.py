@@ -15,8 +15,7 @@ Replaces:
   torch_xla is not installed, ``--bf16`` trains on the CPU or GPU instead, through fairseq's
   FP16Optimizer as on a TPU (fp32 master weights, no loss scaling). Before launch, with
   experts: ``--ddp-backend fully_sharded`` stops with one line (``ddp.check_sharding``), and so
-  does ``--amp`` on several workers (torch's GradScaler skips a step from each worker's own
-  overflow check, so one worker could skip while the others step).
+  does ``--amp`` on several workers (``optimizer.refuse_amp_on_workers``).
 - ``distributed_utils.distributed_main``, in each process fairseq's spawn launch starts (on CPU
   and GPU alike): fairseq makes a ``multiprocessing.Lock`` when imported (``fairseq/pdb.py``),
   and a spawned process imports fairseq while it unpickles its task, before multiprocessing
@@ -45,8 +44,9 @@ import torch
 from fairseq.distributed import utils as distributed_utils
 from omegaconf import DictConfig
 
-from fairseq_base.errors import BaseLayerConfigError, raised_by_a_worker
+from fairseq_base.errors import raised_by_a_worker
 from fairseq_base.fairseq_patches.ddp import check_sharding
+from fairseq_base.fairseq_patches.optimizer import refuse_amp_on_workers
 from fairseq_base.fairseq_patches.which_models import has_expert_options
 
 logger = logging.getLogger(__name__)
@@ -104,11 +104,9 @@ def spawn_on_cpu(cfg, main, **kwargs) -> None:
 
 
 def check_amp(cfg) -> None:
-    if cfg.common.amp and has_expert_options(cfg.model) and cfg.distributed_training.distributed_world_size > 1:
-        raise BaseLayerConfigError(
-            "--amp with experts on several workers could let one worker skip a step (an overflow in its own "
-            "expert gradients) while the others take it; train with --bf16 (A100, H100 and newer) or --fp16, "
-            "whose overflows make every worker skip together")
+    """Before launch, from the options; each worker checks again as it builds its optimizer
+    (``optimizer.build_amp_optimizer``), on launch paths that import the plugin only after launch."""
+    refuse_amp_on_workers(cfg, has_expert_options(cfg.model))
 
 
 def bf16_without_tpu(cfg) -> None:

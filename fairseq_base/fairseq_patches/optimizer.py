@@ -16,14 +16,21 @@ Replaces:
   and, once per optimizer step as fairseq calls it, the step's routing statistics are summed over
   the workers and logged, and the lossfree router's bias moves toward the under-loaded experts
   (``reduce_routing_stats``).
+- ``AMPOptimizer.build_optimizer`` (``--amp``): with experts on several workers, one line
+  instead: torch's GradScaler skips a step from each worker's own overflow check, so one worker
+  could skip (an overflow in its own expert gradients) while the others step. Checked in every
+  worker as it builds its optimizer, on every launch path: fairseq-hydra-train imports the plugin
+  only in each worker's ``train.main``, after launch, where ``launch.check_amp`` never ran.
 Touches: models with experts. Without experts the flat copy records no slices, the norm is
-fairseq's own ``clip_grad_norm``, and there is nothing to reduce.
+fairseq's own ``clip_grad_norm``, there is nothing to reduce, and ``--amp`` builds as before.
 """
 
 from fairseq.optim import FairseqOptimizer
+from fairseq.optim.amp_optimizer import AMPOptimizer
 from fairseq.optim.fp16_optimizer import _FP16OptimizerMixin
 from torch import nn
 
+from fairseq_base.errors import BaseLayerConfigError
 from fairseq_base.experts import is_expert
 from fairseq_base.grad_norm import clip_grad_norm_with_experts, mark_flat_expert_slices
 from fairseq_base.layer import reduce_expert_grads, reduce_routing_stats
@@ -31,6 +38,7 @@ from fairseq_base.layer import reduce_expert_grads, reduce_routing_stats
 FAIRSEQ_BUILD_FP32_PARAMS = _FP16OptimizerMixin.build_fp32_params.__func__
 FAIRSEQ_ALL_REDUCE_GRADS = FairseqOptimizer.all_reduce_grads
 FAIRSEQ_CLIP_GRAD_NORM = FairseqOptimizer.clip_grad_norm
+FAIRSEQ_BUILD_AMP_OPTIMIZER = AMPOptimizer.build_optimizer.__func__
 
 
 def holds_experts(params) -> bool:
@@ -59,7 +67,22 @@ def all_reduce_grads(self, module):
     return reduced
 
 
+def refuse_amp_on_workers(cfg, experts: bool) -> None:
+    if cfg.common.amp and experts and cfg.distributed_training.distributed_world_size > 1:
+        raise BaseLayerConfigError(
+            "--amp with experts on several workers could let one worker skip a step (an overflow in its own "
+            "expert gradients) while the others take it; train with --bf16 (A100, H100 and newer) or --fp16, "
+            "whose overflows make every worker skip together")
+
+
+def build_amp_optimizer(cls, cfg, params, **kwargs):  # as fairseq's AMPOptimizer.build_optimizer
+    params = list(params)
+    refuse_amp_on_workers(cfg, holds_experts(params))
+    return FAIRSEQ_BUILD_AMP_OPTIMIZER(cls, cfg, params, **kwargs)
+
+
 def install() -> None:
+    AMPOptimizer.build_optimizer = classmethod(build_amp_optimizer)
     _FP16OptimizerMixin.build_fp32_params = classmethod(build_fp32_params)
     FairseqOptimizer.clip_grad_norm = clip_grad_norm
     FairseqOptimizer.all_reduce_grads = all_reduce_grads
