@@ -49,7 +49,8 @@ Resumable: a finished run's result is kept in --out (``RUN.result.json``), and i
 too (a folder of the repository, say, so that a new machine finds what an earlier one finished),
 and skipped when the same command runs again, so a sweep can span days. A run of --updates that did not finish goes on
 from its last validation (it saves a checkpoint at each); one with a wall-clock budget starts
-again from its beginning. Each run records the commit it ran at. Each run prints a progress
+again from its beginning. Each run records the commit it ran at. Ctrl-C or ``kill`` (SIGTERM)
+ends every training it started, starts no other, and says in one line what was kept. Each run prints a progress
 line at every validation: which run, its update, and the time elapsed and left.
 
 ``--experts`` runs every routed model of ``--models`` at each expert count (the compute per
@@ -84,7 +85,7 @@ from reproduce.comparisons import (BALANCED_BUSIEST, COMPARISONS, LOSSFREE_SCALE
                                    START_UPDATES, UPCYCLING_UPDATES, Arm)
 from reproduce.report import write_results  # noqa: E402
 from reproduce.runs import run_plan, run_upcycling  # noqa: E402
-from reproduce.training import Stopped, stop_everything  # noqa: E402
+from reproduce.training import STOPPED_BY, Stopped, stop_everything  # noqa: E402
 
 
 def main():
@@ -172,7 +173,8 @@ def main():
     from fairseq_base.assignment import balanced_assignment
     balanced_assignment(torch.randn(4, 2))
 
-    signal.signal(signal.SIGINT, stop_everything)
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, stop_everything)
     try:
         if args.comparison == "upcycling":
             results = run_upcycling(plan, args, cores)
@@ -189,7 +191,7 @@ def main():
             results.update(run_plan({LOSSFREE_SCALED: scaled}, args, minutes, cores))
     except Stopped:
         kept = len(glob.glob(os.path.join(args.out, "*.result.json")))
-        sys.exit(f"reproduce_small: stopped (Ctrl-C): every training it started was ended; the {kept} finished "
+        sys.exit(f"reproduce_small: stopped ({STOPPED_BY['signal']}): every training it started was ended; the {kept} finished "
                  f"run(s) are kept in {args.out}, and the same command goes on from them" +
                  (" (unfinished runs of --updates from their last validation)" if args.updates else ""))
 

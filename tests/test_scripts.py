@@ -143,7 +143,9 @@ def test_reproduce_small_upcycling_continues_one_dense_start_and_trains_base_fro
 
 
 @pytest.mark.slow
-def test_reproduce_small_stops_every_training_on_the_first_ctrl_c(scored_data, tmp_path):
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_reproduce_small_stops_every_training_on_the_first_ctrl_c(scored_data, tmp_path, stop):
+    """Ctrl-C, or kill (SIGTERM): the trainings run in sessions of their own, and would run on."""
     import queue
     import signal
     import threading
@@ -164,7 +166,7 @@ def test_reproduce_small_stops_every_training_on_the_first_ctrl_c(scored_data, t
         printed.append(line)
         if line.startswith("| [") and ": update " in line:
             progressing.add(line.split(":")[0])
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(getattr(signal, stop))
     try:
         stderr = proc.communicate(timeout=120)[1]
     except subprocess.TimeoutExpired:
@@ -173,7 +175,8 @@ def test_reproduce_small_stops_every_training_on_the_first_ctrl_c(scored_data, t
     while not lines.empty():
         printed.append(lines.get())
     assert proc.returncode == 1 and "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
-    assert stderr.strip().splitlines()[-1].startswith("reproduce_small: stopped (Ctrl-C): every training it started "
+    said = {"SIGINT": "Ctrl-C", "SIGTERM": "SIGTERM"}[stop]
+    assert stderr.strip().splitlines()[-1].startswith(f"reproduce_small: stopped ({said}): every training it started "
                                                       "was ended; the 0 finished run(s) are kept in"), stderr[-2000:]
     assert len([line for line in printed if line.startswith("== [")]) == 2  # nothing new started
     def command_line(pid):

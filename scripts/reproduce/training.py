@@ -112,8 +112,10 @@ def train(arm, data, minutes, out, seed, validate_every=50, core=None, progress=
     return save_dir, run["curve"], run["stats"]
 
 
-# Ctrl-C: the command stops every training it started and starts no other (``stop_everything``).
+# Ctrl-C or kill (SIGTERM): the command stops every training it started and starts no other
+# (``stop_everything``); the trainings run in sessions of their own, which nothing else would end.
 STOP = threading.Event()
+STOPPED_BY = {"signal": None}  # "Ctrl-C" or "SIGTERM", for the last line
 RUNNING = set()
 
 
@@ -150,8 +152,9 @@ def finished(cmd):
     return printed
 
 
-def stop_everything(*_):
-    """The SIGINT handler: no run starts any more, and every running one is terminated."""
+def stop_everything(signum, _frame=None):
+    """The SIGINT and SIGTERM handler: no run starts any more, and every running one is terminated."""
+    STOPPED_BY["signal"] = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
     STOP.set()
     for proc in list(RUNNING):
         with contextlib.suppress(ProcessLookupError):
