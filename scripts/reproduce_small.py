@@ -50,8 +50,8 @@ too (a folder of the repository, say, so that a new machine finds what an earlie
 and skipped when the same command runs again, so a sweep can span days. A run of --updates that did not finish goes on
 from its last validation (it saves a checkpoint at each); one with a wall-clock budget starts
 again from its beginning. Each run records the commit it ran at. Ctrl-C or ``kill`` (SIGTERM)
-ends every training it started, starts no other, and says in one line what was kept. Each run prints a progress
-line at every validation: which run, its update, and the time elapsed and left.
+ends every training it started, starts no other, and says in one line what was kept. Each run
+prints a progress line at every validation: which run, its update, and the time elapsed and left.
 
 ``--experts`` runs every routed model of ``--models`` at each expert count (the compute per
 token does not change with E: every token goes through one expert per layer, two for top-2).
@@ -191,8 +191,8 @@ def main():
             results.update(run_plan({LOSSFREE_SCALED: scaled}, args, minutes, cores))
     except Stopped:
         kept = len(glob.glob(os.path.join(args.out, "*.result.json")))
-        sys.exit(f"reproduce_small: stopped ({STOPPED_BY['signal']}): every training it started was ended; the {kept} finished "
-                 f"run(s) are kept in {args.out}, and the same command goes on from them" +
+        sys.exit(f"reproduce_small: stopped ({STOPPED_BY['signal']}): every training it started was ended; the "
+                 f"{kept} finished run(s) are kept in {args.out}, and the same command goes on from them" +
                  (" (unfinished runs of --updates from their last validation)" if args.updates else ""))
 
     machine = f"{platform.processor() or platform.machine()}, {len(cores)} of {os.cpu_count()} cores, no GPU" + (

@@ -26,7 +26,8 @@ def fairseq_cfg(precision, world_size=1):
     parser = options.get_training_parser()
     flags = ["--optimizer", "adam", "--lr", "0.01", "--fp16-init-scale", "128",
              "--distributed-world-size", str(world_size)]
-    flags += {"fp16": ["--fp16"], "memory_efficient_fp16": ["--memory-efficient-fp16"], "bf16": ["--bf16"]}[precision]
+    flags += {"fp16": ["--fp16"], "memory_efficient_fp16": ["--memory-efficient-fp16"], "bf16": ["--bf16"],
+              "amp": ["--amp"]}[precision]
     args = options.parse_args_and_arch(parser, ["unused", "--task", "language_modeling", "--arch", "transformer_lm"] + flags)
     return convert_namespace_to_omegaconf(args)
 
@@ -221,14 +222,6 @@ def test_fp32_optimizer_clips_models_with_and_without_experts(with_experts):
         assert torch.allclose(p.grad, torch.full_like(p, value / expected), rtol=1e-4)
 
 
-def amp_cfg(world_size):
-    parser = options.get_training_parser()
-    args = options.parse_args_and_arch(parser, ["unused", "--task", "language_modeling", "--arch", "transformer_lm",
-                                                "--optimizer", "adam", "--lr", "0.01", "--amp",
-                                                "--distributed-world-size", str(world_size)])
-    return convert_namespace_to_omegaconf(args)
-
-
 def test_amp_with_experts_on_several_workers_is_refused_as_each_worker_builds_its_optimizer():
     """Also where nothing of the plugin ran before launch (fairseq-hydra-train imports it in each
     worker's train.main): fairseq's AMPOptimizer, as its trainer builds it, refuses."""
@@ -236,9 +229,9 @@ def test_amp_with_experts_on_several_workers_is_refused_as_each_worker_builds_it
     from fairseq_base.errors import BaseLayerConfigError
 
     with pytest.raises(BaseLayerConfigError, match="--amp with experts on several workers"):
-        AMPOptimizer.build_optimizer(amp_cfg(2), list(TinyModel().parameters()))
+        AMPOptimizer.build_optimizer(fairseq_cfg("amp", 2), list(TinyModel().parameters()))
     for world_size, model in ((1, TinyModel()), (2, nn.Linear(4, 4))):  # one worker, or no experts: fairseq's
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's GradScaler, disabled without CUDA, says so
-            built = AMPOptimizer.build_optimizer(amp_cfg(world_size), list(model.parameters()))
+            built = AMPOptimizer.build_optimizer(fairseq_cfg("amp", world_size), list(model.parameters()))
         assert isinstance(built, AMPOptimizer)
